@@ -1,0 +1,231 @@
+"""The `softcache` command: a thin click layer that builds a config and calls one library function."""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any, Callable
+
+import click
+
+from softcache import __version__
+from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
+from softcache.errors import SoftcacheError
+from softcache.losses import LOSSES
+from softcache.views import POLICIES
+
+
+class SoftcacheGroup(click.Group):
+    """Expected errors become one line on stderr and a non-zero exit, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SoftcacheError as err:
+            raise click.ClickException(str(err)) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.UsageError as err:
+            hint = f" (see '{err.ctx.command_path} --help')" if err.ctx is not None else ""
+            click.echo(f"Error: {err.format_message()}{hint}", err=True)
+            sys.exit(err.exit_code)
+        except click.ClickException as err:
+            click.echo(f"Error: {err.format_message()}", err=True)
+            sys.exit(err.exit_code)
+        except click.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(1)
+
+
+# ---------------------------------------------------------------- options, defined once
+
+def _option(*names: str, **kwargs: Any) -> Callable:
+    return click.option(*names, show_default=True, **kwargs)
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+
+
+def _losses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    terms = _comma_list(ctx, param, value)
+    unknown = [t for t in terms if t not in LOSSES]
+    if unknown or not terms:
+        raise click.BadParameter(f"unknown loss '{unknown[0] if unknown else value}'; valid: {', '.join(sorted(LOSSES))}")
+    return terms
+
+
+def _pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in value:
+        student, sep, teacher = item.partition("=")
+        if not sep or not student or not teacher:
+            raise click.BadParameter(f"'{item}' is not S_LAYER=T_LAYER (e.g. layer3=layer3)")
+        out.append((student, teacher))
+    return tuple(out)
+
+
+def _weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    out = []
+    for item in value:
+        term, sep, weight = item.partition("=")
+        try:
+            out.append((term, float(weight)))
+        except ValueError:
+            raise click.BadParameter(f"'{item}' is not TERM=WEIGHT (e.g. kd=0.9)") from None
+        if not sep:
+            raise click.BadParameter(f"'{item}' is not TERM=WEIGHT (e.g. kd=0.9)")
+    return tuple(out)
+
+
+device = _option("--device", default=default_device(), help="torch device: cuda when available, else cpu")
+seed = _option("--seed", type=int, default=0, help="seed for views, order and initialisation")
+data = _option("--data", required=True, metavar="SPEC",
+               help="cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT or synthetic[:N]")
+download = _option("--download", is_flag=True, help="let torchvision download cifar10/cifar100")
+augment = _option("--augment", type=click.Choice(POLICIES), default="cifar", help="augmentation policy")
+image_size = _option("--image-size", type=click.IntRange(min=1), default=None,
+                     help="view side in pixels [default: 224 for imagenet, else the source size]")
+overwrite = _option("--overwrite", is_flag=True, help="replace a finished output")
+workers = _option("--workers", type=click.IntRange(min=0), default=OptimConfig.workers, help="DataLoader worker processes")
+
+
+def optim_options(f: Callable) -> Callable:
+    """Training-schedule options shared by train-teacher and train-student."""
+    d = OptimConfig()
+    for opt in reversed([
+        _option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="passes over the training set"),
+        _option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, help="images per step"),
+        _option("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule)"),
+        _option("--momentum", type=float, default=d.momentum, help="SGD momentum"),
+        _option("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay"),
+        workers,
+    ]):
+        f = opt(f)
+    return f
+
+
+def _optim(kw: dict[str, Any]) -> OptimConfig:
+    return OptimConfig(**{k: kw.pop(k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "workers")})
+
+
+# ---------------------------------------------------------------- commands
+
+@click.group(cls=SoftcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="softcache")
+@click.option("-v", "--verbose", is_flag=True, help="log progress messages")
+def cli(verbose: bool) -> None:
+    """Run the teacher once, cache its outputs on replayable views, distill many students from the cache."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+def _report(summary: dict[str, Any], out: str) -> None:
+    click.echo(f"test_acc {summary['test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%) after "
+               f"{summary['epochs']} epochs, {summary['wall_s']:.1f} s -> {out}")
+
+
+@cli.command("train-teacher")
+@_option("--model", required=True, help="model name, e.g. resnet56, resnet18, package.module:callable")
+@data
+@augment
+@image_size
+@optim_options
+@_option("--out", required=True, type=click.Path(file_okay=False), help="run folder")
+@device
+@seed
+@download
+@overwrite
+def train_teacher_cmd(**kw: Any) -> None:
+    """Train a model with plain cross-entropy (a teacher, or the no-KD baseline)."""
+    from softcache.train import train_teacher_from_config
+    cfg = TeacherConfig(optim=_optim(kw), **kw)
+    _report(train_teacher_from_config(cfg), cfg.out)
+
+
+@cli.command("dump-teacher")
+@_option("--teacher", required=True, help="teacher model name")
+@_option("--weights", required=True, help="teacher state_dict file (e.g. RUN/model.pt)")
+@data
+@augment
+@_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
+@_option("--layers", default="", callback=_comma_list, help="comma-separated feature layers to store [default: logits only]")
+@image_size
+@_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
+@workers
+@_option("--out", required=True, type=click.Path(), help="cache folder")
+@device
+@seed
+@download
+@overwrite
+def dump_teacher_cmd(**kw: Any) -> None:
+    """Run the teacher once over replayable views and write its outputs to a cache."""
+    from softcache.dump import dump_from_config
+    from softcache.store import open_cache
+    cfg = DumpConfig(**kw)
+    out = dump_from_config(cfg)
+    reader = open_cache(out)
+    total = sum(row["bytes"] for row in reader.describe())
+    n, v = reader.arrays["logits"].shape[:2]
+    click.echo(f"cache complete: {out} ({n} samples x {v} views, {total / 2**20:.1f} MiB)")
+
+
+@cli.command("train-student")
+@_option("--cache", required=True, type=click.Path(), help="cache folder written by dump-teacher")
+@_option("--student", required=True, help="student model name")
+@_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
+@_option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}")
+@_option("--pair", "pairs", multiple=True, callback=_pairs, metavar="S_LAYER=T_LAYER",
+         help="student layer distilled from a cached teacher layer (fitnets, at); repeatable")
+@_option("--alpha", type=float, default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha")
+@_option("--temperature", type=float, default=StudentConfig.temperature, help="kd temperature T")
+@_option("--beta", type=float, default=StudentConfig.beta, help="at weight")
+@_option("--hint-weight", type=float, default=StudentConfig.hint_weight, help="fitnets weight")
+@_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
+@_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
+@optim_options
+@_option("--out", required=True, type=click.Path(file_okay=False), help="run folder")
+@device
+@seed
+@download
+@overwrite
+def train_student_cmd(**kw: Any) -> None:
+    """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""
+    from softcache.train import train_student_from_config
+    cfg = StudentConfig(optim=_optim(kw), **kw)
+    _report(train_student_from_config(cfg), cfg.out)
+
+
+@cli.command("run")
+@click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
+@_option("--root", default=None, help="folder for the stages' outputs [default: the recipe's defaults.root]")
+@_option("--device", default=None, help="device for every stage [default: the recipe's, else cuda when available]")
+def run_cmd(pipeline: str, root: str | None, device: str | None) -> None:
+    """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped."""
+    from softcache.pipeline import format_table, load_pipeline, run_pipeline
+    rows = run_pipeline(load_pipeline(pipeline, root=root, device=device), echo=click.echo)
+    click.echo("\n" + format_table(rows))
+
+
+@cli.command("inspect")
+@click.argument("cache", type=click.Path())
+def inspect_cmd(cache: str) -> None:
+    """Show a cache's manifest and its arrays: shapes, dtypes, bytes on disk and per sample."""
+    from softcache.store import open_cache
+    reader = open_cache(cache)
+    click.echo(json.dumps(reader.manifest, indent=2))
+    rows = reader.describe()
+    click.echo(f"\n{'array':<22} {'shape':<24} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>11} {'B/sample':>10} {'ratio':>6}")
+    for r in rows:
+        click.echo(f"{r['name']:<22} {str(tuple(r['shape'])):<24} {r['dtype']:<8} {r['chunks'][0]:>6} "
+                   f"{r['shards'][0]:>6} {r['bytes']:>11,} {r['bytes_per_sample']:>10.1f} "
+                   f"{r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
+    total = sum(r["bytes"] for r in rows)
+    click.echo(f"{'total':<22} {'':<24} {'':<8} {'':>6} {'':>6} {total:>11,} {total / max(1, rows[0]['shape'][0]):>10.1f}")
+
+
+def main() -> None:
+    cli()

@@ -1,0 +1,91 @@
+"""Frozen configurations, one per stage; the CLI and TOML pipeline files both build these.
+
+Every run folder and cache records the configuration that made it as JSON (`to_json`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """How a model is trained (teacher or student alike)."""
+
+    epochs: int = 30            # passes over the training set
+    batch_size: int = 128       # images per step
+    lr: float = 0.1             # peak learning rate; cosine decay to 0 over all steps
+    momentum: float = 0.9       # SGD momentum
+    weight_decay: float = 5e-4  # L2 on all parameters
+    workers: int = 2            # DataLoader worker processes (0: load in the main process)
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """train-teacher: plain cross-entropy training (also the no-KD baseline)."""
+
+    model: str                      # model name (see softcache.models)
+    data: str                       # dataset spec (see softcache.data)
+    out: str                        # run folder
+    augment: str = "cifar"          # augmentation policy
+    image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: str = field(default_factory=default_device)
+    seed: int = 0
+    download: bool = False          # allow torchvision to download cifar10/cifar100
+    overwrite: bool = False         # replace a finished run folder
+
+
+@dataclass(frozen=True)
+class DumpConfig:
+    """dump-teacher: run the teacher once over replayable views and cache its outputs."""
+
+    teacher: str                    # teacher model name
+    weights: str                    # state_dict file
+    data: str                       # dataset spec; the training split is dumped
+    out: str                        # cache folder
+    augment: str = "cifar"          # augmentation policy
+    views: str = "1"                # views per sample: a number, or 'all' for a finite policy
+    layers: tuple[str, ...] = ()    # feature layers to store besides the logits
+    image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
+    batch_size: int = 256           # teacher images per forward pass
+    workers: int = 2                # DataLoader worker processes
+    device: str = field(default_factory=default_device)
+    seed: int = 0                   # seeds the views: views of sample i are a function of (seed, i)
+    download: bool = False
+    overwrite: bool = False         # replace a complete cache
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """train-student: distill from a cache; no teacher is built or loaded."""
+
+    cache: str                      # cache folder written by dump-teacher
+    student: str                    # student model name
+    out: str                        # run folder
+    data: str | None = None         # dataset spec; None: the one recorded in the cache
+    losses: tuple[str, ...] = ("kd",)                 # active terms: ce, kd, fitnets, at
+    pairs: tuple[tuple[str, str], ...] = ()           # (student layer, teacher layer) for fitnets/at
+    alpha: float = 0.9              # kd: weight of the soft term; the hard-label ce gets 1 - alpha
+    temperature: float = 4.0        # kd: softmax temperature T (the loss carries T^2)
+    beta: float = 1000.0            # at: weight of the attention-transfer term
+    hint_weight: float = 100.0      # fitnets: weight of the hint term
+    weights: tuple[tuple[str, float], ...] = ()       # explicit per-term weights, overriding the above
+    image_size: int | None = None   # student input side; None: the size the teacher saw
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: str = field(default_factory=default_device)
+    seed: int = 0                   # seeds the order and the replayed view of each sample per epoch
+    download: bool = False
+    overwrite: bool = False
+
+
+def to_json(config: Any) -> dict[str, Any]:
+    """A configuration as plain JSON types (tuples become lists)."""
+    return dataclasses.asdict(config)

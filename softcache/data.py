@@ -1,0 +1,268 @@
+"""Datasets by spec string, their fingerprints, and the procedural `synthetic` set.
+
+A *source* is a split of a dataset seen as raw images: `source[i]` gives `(image, label)` with `image` a
+uint8 tensor `[3, H, W]` in source pixels, before any augmentation. Views (crop boxes, flips, resizing) are
+applied later by `softcache.views`, identically for the teacher at dump time and the student at replay time.
+
+Spec strings:
+    synthetic[:N]      built-in 10-class shapes set, N training images (default 2000), N // 5 test images
+    cifar10[:ROOT]     torchvision CIFAR-10 under ROOT (default data/); fetched only with download=True
+    cifar100[:ROOT]    likewise for CIFAR-100
+    imagefolder:ROOT   ROOT/train and ROOT/test (or ROOT/val) in torchvision's ImageFolder layout
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torchvision
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2 import functional as TF
+
+from softcache.errors import SoftcacheError
+
+SPLITS = ("train", "test")
+DEFAULT_ROOT = "data"
+
+# Per-channel statistics used to normalise inputs; recorded in every cache manifest.
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+CIFAR100_STATS = ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762))
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+SYNTHETIC_STATS = ((0.5, 0.5, 0.5), (0.29, 0.29, 0.29))
+
+
+class Source(torch.utils.data.Dataset):
+    """One split of a dataset as raw uint8 images `[3, H, W]` with integer labels."""
+
+    spec: str
+    classes: list[str]
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    @property
+    def labels(self) -> np.ndarray:
+        """All labels, `[N]` int64, without decoding images."""
+        raise NotImplementedError
+
+    def content_hash(self) -> str:
+        """sha256 over what identifies the split's content (file names and sizes, or the arrays)."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Sample count, class names and content hash; stored with every cache and checked by students."""
+        return {"num_samples": len(self), "classes": list(self.classes), "sha256": self.content_hash()}
+
+
+class ArraySource(Source):
+    """A split held in memory as `images [N, H, W, 3] uint8` and `labels [N]` (CIFAR, synthetic)."""
+
+    def __init__(self, images: np.ndarray, labels: Sequence[int], classes: Sequence[str], spec: str,
+                 mean: Sequence[float], std: Sequence[float]):
+        assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, "images must be [N, H, W, 3] uint8"
+        self.images = images
+        self._labels = np.asarray(labels, dtype=np.int64)
+        self.classes, self.spec = list(classes), spec
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return torch.from_numpy(self.images[i]).permute(2, 0, 1), int(self._labels[i])
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self._labels
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.images).data)
+        h.update(self._labels.data)
+        return h.hexdigest()
+
+
+def _decode_rgb(path: str) -> torch.Tensor:
+    return decode_image(path, mode=ImageReadMode.RGB)
+
+
+class FolderSource(Source):
+    """A split in torchvision's ImageFolder layout (`ROOT/<class>/<file>`), decoded per access."""
+
+    def __init__(self, root: Path, spec: str, mean: Sequence[float] = IMAGENET_STATS[0],
+                 std: Sequence[float] = IMAGENET_STATS[1]):
+        self.root = Path(root)
+        self.folder = torchvision.datasets.ImageFolder(str(self.root), loader=_decode_rgb)
+        self.classes, self.spec = list(self.folder.classes), spec
+        self.mean, self.std = tuple(mean), tuple(std)
+
+    def __len__(self) -> int:
+        return len(self.folder.samples)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.folder[i]
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray(self.folder.targets, dtype=np.int64)
+
+    def content_hash(self) -> str:
+        h = hashlib.sha256()
+        for path, label in self.folder.samples:
+            rel = os.path.relpath(path, self.root)
+            h.update(f"{rel}\t{os.path.getsize(path)}\t{label}\n".encode())
+        return h.hexdigest()
+
+
+class WrappedSource(Source):
+    """Any map-style dataset yielding `(PIL image | tensor | ndarray, label)`, for Python users."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, classes: Sequence[str], spec: str = "python",
+                 mean: Sequence[float] = IMAGENET_STATS[0], std: Sequence[float] = IMAGENET_STATS[1]):
+        self.dataset, self.classes, self.spec = dataset, list(classes), spec
+        self.mean, self.std = tuple(mean), tuple(std)
+        self._labels_cache: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image, label = self.dataset[i]
+        image = TF.to_image(image).as_subclass(torch.Tensor)
+        if image.dtype != torch.uint8:
+            raise SoftcacheError(f"sample {i} is {image.dtype}; softcache needs uint8 images (PIL or uint8 tensors)")
+        if image.shape[0] == 1:
+            image = image.expand(3, -1, -1)
+        return image, int(label)
+
+    @property
+    def labels(self) -> np.ndarray:
+        if self._labels_cache is None:
+            self._labels_cache = np.asarray([int(self.dataset[i][1]) for i in range(len(self))], dtype=np.int64)
+        return self._labels_cache
+
+    def content_hash(self) -> str:
+        # No files to name: hash every decoded image, one pass over the data.
+        h = hashlib.sha256()
+        for i in range(len(self)):
+            image, label = self[i]
+            h.update(image.contiguous().numpy().data)
+            h.update(str(label).encode())
+        return h.hexdigest()
+
+
+def from_dataset(dataset: torch.utils.data.Dataset, classes: Sequence[str], *, name: str = "python",
+                 mean: Sequence[float] = IMAGENET_STATS[0], std: Sequence[float] = IMAGENET_STATS[1]) -> Source:
+    """Wrap a user's own dataset (yielding `(image, label)`) as a source softcache can dump and replay."""
+    return WrappedSource(dataset, classes, spec=name, mean=mean, std=std)
+
+
+# ---------------------------------------------------------------- synthetic
+
+SYNTHETIC_CLASSES = ["disk", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "diamond",
+                     "checker", "saltire"]
+SYNTHETIC_SIZE = 32
+_SYNTHETIC_SEED = 20261125
+
+
+def _shape_mask(cls: int, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Class `cls`'s shape on unit coordinates `u` (right) and `v` (down), centred on the object."""
+    r, box = np.hypot(u, v), np.maximum(np.abs(u), np.abs(v))
+    masks = {
+        0: r < 1.0,
+        1: box < 0.8,
+        2: (v < 0.75) & (v > -0.95 + 1.7 * np.abs(u)),
+        3: ((np.abs(u) < 0.3) | (np.abs(v) < 0.3)) & (box < 1.0),
+        4: (r > 0.55) & (r < 1.0),
+        5: (r < 1.0) & (np.sin(v * np.pi * 2.5) > 0),
+        6: (r < 1.0) & (np.sin(u * np.pi * 2.5) > 0),
+        7: np.abs(u) + np.abs(v) < 1.0,
+        8: (box < 0.9) & ((np.floor(u * 2.2) + np.floor(v * 2.2)) % 2 == 0),
+        9: ((np.abs(u - v) < 0.35) | (np.abs(u + v) < 0.35)) & (box < 0.9),
+    }
+    return masks[cls]
+
+
+def render_synthetic(index: int, split: str) -> tuple[np.ndarray, int]:
+    """Deterministically render one image `[32, 32, 3] uint8` and its label from `(split, index)`.
+
+    A shape or texture of class `index % 10` at a random position, scale and colour over a random
+    background, with pixel noise: learnable by a small CNN, not trivially separable by colour.
+    """
+    rng = np.random.default_rng([_SYNTHETIC_SEED, SPLITS.index(split), index])
+    label = index % len(SYNTHETIC_CLASSES)
+    size = SYNTHETIC_SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5
+    cy, cx = rng.uniform(0.32, 0.68, 2) * size
+    radius = rng.uniform(0.2, 0.36) * size
+    mask = _shape_mask(label, (xx - cx) / radius, (yy - cy) / radius)
+    background = rng.uniform(0.0, 1.0, 3)
+    foreground = (background + 0.5 + rng.uniform(-0.25, 0.25, 3)) % 1.0
+    image = np.where(mask[..., None], foreground, background)
+    image = image + rng.normal(0.0, 0.08, image.shape)
+    return (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8), label
+
+
+def synthetic_source(split: str, num_train: int = 2000) -> ArraySource:
+    n = num_train if split == "train" else max(len(SYNTHETIC_CLASSES), num_train // 5)
+    rendered = [render_synthetic(i, split) for i in range(n)]
+    images = np.stack([image for image, _ in rendered])
+    labels = [label for _, label in rendered]
+    spec = "synthetic" if num_train == 2000 else f"synthetic:{num_train}"
+    return ArraySource(images, labels, SYNTHETIC_CLASSES, spec, *SYNTHETIC_STATS)
+
+
+# ---------------------------------------------------------------- spec strings
+
+def _cifar_source(kind: str, root: str, split: str, download: bool) -> ArraySource:
+    cls = torchvision.datasets.CIFAR10 if kind == "cifar10" else torchvision.datasets.CIFAR100
+    try:
+        ds = cls(root, train=split == "train", download=download)
+    except RuntimeError as err:
+        raise SoftcacheError(f"{kind} not found under '{root}' ({err}); pass --download to fetch it, "
+                             f"or give {kind}:ROOT pointing at the folder that holds it") from None
+    stats = CIFAR10_STATS if kind == "cifar10" else CIFAR100_STATS
+    return ArraySource(ds.data, ds.targets, ds.classes, f"{kind}:{root}", *stats)
+
+
+def _folder_source(root: str, split: str) -> FolderSource:
+    base = Path(root)
+    if not base.is_dir():
+        raise SoftcacheError(f"dataset folder '{root}' does not exist; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
+    names = ["train"] if split == "train" else ["test", "val"]
+    for name in names:
+        if (base / name).is_dir():
+            try:
+                return FolderSource(base / name, spec=f"imagefolder:{root}")
+            except (FileNotFoundError, OSError) as err:
+                raise SoftcacheError(f"'{base / name}' is not an ImageFolder tree ({err}); expected {name}/<class>/<image>") from None
+    raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
+
+
+DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
+
+
+def load_source(spec: str, split: str, *, download: bool = False) -> Source:
+    """The `split` ('train' or 'test') of the dataset named by `spec` (see the module docstring)."""
+    assert split in SPLITS, f"split must be one of {SPLITS}, got {split!r}"
+    kind, _, arg = spec.partition(":")
+    if kind == "synthetic":
+        if arg and not (arg.isdigit() and int(arg) >= 10):
+            raise SoftcacheError(f"bad dataset spec '{spec}'; synthetic takes a training-set size of at least 10, e.g. synthetic:2000")
+        return synthetic_source(split, int(arg) if arg else 2000)
+    if kind in ("cifar10", "cifar100"):
+        return _cifar_source(kind, arg or DEFAULT_ROOT, split, download)
+    if kind == "imagefolder":
+        if not arg:
+            raise SoftcacheError("imagefolder needs a folder: imagefolder:ROOT")
+        return _folder_source(arg, split)
+    raise SoftcacheError(f"unknown dataset '{spec}'; valid: cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT, synthetic[:N]")

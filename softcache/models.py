@@ -1,0 +1,128 @@
+"""Models by name, checkpoints, and feature taps.
+
+Names: the CIFAR ResNets of `softcache.cifar_resnet`, any torchvision classification model (`resnet18`,
+`mobilenet_v3_small`, ...), or a user's own `package.module:callable` called as `callable(num_classes=K)`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torchvision
+from torch import nn
+
+from softcache.cifar_resnet import CIFAR_RESNETS, cifar_resnet
+from softcache.errors import SoftcacheError
+
+
+def torchvision_models() -> list[str]:
+    """torchvision's classification model names (not detection, segmentation or video)."""
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def build_model(name: str, num_classes: int) -> nn.Module:
+    """A freshly initialised model with a `num_classes`-way classifier."""
+    if name in CIFAR_RESNETS:
+        return cifar_resnet(name, num_classes)
+    if ":" in name:
+        module_name, _, attr = name.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise SoftcacheError(f"cannot load custom model '{name}' ({err}); expected package.module:callable") from None
+        return factory(num_classes=num_classes)
+    if name in torchvision_models():
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise SoftcacheError(f"unknown model '{name}'; valid: {', '.join(CIFAR_RESNETS)}, any torchvision "
+                         "classification model (e.g. resnet18, mobilenet_v3_small), or package.module:callable")
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _listing(keys: Sequence[str], limit: int = 6) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
+    """Load a `state_dict` file into `model`, refusing with the missing/unexpected/mis-shaped keys if it does not fit.
+
+    Accepts what `train-teacher` writes, a plain `torch.save(model.state_dict())`, or a dict holding one
+    under 'state_dict' or 'model'; a DistributedDataParallel 'module.' prefix is dropped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SoftcacheError(f"weights file '{path}' does not exist; give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many types for a file that is not a checkpoint
+        raise SoftcacheError(f"'{path}' is not a readable torch checkpoint ({type(err).__name__}); expected a state_dict file") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+    if not isinstance(state, dict):
+        raise SoftcacheError(f"'{path}' holds a {type(state).__name__}, not a state_dict")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or misshaped:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {_listing(unexpected)}")
+        if misshaped:
+            parts.append(f"shape mismatch (checkpoint vs model, a different class count?): {_listing(misshaped, 3)}")
+        raise SoftcacheError(f"checkpoint '{path}' does not fit {type(model).__name__}: " + "; ".join(parts))
+    model.load_state_dict(state)
+    return model
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules() if name]
+
+
+def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -> None:
+    """Refuse unknown module names, listing the valid ones (top-level first)."""
+    names = layer_names(model)
+    unknown = [layer for layer in layers if layer not in names]
+    if unknown:
+        top = [n for n in names if "." not in n]
+        nested = len(names) - len(top)
+        hint = f" (and {nested} nested names such as {next(n for n in names if '.' in n)})" if nested else ""
+        raise SoftcacheError(f"unknown {what} '{unknown[0]}'; valid: {', '.join(top)}{hint}")
+
+
+class Tapped(nn.Module):
+    """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature [B, C, H, W]})`."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[str]):
+        super().__init__()
+        check_layers(model, layers)
+        self.model, self.layers = model, list(layers)
+        self._features: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+
+    def _hook(self, name: str):
+        def store(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
+            self._features[name] = output
+        return store
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        self._features = {}
+        logits = self.model(x)
+        features, self._features = self._features, {}
+        return logits, features

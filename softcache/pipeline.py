@@ -1,0 +1,152 @@
+"""`softcache run PIPELINE.toml`: train-teacher, dump-teacher and train-student stages from one recipe.
+
+    [defaults]          keys shared by every stage that has them (data, device, seed, workers, batch_size ...)
+    root = "runs/x"     where relative `out` paths land (relative to the working directory)
+    [teacher]           a TeacherConfig: model, augment, epochs ... (out defaults to "teacher")
+    [dump]              a DumpConfig: augment, views, layers ... (teacher, weights default to [teacher]'s)
+    [[student]]         a StudentConfig each, with a `name`: student, loss, pairs = {s = "t"}, epochs ...
+
+A stage whose complete output exists (summary.json, or a complete cache) is skipped, so a rerun resumes.
+"""
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig
+from softcache.errors import SoftcacheError
+from softcache.store import read_manifest
+
+_OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """The stages of one recipe, in order."""
+
+    teacher: TeacherConfig | None
+    dump: DumpConfig | None
+    students: tuple[tuple[str, StudentConfig], ...]
+
+
+def _build(cls: type, table: dict[str, Any], section: str) -> Any:
+    """A config dataclass from a TOML table; optimisation keys go to its `optim`, unknown keys are refused."""
+    valid = {f.name for f in fields(cls)} - {"optim"}
+    has_optim = any(f.name == "optim" for f in fields(cls))
+    unknown = sorted(set(table) - valid - (_OPTIM_KEYS if has_optim else set()))
+    if unknown:
+        options = sorted(valid | (_OPTIM_KEYS if has_optim else set()))
+        raise SoftcacheError(f"unknown key '{unknown[0]}' in [{section}]; valid: {', '.join(options)}")
+    kwargs = {k: v for k, v in table.items() if k in valid}
+    if has_optim:
+        kwargs["optim"] = OptimConfig(**{k: v for k, v in table.items() if k in _OPTIM_KEYS})
+    try:
+        return cls(**kwargs)
+    except TypeError as err:
+        raise SoftcacheError(f"[{section}] is incomplete: {err}") from None
+
+
+def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None) -> Pipeline:
+    """Read a recipe; `root` and `device` override the file's."""
+    try:
+        doc = tomllib.loads(Path(path).read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SoftcacheError(f"'{path}' is not valid TOML: {err}") from None
+    unknown = sorted(set(doc) - {"defaults", "teacher", "dump", "student"})
+    if unknown:
+        raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: defaults, teacher, dump, student")
+    defaults = dict(doc.get("defaults", {}))
+    base = Path(root or defaults.pop("root", "runs"))
+    defaults.pop("root", None)
+    if device:
+        defaults["device"] = device
+
+    def with_defaults(cls: type, table: dict[str, Any]) -> dict[str, Any]:
+        accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())
+        merged = {k: v for k, v in defaults.items() if k in accepted}
+        merged.update(table)
+        if "out" in merged:
+            merged["out"] = str(base / merged["out"])
+        return merged
+
+    teacher = dump = None
+    if "teacher" in doc:
+        teacher = _build(TeacherConfig, with_defaults(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
+    if "dump" in doc:
+        table = {"out": "cache", **doc["dump"]}
+        if teacher is not None:
+            table.setdefault("teacher", teacher.model)
+            table.setdefault("data", teacher.data)
+        table = with_defaults(DumpConfig, table)
+        if teacher is not None:
+            table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
+        table["views"] = str(table.get("views", "1"))
+        table["layers"] = tuple(table.get("layers", ()))
+        dump = _build(DumpConfig, table, "dump")
+    students = []
+    for k, entry in enumerate(doc.get("student", [])):
+        entry = dict(entry)
+        name = str(entry.pop("name", f"student{k}"))
+        entry.setdefault("out", f"students/{name}")
+        if "cache" in entry:
+            entry["cache"] = str(base / entry["cache"])
+        elif dump is not None:
+            entry["cache"] = dump.out
+        if "loss" in entry:
+            entry["losses"] = tuple(entry.pop("loss"))
+        entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
+        entry["weights"] = tuple(dict(entry.get("weights", {})).items())
+        students.append((name, _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")))
+    return Pipeline(teacher, dump, tuple(students))
+
+
+def _finished_run(out: str) -> dict[str, Any] | None:
+    summary = Path(out) / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else None
+
+
+def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
+    """Run every stage not already complete; return one row per student for the comparison table."""
+    # Imported here so that reading a recipe stays cheap (and tests can patch the stages).
+    from softcache.dump import dump_from_config
+    from softcache.train import train_student_from_config, train_teacher_from_config
+
+    if pipeline.teacher is not None:
+        if _finished_run(pipeline.teacher.out):
+            echo(f"[teacher] {pipeline.teacher.out} is finished: skipped")
+        else:
+            echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}")
+            train_teacher_from_config(pipeline.teacher)
+    if pipeline.dump is not None:
+        manifest = read_manifest(pipeline.dump.out) if Path(pipeline.dump.out).is_dir() else None
+        if manifest and manifest.get("complete"):
+            echo(f"[dump] {pipeline.dump.out} is complete: skipped")
+        else:
+            echo(f"[dump] {pipeline.dump.teacher} -> {pipeline.dump.out}")
+            dump_from_config(pipeline.dump)
+    rows = []
+    for name, cfg in pipeline.students:
+        summary = _finished_run(cfg.out)
+        if summary:
+            echo(f"[student {name}] {cfg.out} is finished: skipped")
+        else:
+            echo(f"[student {name}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}")
+            summary = train_student_from_config(cfg)
+        rows.append({"name": name, "student": cfg.student, "losses": "+".join(cfg.losses), **summary})
+    if pipeline.teacher is not None and _finished_run(pipeline.teacher.out):
+        rows.insert(0, {"name": "teacher", "student": pipeline.teacher.model, "losses": "ce",
+                        **_finished_run(pipeline.teacher.out)})
+    return rows
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    """The comparison table `softcache run` prints at the end."""
+    header = f"{'run':<12} {'model':<14} {'loss':<14} {'epochs':>6} {'test_acc':>9} {'best':>7} {'wall_s':>8}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['name']:<12} {r['student']:<14} {r['losses']:<14} {r['epochs']:>6} "
+                     f"{r['test_acc']:>8.2f}% {r['best_test_acc']:>6.2f}% {r['wall_s']:>8.1f}")
+    return "\n".join(lines)

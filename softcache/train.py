@@ -1,0 +1,304 @@
+"""Training: plain cross-entropy (train-teacher, and the no-KD baseline) and students from a cache (train-student).
+
+Run folder layout, for both:
+    config.json     the configuration that made the run
+    metrics.jsonl   one line per epoch: each loss term, train and test accuracy, lr, images/s
+    model.pt        the trained model's state_dict
+    summary.json    written last: test_acc (top-1, %), best_test_acc, epochs, wall_s
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
+from softcache.data import Source, load_source
+from softcache.dump import autocast, resolve_image_size, teacher_outputs
+from softcache.errors import SoftcacheError
+from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
+from softcache.models import Tapped, build_model
+from softcache.store import open_cache
+from softcache.store.zarr_store import ZarrReader
+from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
+
+log = logging.getLogger(__name__)
+
+Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+RESIDENT_BYTES = 4 << 30  # caches up to this size are read into memory once
+
+
+class CacheTargets:
+    """The cached teacher outputs for `(sample, view)` pairs.
+
+    `__call__(views, index [B], view [B]) -> (logits [B, K], {layer: [B, C, H, W]})` in float16 on `device`.
+    Small caches are read into memory once (`resident`); larger ones are read per batch, each needed row once.
+    """
+
+    def __init__(self, cache: ZarrReader, layers: Sequence[str], device: torch.device, resident: bool | None = None):
+        names = ["logits"] + [f"features/{layer}" for layer in layers]
+        arrays = {name: cache.arrays[name] for name in names}
+        if resident is None:
+            resident = sum(a.nbytes for a in arrays.values()) <= RESIDENT_BYTES
+        self.arrays = {name: a[...] for name, a in arrays.items()} if resident else arrays
+        self.resident, self.device, self.layers = resident, device, list(layers)
+
+    def _rows(self, name: str, index: np.ndarray, view: np.ndarray) -> torch.Tensor:
+        arr = self.arrays[name]
+        if self.resident:
+            rows = arr[index, view]
+        else:
+            unique, inverse = np.unique(index, return_inverse=True)
+            rows = arr.get_orthogonal_selection((unique,))[inverse, view]
+        return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, non_blocking=True)
+
+    def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
+        index, view = index.numpy(), view.numpy()
+        return (self._rows("logits", index, view),
+                {layer: self._rows(f"features/{layer}", index, view) for layer in self.layers})
+
+
+class OnlineTargets:
+    """The teacher run on each batch of views (online KD): same contract as `CacheTargets`.
+
+    Used by tests and benchmarks to compare against the cache; train-student never builds one.
+    """
+
+    def __init__(self, teacher: nn.Module, layers: Sequence[str], *, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device):
+        self.teacher = Tapped(teacher, layers).to(device).eval()
+        self.mean, self.std, self.device = mean, std, device
+
+    def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
+        return teacher_outputs(self.teacher, views, mean=self.mean, std=self.std, device=self.device)
+
+
+def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Path:
+    """Create the run folder; refuse a finished one (it has summary.json) unless `overwrite`."""
+    out = Path(out)
+    if (out / "summary.json").exists() and not overwrite:
+        raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise SoftcacheError(f"--out '{out}' is a file; give a folder for the run")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").unlink(missing_ok=True)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def eval_loader(source: Source, augment: Augment, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
+    """The test split at the policy's evaluation view, in order."""
+    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=False, drop_last=False,
+                         key_fn=lambda epoch, order: [(int(i), -1) for i in order])
+    return torch.utils.data.DataLoader(AugmentedViews(source, augment, seed=0), batch_sampler=batches,
+                                       num_workers=workers, persistent_workers=workers > 0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, mean: Sequence[float], std: Sequence[float],
+             device: torch.device) -> tuple[float, float]:
+    """Top-1 accuracy (%) and mean cross-entropy of `model` over `loader`."""
+    model.eval()
+    correct, loss, count = 0, 0.0, 0
+    for views, labels in loader:
+        x, labels = _inputs(views, mean, std, device), labels.to(device)
+        with autocast(device, torch.bfloat16):
+            logits = model(x)
+        loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+        count += len(labels)
+    return 100.0 * correct / max(1, count), loss / max(1, count)
+
+
+def _inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+    x = normalize(views.to(device, non_blocking=True), mean, std)
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
+
+
+def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
+        params: Sequence[nn.Parameter], train_loader: torch.utils.data.DataLoader, test_loader: torch.utils.data.DataLoader,
+        optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
+        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
+
+    `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass.
+    """
+    opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
+    started, best, step = time.perf_counter(), 0.0, 0
+    test_acc = 0.0
+    for epoch in range(optim.epochs):
+        train_loader.batch_sampler.set_epoch(epoch)
+        model.train()
+        sums: dict[str, torch.Tensor] = {}
+        correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
+        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{optim.epochs}", unit="batch", leave=False, disable=None):
+            terms, logits, labels = step_loss(batch)
+            opt.zero_grad(set_to_none=True)
+            terms["loss"].backward()
+            opt.step()
+            sched.step()
+            for name, value in terms.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
+            correct += (logits.detach().argmax(1) == labels).sum()
+            seen += len(labels)
+            if on_step is not None:
+                on_step(step, {name: value.item() for name, value in terms.items()})
+            step += 1
+        train_s = time.perf_counter() - t0
+        test_acc, test_loss = evaluate(model, test_loader, mean=mean, std=std, device=device)
+        best = max(best, test_acc)
+        record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in sums.items()},
+                  "train_acc": 100.0 * correct.item() / max(1, seen), "test_acc": test_acc, "test_loss": test_loss,
+                  "epoch_s": round(train_s, 3), "images_per_s": round(seen / train_s, 1)}
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        log.info("epoch %d: test_acc %.2f%%", epoch + 1, test_acc)
+    torch.save(model.state_dict(), out / "model.pt")
+    summary = {"test_acc": test_acc, "best_test_acc": best, "epochs": optim.epochs,
+               "wall_s": round(time.perf_counter() - started, 2)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
+
+
+def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
+                     augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
+                     overwrite: bool = False, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Cross-entropy training on fresh views of `augment` each epoch (views drawn from `(seed, epoch, index)`)."""
+    run = prepare_run(out, config or {}, overwrite=overwrite)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = _prepare_model(model, dev)
+    batches = KeyBatches(len(train_source), optim.batch_size, seed=seed, shuffle=True, drop_last=True,
+                         key_fn=lambda epoch, order: [(int(i), epoch) for i in order])
+    train_loader = torch.utils.data.DataLoader(AugmentedViews(train_source, augment, seed), batch_sampler=batches,
+                                               num_workers=optim.workers, persistent_workers=optim.workers > 0,
+                                               pin_memory=dev.type == "cuda")
+    mean, std = train_source.mean, train_source.std
+
+    def step_loss(batch):
+        views, labels = batch
+        x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
+        with autocast(dev, torch.bfloat16):
+            logits = model(x)
+        return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
+
+    return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
+               test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
+               optim=optim, mean=mean, std=std, device=dev, out=run)
+
+
+def check_data_matches(cache: ZarrReader, source: Source) -> None:
+    """Refuse a training set that is not the one the cache was dumped from."""
+    recorded = cache.manifest["dataset"]
+    if len(recorded["classes"]) != len(source.classes):
+        raise SoftcacheError(f"class-count mismatch: the cache has {len(recorded['classes'])} classes, "
+                             f"--data {source.spec} has {len(source.classes)}")
+    if recorded["fingerprint"] != source.fingerprint():
+        raise SoftcacheError(f"--data {source.spec} is not the dataset the cache was dumped from "
+                             f"({recorded['spec']}, {recorded['num_samples']} samples): fingerprints differ; "
+                             "give the same data, or dump a cache for this one")
+
+
+def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_source: Source, test_source: Source,
+                  out: str | Path, *, weights: Mapping[str, float], temperature: float = 4.0,
+                  pairs: Mapping[str, str] | None = None, image_size: int | None = None,
+                  optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
+                  config: Mapping[str, Any] | None = None, targets: Targets | None = None,
+                  resident: bool | None = None,
+                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+    """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
+
+    At epoch e, sample i replays stored view `replay_choice(V, N, seed, e)[i]`; the student sees exactly the
+    crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
+    teacher outputs (tests compare online KD this way).
+    """
+    reader = cache if isinstance(cache, ZarrReader) else open_cache(cache)
+    manifest, pairs = reader.manifest, dict(pairs or {})
+    check_data_matches(reader, train_source)
+    missing = [t for t in pairs.values() if t not in manifest["layers"]]
+    if missing:
+        raise SoftcacheError(f"the cache has no features for teacher layer '{missing[0]}'; cached layers: "
+                             f"{', '.join(manifest['layers']) or 'none (logits only)'}")
+    if any(t in weights for t in FEATURE_LOSSES) and not pairs:
+        raise SoftcacheError("fitnets and at need at least one --pair STUDENT_LAYER=TEACHER_LAYER")
+    tapped = Tapped(student, list(pairs))  # refuses an unknown student layer before anything is written
+    run = prepare_run(out, config or {}, overwrite=overwrite)
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    aug = manifest["augment"]
+    augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
+                      scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+    tapped = _prepare_model(tapped, dev)
+    teacher_layers = sorted(set(pairs.values()))
+    if targets is None:
+        targets = CacheTargets(reader, teacher_layers, dev, resident=resident)
+
+    # FitNets regressors are sized from the student's and teacher's channel counts.
+    with torch.no_grad():
+        tapped.eval()
+        _, probe = tapped(torch.zeros(2, 3, augment.image_size, augment.image_size, device=dev))
+    channels = {s: (probe[s].shape[1], reader.arrays[f"features/{t}"].shape[2]) for s, t in pairs.items()}
+    criterion = DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(dev)
+
+    boxes, flips = reader.arrays["views/box"][...], reader.arrays["views/flip"][...]
+    num_views = boxes.shape[1]
+    batches = KeyBatches(len(train_source), optim.batch_size, seed=seed, shuffle=True, drop_last=True,
+                         key_fn=lambda epoch, order: list(zip(order.tolist(), replay_choice(
+                             num_views, len(order), seed=seed, epoch=epoch)[order].tolist())))
+    train_loader = torch.utils.data.DataLoader(ReplayViews(train_source, boxes, flips, augment.image_size),
+                                               batch_sampler=batches, num_workers=optim.workers,
+                                               persistent_workers=optim.workers > 0, pin_memory=dev.type == "cuda")
+    mean, std = train_source.mean, train_source.std
+
+    def step_loss(batch):
+        views, labels, index, view = batch
+        x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
+        teacher_logits, teacher_features = targets(views, index, view)
+        with autocast(dev, torch.bfloat16):
+            logits, features = tapped(x)
+            terms = criterion(logits.float(), labels, features, teacher_logits.float(),
+                              {k: v.float() for k, v in teacher_features.items()})
+        return terms, logits, labels
+
+    return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+               train_loader=train_loader, test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
+               optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+
+
+def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
+    """The train-teacher command."""
+    train_source = load_source(cfg.data, "train", download=cfg.download)
+    test_source = load_source(cfg.data, "test", download=cfg.download)
+    augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    model = build_model(cfg.model, num_classes=len(train_source.classes))
+    return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
+                            device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg))
+
+
+def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
+    """The train-student command: the cache names the dataset unless `cfg.data` overrides it."""
+    reader = open_cache(cfg.cache)
+    spec = cfg.data or reader.manifest["dataset"]["spec"]
+    train_source = load_source(spec, "train", download=cfg.download)
+    test_source = load_source(spec, "test", download=cfg.download)
+    weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
+                              overrides=dict(cfg.weights))
+    student = build_model(cfg.student, num_classes=len(train_source.classes))
+    return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
+                         temperature=cfg.temperature, pairs=dict(cfg.pairs), image_size=cfg.image_size,
+                         optim=cfg.optim, device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite,
+                         config=to_json(cfg))

@@ -1,0 +1,220 @@
+"""Replayable augmentation views.
+
+A view is `(box, flip)`: `box = (top, left, height, width)` in source-image pixels, which may reach past the
+image edge (zero padding, as `torchvision.transforms.v2.functional.crop` does); the crop is resized to the
+output size, then flipped horizontally if `flip`. One representation covers CIFAR's pad-and-crop and
+ImageNet's RandomResizedCrop, and because boxes are in source pixels a student can replay a view at another
+resolution than the teacher saw.
+
+Policies:
+    none      a centred square of the whole image (CIFAR: the image itself), one view
+    cifar     pad 4, random crop of the source size, horizontal flip: 9 x 9 offsets x 2 flips = 162 views
+    imagenet  RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip; continuous
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Hashable, Iterator, Sequence
+
+import numpy as np
+import torch
+from torchvision.transforms import v2 as T
+from torchvision.transforms.v2 import functional as TF
+
+from softcache.data import Source
+from softcache.errors import SoftcacheError
+
+POLICIES = ("cifar", "imagenet", "none")
+
+
+@dataclass(frozen=True)
+class Augment:
+    """An augmentation policy and the output size of its views."""
+
+    policy: str = "none"                         # one of POLICIES
+    image_size: int = 32                         # side of the square tensor a view becomes
+    pad: int = 4                                 # cifar: zero padding on each side before the crop
+    scale: tuple[float, float] = (0.08, 1.0)     # imagenet: crop area as a fraction of the image
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: crop aspect-ratio range
+
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise SoftcacheError(f"unknown augmentation policy '{self.policy}'; valid: {', '.join(POLICIES)}")
+        if self.image_size < 1:
+            raise SoftcacheError(f"--image-size must be a positive number of pixels, got {self.image_size}")
+
+    @property
+    def finite(self) -> bool:
+        return self.policy != "imagenet"
+
+    def count_all(self) -> int:
+        """How many distinct views `--views all` enumerates (finite policies only)."""
+        if not self.finite:
+            raise SoftcacheError(f"--views all needs a finite policy (cifar, none); '{self.policy}' samples "
+                                 "crops from a continuous range: give a number of views, e.g. --views 8")
+        return (2 * self.pad + 1) ** 2 * 2 if self.policy == "cifar" else 1
+
+    def resolve_views(self, views: int | str) -> int:
+        """Number of views per sample for `--views K|all`, checked against the policy."""
+        if views == "all":
+            return self.count_all()
+        try:
+            k = int(views)
+        except ValueError:
+            k = 0
+        if k < 1:
+            raise SoftcacheError(f"--views must be a positive number or 'all', got {views}")
+        if self.finite and k > self.count_all():
+            raise SoftcacheError(f"--views {k} exceeds the {self.count_all()} distinct views of policy "
+                                 f"'{self.policy}'; use --views all to store every one")
+        return k
+
+    def eval_box(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """The evaluation view: a centred square (87.5% of the shorter side for imagenet)."""
+        side = min(height, width)
+        if self.policy == "imagenet":
+            side = max(1, round(side * 0.875))
+        return (height - side) // 2, (width - side) // 2, side, side
+
+    def all_views(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Every view of a finite policy: `boxes [V, 4] float32`, `flips [V] bool`, in a fixed order."""
+        if self.policy == "none":
+            return np.asarray([self.eval_box(height, width)], np.float32), np.zeros(1, bool)
+        self.count_all()
+        offsets = range(-self.pad, self.pad + 1)
+        boxes = [(top, left, height, width) for top in offsets for left in offsets]
+        return (np.asarray(boxes * 2, np.float32),
+                np.repeat(np.asarray([False, True]), len(boxes)))
+
+    def sample_views(self, height: int, width: int, k: int, key: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """`k` views of one image, a pure function of `key` (e.g. `(seed, index)`).
+
+        Finite policies draw k distinct views; imagenet draws k RandomResizedCrop boxes.
+        Returns `boxes [k, 4] float32`, `flips [k] bool`.
+        """
+        rng = np.random.default_rng(list(key))
+        if self.finite:
+            boxes, flips = self.all_views(height, width)
+            pick = rng.choice(len(boxes), size=k, replace=False)
+            return boxes[pick], flips[pick]
+        # torchvision's own RandomResizedCrop sampler, fed from a generator seeded by `key`.
+        image = torch.empty(0, height, width)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(rng.integers(2**62)))
+            boxes = [T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)) for _ in range(k)]
+        return np.asarray(boxes, np.float32), rng.random(k) < 0.5
+
+
+def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int) -> torch.Tensor:
+    """Crop `image [3, H, W] uint8` to `box` (zero outside), resize to `size x size`, flip if `flip`."""
+    top, left, height, width = (int(round(float(b))) for b in box)
+    view = TF.crop(image, top, left, height, width)
+    if (height, width) != (size, size):
+        view = TF.resize(view, [size, size], antialias=True)
+    return TF.horizontal_flip(view) if flip else view
+
+
+def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 `[B, 3, S, S]` to the float input a model sees: `(x / 255 - mean) / std`."""
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
+    return (batch.float() / 255.0 - mean_t) / std_t
+
+
+# ---------------------------------------------------------------- datasets over views
+
+class DumpViews(torch.utils.data.Dataset):
+    """Sample `i` -> its `k` views for the teacher: `(views [k, 3, S, S] uint8, label, boxes [k, 4], flips [k])`.
+
+    Views are drawn from `(seed, i)` (or enumerated with `views='all'`), so a dump is the same whatever
+    the batch size, worker count or device.
+    """
+
+    def __init__(self, source: Source, augment: Augment, views: int | str, seed: int):
+        self.source, self.augment, self.seed = source, augment, seed
+        self.all = views == "all"
+        self.k = augment.resolve_views(views)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        image, label = self.source[i]
+        _, height, width = image.shape
+        if self.all:
+            boxes, flips = self.augment.all_views(height, width)
+        else:
+            boxes, flips = self.augment.sample_views(height, width, self.k, (self.seed, i))
+        size = self.augment.image_size
+        stacked = torch.stack([apply_view(image, b, f, size) for b, f in zip(boxes, flips)])
+        return stacked, label, torch.from_numpy(boxes), torch.from_numpy(flips)
+
+
+class AugmentedViews(torch.utils.data.Dataset):
+    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label)`: a fresh view for plain training; epoch < 0 is the eval view."""
+
+    def __init__(self, source: Source, augment: Augment, seed: int):
+        self.source, self.augment, self.seed = source, augment, seed
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, epoch = key
+        image, label = self.source[i]
+        _, height, width = image.shape
+        if epoch < 0:
+            box, flip = self.augment.eval_box(height, width), False
+        else:
+            boxes, flips = self.augment.sample_views(height, width, 1, (self.seed, epoch, i))
+            box, flip = boxes[0], bool(flips[0])
+        return apply_view(image, box, flip, self.augment.image_size), label
+
+
+class ReplayViews(torch.utils.data.Dataset):
+    """Key `(i, v)` -> `(view [3, S, S] uint8, label, i, v)`: the stored view `v` of sample `i`, replayed."""
+
+    def __init__(self, source: Source, boxes: np.ndarray, flips: np.ndarray, image_size: int):
+        assert boxes.shape[:2] == flips.shape and len(boxes) == len(source), "boxes [N, V, 4] and flips [N, V] must match the source"
+        self.source, self.boxes, self.flips, self.image_size = source, boxes, flips, image_size
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]):
+        i, v = key
+        image, label = self.source[i]
+        return apply_view(image, self.boxes[i, v], bool(self.flips[i, v]), self.image_size), label, i, v
+
+
+class KeyBatches(torch.utils.data.Sampler):
+    """Batches of dataset keys for one epoch: a shuffled (or ordered) pass over `n` samples.
+
+    `key_fn(epoch, indices [n]) -> list of keys` turns sample indices into keys, e.g. `(i, epoch)` or
+    `(i, view)`. The order is drawn from `(seed, epoch)`; call `set_epoch` before each pass.
+    """
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool,
+                 key_fn: Callable[[int, np.ndarray], list[Hashable]]):
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.shuffle, self.drop_last, self.key_fn = shuffle, drop_last, key_fn
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[list[Hashable]]:
+        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
+                 else np.arange(self.n))
+        keys = self.key_fn(self.epoch, order)
+        for b in range(len(self)):
+            yield keys[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def replay_choice(num_views: int, n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """Which stored view each sample replays at `epoch`: `[n]` ints, a function of `(seed, epoch, index)`."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).integers(num_views, size=n)

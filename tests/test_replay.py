@@ -1,0 +1,102 @@
+"""The cache holds exactly what online KD would compute: replayed views, teacher targets, losses."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms import v2 as T
+
+from conftest import load_teacher
+from softcache.data import load_source
+from softcache.dump import dump_teacher, teacher_outputs
+from softcache.losses import resolve_weights
+from softcache.models import Tapped, build_model
+from softcache.store import open_cache
+from softcache.train import OnlineTargets, train_student
+from softcache.views import Augment, DumpViews, ReplayViews, apply_view, normalize
+
+FP16_TOL = dict(rtol=2e-3, atol=2e-3)
+
+
+def test_replayed_views_give_the_cached_teacher_outputs(small_cache, teacher_weights):
+    cache = open_cache(small_cache)
+    source = load_source("synthetic:20", "train")
+    teacher = Tapped(load_teacher(teacher_weights), ["layer2", "layer3"]).eval()
+    boxes, flips = cache.arrays["views/box"][...], cache.arrays["views/flip"][...]
+    rng = np.random.default_rng(0)
+    index, view = rng.integers(0, 20, 12), rng.integers(0, 5, 12)
+    replay = ReplayViews(source, boxes, flips, image_size=32)
+    batch = torch.stack([replay[(int(i), int(v))][0] for i, v in zip(index, view)])
+    logits, features = teacher_outputs(teacher, batch, mean=source.mean, std=source.std, device=torch.device("cpu"))
+    torch.testing.assert_close(logits, torch.from_numpy(cache.arrays["logits"][...][index, view]), **FP16_TOL)
+    for layer in ("layer2", "layer3"):
+        cached = torch.from_numpy(cache.arrays[f"features/{layer}"][...][index, view])
+        torch.testing.assert_close(features[layer], cached, **FP16_TOL)
+    # The targets differ between views of one sample, so matching them is not an accident.
+    assert not torch.allclose(torch.from_numpy(cache.arrays["logits"][0, 0]).float(),
+                              torch.from_numpy(cache.arrays["logits"][0, 1]).float())
+
+
+def test_student_input_is_the_tensor_the_teacher_saw(small_cache):
+    cache = open_cache(small_cache)
+    source = load_source("synthetic:20", "train")
+    dumped = DumpViews(source, Augment("cifar", image_size=32), views=5, seed=7)
+    replay = ReplayViews(source, cache.arrays["views/box"][...], cache.arrays["views/flip"][...], image_size=32)
+    for i in (0, 7, 19):
+        teacher_views = dumped[i][0]
+        for v in range(5):
+            student_view = replay[(i, v)][0]
+            assert student_view.shape == (3, 32, 32) and student_view.dtype == torch.uint8
+            assert torch.equal(student_view, teacher_views[v])
+            torch.testing.assert_close(normalize(student_view[None], source.mean, source.std),
+                                       normalize(teacher_views[v][None], source.mean, source.std), rtol=0, atol=0)
+
+
+def test_cifar_box_equals_torchvision_pad_and_crop():
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    padded = T.functional.pad(image, [4])
+    for top, left in [(-4, -4), (0, 3), (4, -2)]:
+        expected = padded[:, top + 4:top + 36, left + 4:left + 36]
+        assert torch.equal(apply_view(image, (top, left, 32, 32), False, 32), expected)
+        assert torch.equal(apply_view(image, (top, left, 32, 32), True, 32), expected.flip(-1))
+
+
+def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_weights):
+    out = tmp_path / "all"
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:10", "train"), out,
+                 augment=Augment("cifar", image_size=32), views="all", workers=0, batch_size=512)
+    cache = open_cache(out)
+    boxes, flips = cache.arrays["views/box"][...], cache.arrays["views/flip"][...]
+    assert boxes.shape == (10, 162, 4) and cache.arrays["logits"].shape == (10, 162, 10)
+    expected = {(t, l, f) for t in range(-4, 5) for l in range(-4, 5) for f in (False, True)}
+    for i in range(10):
+        seen = [(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[i], flips[i])]
+        assert len(seen) == 162 and set(seen) == expected
+        assert (boxes[i, :, 2:] == 32).all()
+
+
+def _steps(cache, source, test_source, out, targets, pairs, losses):
+    recorded = []
+    torch.manual_seed(0)
+    student = build_model("resnet8", num_classes=10)
+    weights = resolve_weights(losses, alpha=0.9, beta=1000.0, hint_weight=100.0)
+    from softcache.config import OptimConfig
+    train_student(student, cache, source, test_source, out, weights=weights, pairs=pairs, targets=targets,
+                  optim=OptimConfig(epochs=2, batch_size=8, workers=0), seed=3,
+                  on_step=lambda step, terms: recorded.append(terms))
+    return recorded
+
+
+@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets")])
+def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_path, losses):
+    source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
+    pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
+    cached = _steps(small_cache, source, test_source, tmp_path / "cached", None, pairs, losses)
+    online = OnlineTargets(load_teacher(teacher_weights), sorted(pairs.values()), mean=source.mean, std=source.std,
+                           device=torch.device("cpu"))
+    live = _steps(small_cache, source, test_source, tmp_path / "online", online, pairs, losses)
+    assert len(cached) == len(live) == 4  # 2 epochs x (20 // 8) steps
+    for a, b in zip(cached, live):
+        assert a.keys() == b.keys() and set(losses) <= set(a)
+        for term in a:
+            assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), term
