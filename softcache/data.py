@@ -20,7 +20,6 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torchvision
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.v2 import functional as TF
 
 from softcache.errors import SoftcacheError
@@ -91,17 +90,13 @@ class ArraySource(Source):
         return h.hexdigest()
 
 
-def _decode_rgb(path: str) -> torch.Tensor:
-    return decode_image(path, mode=ImageReadMode.RGB)
-
-
 class FolderSource(Source):
     """A split in torchvision's ImageFolder layout (`ROOT/<class>/<file>`), decoded per access."""
 
     def __init__(self, root: Path, spec: str, mean: Sequence[float] = IMAGENET_STATS[0],
                  std: Sequence[float] = IMAGENET_STATS[1]):
         self.root = Path(root)
-        self.folder = torchvision.datasets.ImageFolder(str(self.root), loader=_decode_rgb)
+        self.folder = torchvision.datasets.ImageFolder(str(self.root))  # PIL loader, converted to RGB
         self.classes, self.spec = list(self.folder.classes), spec
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -109,7 +104,8 @@ class FolderSource(Source):
         return len(self.folder.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.folder[i]
+        image, label = self.folder[i]
+        return TF.pil_to_tensor(image), label
 
     @property
     def labels(self) -> np.ndarray:

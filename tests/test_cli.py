@@ -1,0 +1,161 @@
+"""The CLI: bad input gives one line and a non-zero exit; train-student never touches a teacher."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from softcache import cifar_resnet, models
+from softcache.cli import cli
+from softcache.data import load_source
+from softcache.dump import dump_teacher
+from softcache.models import build_model
+from softcache.views import Augment
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_fails(result, pattern: str) -> None:
+    """Exit code != 0, exactly one line on stderr matching `pattern`, and no traceback."""
+    assert result.exit_code != 0, result.output
+    assert isinstance(result.exception, SystemExit), f"unhandled {result.exception!r}"
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.fixture(scope="module")
+def resnet20_cache(tmp_path_factory):
+    """A cache dumped from a resnet20 teacher (random weights) on synthetic:20, with layer3."""
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("r20") / "cache"
+    dump_teacher(build_model("resnet20", 10).eval(), load_source("synthetic:20", "train"), out,
+                 augment=Augment("cifar", image_size=32), views=2, layers=["layer3"], workers=0,
+                 teacher_info={"arch": "resnet20", "weights_sha256": "test"})
+    return out
+
+
+TEACHER = ["train-teacher", "--model", "resnet8", "--epochs", "1", "--workers", "0"]
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (["--data", "imagefolder:/no/such/folder"], r"dataset folder '/no/such/folder' does not exist; imagefolder:ROOT needs ROOT/train"),
+    (["--data", "mnist"], r"unknown dataset 'mnist'; valid: cifar10\[:ROOT\], cifar100\[:ROOT\], imagefolder:ROOT, synthetic"),
+    (["--data", "synthetic:20", "--augment", "random"], r"Invalid value for '--augment': 'random' is not one of 'cifar', 'imagenet', 'none'"),
+    (["--data", "synthetic:20", "--model", "resnet21"], r"unknown model 'resnet21'; valid: resnet8, "),
+])
+def test_train_teacher_bad_input(tmp_path, args, pattern):
+    # --model given twice: the later one wins, so each case can override it
+    assert_fails(invoke(*TEACHER, "--out", tmp_path / "run", *args), pattern)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _dump(weights, out, *args):
+    return invoke("dump-teacher", "--teacher", "resnet8", "--weights", weights, "--data", "synthetic:20",
+                  "--out", out, "--workers", "0", *args)
+
+
+def test_dump_bad_input(tmp_path, teacher_weights):
+    assert_fails(_dump(teacher_weights, tmp_path / "c", "--layers", "layer3,layer5"),
+                 r"unknown layer 'layer5'; valid: conv1, layer1, layer2, layer3, pool, fc")
+    assert_fails(_dump(teacher_weights, tmp_path / "c", "--augment", "imagenet", "--views", "all"),
+                 r"--views all needs a finite policy \(cifar, none\); 'imagenet' samples crops")
+    assert_fails(invoke("dump-teacher", "--teacher", "resnet20", "--weights", teacher_weights, "--data", "synthetic:20",
+                        "--out", tmp_path / "c"), r"checkpoint .* does not fit CifarResNet: missing keys: layer1\.1\.")
+    assert_fails(_dump(tmp_path / "nope.pt", tmp_path / "c"), r"weights file .*nope\.pt' does not exist")
+    assert not (tmp_path / "c").exists()  # every refusal came before anything was written
+
+
+def test_dump_never_overwrites_a_complete_cache_or_foreign_folder(tmp_path, teacher_weights, small_cache):
+    cache = tmp_path / "cache"
+    shutil.copytree(small_cache, cache)
+    before = (cache / "zarr.json").read_text()
+    assert_fails(_dump(teacher_weights, cache), r"already holds a complete cache; pass --overwrite to replace it")
+    assert (cache / "zarr.json").read_text() == before
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "keep.txt").write_text("x")
+    assert_fails(_dump(teacher_weights, mine, "--overwrite"), r"exists and is not a softcache cache")
+    assert (mine / "keep.txt").read_text() == "x"
+
+
+STUDENT = ["train-student", "--student", "resnet8", "--epochs", "1", "--workers", "0", "--batch-size", "8"]
+
+
+def test_train_student_bad_input(tmp_path, small_cache, cifar_subset):
+    run = tmp_path / "run"
+    assert_fails(invoke(*STUDENT, "--cache", tmp_path / "none", "--out", run), r"cache .* does not exist")
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(small_cache, incomplete)
+    meta = json.loads((incomplete / "zarr.json").read_text())
+    meta["attributes"]["softcache"]["complete"] = False
+    (incomplete / "zarr.json").write_text(json.dumps(meta))
+    assert_fails(invoke(*STUDENT, "--cache", incomplete, "--out", run),
+                 r"cache .* is incomplete: a dump is in progress or died; rerun its dump-teacher command")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--data", "synthetic:30"),
+                 r"--data synthetic:30 is not the dataset the cache was dumped from \(synthetic:20, 20 samples\)")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at", "--pair", "layer3=layer1"),
+                 r"the cache has no features for teacher layer 'layer1'; cached layers: layer2, layer3")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at", "--pair", "block9=layer3"),
+                 r"unknown layer 'block9'; valid: conv1, layer1")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at"),
+                 r"fitnets and at need at least one --pair")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,dark"),
+                 r"unknown loss 'dark'; valid: at, ce, fitnets, kd")
+    three = tmp_path / "three"
+    for split in ("train", "test"):
+        for cls in ("airplane", "bird", "cat"):
+            shutil.copytree(cifar_subset / split / cls, three / split / cls)
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--data", f"imagefolder:{three}"),
+                 r"class-count mismatch: the cache has 10 classes, --data imagefolder:.* has 3")
+    assert not (run / "summary.json").exists()
+
+
+def test_train_student_never_builds_or_loads_a_teacher(tmp_path, resnet20_cache, monkeypatch):
+    real_init = cifar_resnet.CifarResNet.__init__
+
+    def no_teacher(self, blocks, widths, num_classes=10):
+        if blocks == 3:  # resnet20 is the teacher's architecture
+            raise AssertionError("train-student built the teacher architecture")
+        real_init(self, blocks, widths, num_classes)
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("train-student loaded a checkpoint")
+
+    monkeypatch.setattr(cifar_resnet.CifarResNet, "__init__", no_teacher)
+    monkeypatch.setattr(torch, "load", no_load)
+    monkeypatch.setattr(models, "load_weights", no_load)
+    with pytest.raises(AssertionError):  # the trap works
+        build_model("resnet20", 10)
+    result = invoke(*STUDENT, "--cache", resnet20_cache, "--out", tmp_path / "s", "--loss", "kd,at,fitnets",
+                    "--pair", "layer3=layer3")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "s" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_kd", "train_ce", "train_at", "train_fitnets", "test_acc"} <= set(metrics)
+
+
+def test_finished_run_is_not_overwritten(tmp_path, small_cache):
+    run = tmp_path / "s"
+    assert invoke(*STUDENT, "--cache", small_cache, "--out", run).exit_code == 0
+    summary = (run / "summary.json").read_text()
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run), r"holds a finished run \(summary\.json\); pass --overwrite")
+    assert (run / "summary.json").read_text() == summary
+    assert invoke(*STUDENT, "--cache", small_cache, "--out", run, "--overwrite").exit_code == 0
+
+
+def test_inspect_shows_arrays_and_bytes(small_cache):
+    result = invoke("inspect", small_cache)
+    assert result.exit_code == 0, result.output
+    assert '"complete": true' in result.output
+    row = next(line for line in result.stdout.splitlines() if line.startswith("features/layer3"))
+    assert "(20, 5, 64, 8, 8)" in row and "float16" in row
+    on_disk = int(row.split()[-3].replace(",", ""))
+    per_sample = float(row.split()[-2])
+    assert on_disk > 0 and per_sample == pytest.approx(on_disk / 20, abs=0.1)

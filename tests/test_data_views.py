@@ -1,0 +1,81 @@
+"""Datasets by spec, fingerprints, and the view policies."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from softcache.data import load_source, render_synthetic
+from softcache.errors import SoftcacheError
+from softcache.views import Augment, apply_view, replay_choice
+
+
+def test_synthetic_is_deterministic_balanced_and_varied():
+    a, b = load_source("synthetic:50", "train"), load_source("synthetic:50", "train")
+    assert np.array_equal(a.images, b.images) and a.fingerprint() == b.fingerprint()
+    assert np.bincount(a.labels).tolist() == [5] * 10
+    assert a.fingerprint() != load_source("synthetic:60", "train").fingerprint()
+    assert len(load_source("synthetic:50", "test")) == 10
+    image, label = a[3]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 3
+    # two images of one class differ (position, scale, colour, noise)
+    assert not np.array_equal(render_synthetic(0, "train")[0], render_synthetic(10, "train")[0])
+
+
+def test_imagefolder_reads_the_real_cifar_subset(cifar_subset):
+    train = load_source(f"imagefolder:{cifar_subset}", "train")
+    test = load_source(f"imagefolder:{cifar_subset}", "test")
+    assert len(train) == 120 and len(test) == 40
+    assert train.classes[:3] == ["airplane", "automobile", "bird"]
+    image, label = train[0]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and label == 0
+    fp = train.fingerprint()
+    assert fp["num_samples"] == 120 and fp["classes"] == train.classes and fp != test.fingerprint()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("imagefolder:/nonexistent/x", "does not exist"),
+    ("mnist", "unknown dataset 'mnist'; valid: cifar10"),
+    ("synthetic:abc", "synthetic takes a training-set size"),
+    ("cifar10:/nonexistent/cifar", "pass --download"),
+])
+def test_bad_dataset_specs_say_what_would_be_right(spec, message):
+    with pytest.raises(SoftcacheError, match=message):
+        load_source(spec, "train")
+
+
+def test_sampled_views_are_a_function_of_the_key():
+    aug = Augment("cifar")
+    b1, f1 = aug.sample_views(32, 32, 6, (0, 5))
+    b2, f2 = aug.sample_views(32, 32, 6, (0, 5))
+    b3, _ = aug.sample_views(32, 32, 6, (0, 6))
+    assert np.array_equal(b1, b2) and np.array_equal(f1, f2) and not np.array_equal(b1, b3)
+    assert len({(tuple(b), f) for b, f in zip(b1.tolist(), f1.tolist())}) == 6  # distinct views
+
+
+def test_imagenet_views_stay_inside_the_image_and_resize():
+    aug = Augment("imagenet", image_size=24)
+    boxes, flips = aug.sample_views(40, 50, 20, (1, 2))
+    top, left, h, w = boxes.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= 40).all() and (left + w <= 50).all()
+    assert 0 < flips.sum() < 20
+    view = apply_view(torch.zeros(3, 40, 50, dtype=torch.uint8), boxes[0], bool(flips[0]), 24)
+    assert view.shape == (3, 24, 24)
+
+
+def test_view_count_rules():
+    assert Augment("cifar").resolve_views("all") == 162
+    assert Augment("none").resolve_views("all") == 1
+    with pytest.raises(SoftcacheError, match="needs a finite policy"):
+        Augment("imagenet").resolve_views("all")
+    with pytest.raises(SoftcacheError, match="exceeds the 162 distinct views"):
+        Augment("cifar").resolve_views(200)
+    with pytest.raises(SoftcacheError, match="positive number or 'all'"):
+        Augment("cifar").resolve_views("many")
+
+
+def test_replay_choice_depends_on_seed_and_epoch_only():
+    a = replay_choice(5, 100, seed=1, epoch=2)
+    assert np.array_equal(a, replay_choice(5, 100, seed=1, epoch=2))
+    assert not np.array_equal(a, replay_choice(5, 100, seed=1, epoch=3))
+    assert set(a.tolist()) == set(range(5))

@@ -1,0 +1,72 @@
+"""Models by name, checkpoints and feature taps."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from softcache.errors import SoftcacheError
+from softcache.models import Tapped, build_model, load_weights
+
+
+@pytest.mark.parametrize("name, params", [("resnet20", 0.27e6), ("resnet56", 0.85e6), ("resnet110", 1.7e6)])
+def test_cifar_resnets_have_the_papers_sizes(name, params):
+    # He et al. 2016, Table 6: 0.27M, 0.85M, 1.7M parameters (option-B shortcuts add a little)
+    model = build_model(name, num_classes=10)
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count - params) / params < 0.05
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_wide_and_torchvision_models_build_with_the_class_count():
+    assert build_model("resnet8x4", 100)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+    assert build_model("mobilenet_v3_small", 7)(torch.randn(2, 3, 64, 64)).shape == (2, 7)
+
+
+class TinyNet(nn.Module):
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.body = nn.Conv2d(3, 4, 3, padding=1)
+        self.head = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        return self.head(self.body(x).mean((2, 3)))
+
+
+def make_tiny(num_classes: int) -> TinyNet:
+    return TinyNet(num_classes)
+
+
+def test_custom_module_callable():
+    model = build_model(f"{__name__}:make_tiny", 3)
+    assert isinstance(model, TinyNet) and model.head.out_features == 3
+    with pytest.raises(SoftcacheError, match="package.module:callable"):
+        build_model(f"{__name__}:nothing_here", 3)
+
+
+def test_unknown_model_lists_the_valid_names():
+    with pytest.raises(SoftcacheError, match="unknown model 'resnet21'; valid: resnet8, resnet14, resnet20"):
+        build_model("resnet21", 10)
+
+
+def test_checkpoint_mismatch_lists_keys(tmp_path):
+    path = tmp_path / "w.pt"
+    torch.save(build_model("resnet20", 10).state_dict(), path)
+    with pytest.raises(SoftcacheError, match=r"missing keys: layer1\.1\..*unexpected keys|unexpected keys"):
+        load_weights(build_model("resnet8", 10), path)
+    with pytest.raises(SoftcacheError, match=r"shape mismatch .*fc\.weight \(10, 64\) vs \(100, 64\)"):
+        load_weights(build_model("resnet20", 100), path)
+    # a DDP-wrapped checkpoint loads
+    torch.save({"state_dict": {f"module.{k}": v for k, v in torch.load(path).items()}}, path)
+    load_weights(build_model("resnet20", 10), path)
+
+
+def test_taps_return_named_features_and_refuse_unknown_layers():
+    tapped = Tapped(build_model("resnet20", 10), ["layer2", "layer3"])
+    logits, features = tapped(torch.randn(2, 3, 32, 32))
+    assert logits.shape == (2, 10)
+    assert features["layer2"].shape == (2, 32, 16, 16) and features["layer3"].shape == (2, 64, 8, 8)
+    with pytest.raises(SoftcacheError, match="unknown layer 'layer5'; valid: conv1, layer1, layer2, layer3, pool, fc"):
+        Tapped(build_model("resnet20", 10), ["layer5"])
