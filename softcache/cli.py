@@ -203,10 +203,11 @@ def train_student_cmd(**kw: Any) -> None:
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
 @_option("--root", default=None, help="folder for the stages' outputs [default: the recipe's defaults.root]")
 @_option("--device", default=None, help="device for every stage [default: the recipe's, else cuda when available]")
-def run_cmd(pipeline: str, root: str | None, device: str | None) -> None:
+@_option("--seed", type=int, default=None, help="seed for every stage [default: the recipe's, else 0]")
+def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None) -> None:
     """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped."""
     from softcache.pipeline import format_table, load_pipeline, run_pipeline
-    rows = run_pipeline(load_pipeline(pipeline, root=root, device=device), echo=click.echo)
+    rows = run_pipeline(load_pipeline(pipeline, root=root, device=device, seed=seed), echo=click.echo)
     click.echo("\n" + format_table(rows))
 
 

@@ -49,8 +49,9 @@ def _build(cls: type, table: dict[str, Any], section: str) -> Any:
         raise SoftcacheError(f"[{section}] is incomplete: {err}") from None
 
 
-def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None) -> Pipeline:
-    """Read a recipe; `root` and `device` override the file's."""
+def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None,
+                  seed: int | None = None) -> Pipeline:
+    """Read a recipe; `root`, `device` and `seed` override the file's."""
     try:
         doc = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as err:
@@ -63,6 +64,8 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     defaults.pop("root", None)
     if device:
         defaults["device"] = device
+    if seed is not None:
+        defaults["seed"] = seed
 
     def with_defaults(cls: type, table: dict[str, Any]) -> dict[str, Any]:
         accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())

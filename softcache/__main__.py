@@ -1,0 +1,4 @@
+"""`python -m softcache` is the `softcache` command."""
+from softcache.cli import main
+
+main()

@@ -1,0 +1,76 @@
+"""End to end through the CLI: real CIFAR-10 JPEGs, and the quickstart pipeline as a newcomer runs it."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import zarr
+from click.testing import CliRunner
+
+from softcache.cli import cli
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def ok(*args) -> str:
+    result = CliRunner().invoke(cli, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def check_run_folder(run: Path, terms: set[str], epochs: int) -> dict:
+    assert (run / "model.pt").is_file()
+    config = json.loads((run / "config.json").read_text())
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run / "summary.json").read_text())
+    assert len(metrics) == epochs and [m["epoch"] for m in metrics] == list(range(1, epochs + 1))
+    assert {f"train_{t}" for t in terms} | {"train_loss", "train_acc", "test_acc", "lr"} <= set(metrics[-1])
+    assert summary["test_acc"] == metrics[-1]["test_acc"] and 0.0 <= summary["test_acc"] <= 100.0
+    return config
+
+
+@pytest.mark.slow
+def test_cifar_jpeg_subset_teacher_dump_student(tmp_path, cifar_subset):
+    data = f"imagefolder:{cifar_subset}"
+    teacher, cache, student = tmp_path / "teacher", tmp_path / "cache", tmp_path / "student"
+    ok("train-teacher", "--model", "resnet8", "--data", data, "--augment", "cifar", "--epochs", "2",
+       "--batch-size", "32", "--workers", "1", "--out", teacher, "--device", "cpu")
+    config = check_run_folder(teacher, {"loss"}, 2)
+    assert config["model"] == "resnet8" and config["optim"]["epochs"] == 2
+    out = ok("dump-teacher", "--teacher", "resnet8", "--weights", teacher / "model.pt", "--data", data,
+             "--augment", "cifar", "--views", "3", "--layers", "layer2,layer3", "--out", cache, "--workers", "1")
+    assert "cache complete" in out and "120 samples x 3 views" in out
+    group = zarr.open_group(str(cache), mode="r")
+    manifest = group.attrs["softcache"]
+    assert manifest["complete"] and manifest["dataset"]["spec"] == data and manifest["dataset"]["num_samples"] == 120
+    assert manifest["dataset"]["classes"][0] == "airplane" and len(manifest["teacher"]["weights_sha256"]) == 64
+    shapes = {name: group[name].shape for name in ("labels", "logits", "views/box", "views/flip",
+                                                   "features/layer2", "features/layer3")}
+    assert shapes == {"labels": (120,), "logits": (120, 3, 10), "views/box": (120, 3, 4), "views/flip": (120, 3),
+                      "features/layer2": (120, 3, 32, 16, 16), "features/layer3": (120, 3, 64, 8, 8)}
+    assert "features/layer3" in ok("inspect", cache)
+    ok("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at,fitnets", "--pair", "layer3=layer3",
+       "--pair", "layer2=layer2", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--out", student)
+    config = check_run_folder(student, {"ce", "kd", "at", "fitnets"}, 2)
+    assert config["data"] is None and config["pairs"] == [["layer3", "layer3"], ["layer2", "layer2"]]
+
+
+@pytest.mark.slow
+def test_quickstart_pipeline_runs_offline_and_skips_finished_stages(tmp_path):
+    env_root = tmp_path / "runs"
+    script = shutil.which("softcache")
+    assert script, "the softcache console script is not installed: pip install -e '.[dev]'"
+    cmd = [script, "run", str(REPO / "pipelines" / "quickstart.toml"), "--root", str(env_root)]
+    first = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    kd_at = env_root / "students" / "kd_at"
+    check_run_folder(kd_at, {"ce", "kd", "at"}, 6)
+    check_run_folder(env_root / "students" / "ce", {"ce"}, 6)
+    table = first.stdout.splitlines()
+    assert any(line.startswith("kd_at") and "kd+at" in line for line in table)
+    assert any(line.startswith("teacher") for line in table)
+    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.count("skipped") == 4
