@@ -62,15 +62,13 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     defaults = dict(doc.get("defaults", {}))
     base = Path(root or defaults.pop("root", "runs"))
     defaults.pop("root", None)
-    if device:
-        defaults["device"] = device
-    if seed is not None:
-        defaults["seed"] = seed
+    overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
 
     def with_defaults(cls: type, table: dict[str, Any]) -> dict[str, Any]:
         accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())
         merged = {k: v for k, v in defaults.items() if k in accepted}
         merged.update(table)
+        merged.update(overrides)  # command-line values win over the recipe's
         if "out" in merged:
             merged["out"] = str(base / merged["out"])
         return merged
