@@ -12,6 +12,8 @@ from softcache import __version__
 from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
 from softcache.errors import SoftcacheError
 from softcache.losses import LOSSES
+from softcache.store import BACKENDS
+from softcache.targets import TARGET_KINDS
 from softcache.views import POLICIES
 
 
@@ -147,30 +149,36 @@ def train_teacher_cmd(**kw: Any) -> None:
 
 
 @cli.command("dump-teacher")
-@_option("--teacher", required=True, help="teacher model name")
-@_option("--weights", required=True, help="teacher state_dict file (e.g. RUN/model.pt)")
+@_option("--teacher", required=True, multiple=True, help="teacher model name; repeat for an ensemble (features come from the first)")
+@_option("--weights", required=True, multiple=True, help="teacher state_dict file (e.g. RUN/model.pt), one per --teacher")
 @data
 @augment
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
 @_option("--layers", default="", callback=_comma_list, help="comma-separated feature layers to store [default: logits only]")
+@_option("--logits", default=DumpConfig.logits, metavar="FORMAT", help="fp16, bf16, fp32, topk:K or sampled:K[:TAU]")
+@_option("--targets", type=click.Choice(TARGET_KINDS), default=DumpConfig.targets,
+         help="per layer: the feature map, or only its attention map (for at)")
+@_option("--temperature", type=float, default=DumpConfig.temperature, help="sampled logits: the temperature they are drawn at")
+@_option("--format", type=click.Choice(BACKENDS), default=None, help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
 @image_size
 @_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
 @workers
-@_option("--out", required=True, type=click.Path(), help="cache folder")
+@_option("--out", required=True, type=click.Path(), help="cache folder (zarr) or .h5 file (hdf5)")
 @device
 @seed
 @download
-@overwrite
+@_option("--overwrite", is_flag=True, help="replace a cache made with other options")
 def dump_teacher_cmd(**kw: Any) -> None:
-    """Run the teacher once over replayable views and write its outputs to a cache."""
+    """Run the teacher once over replayable views and write its outputs to a cache (reused or resumed when it can be)."""
     from softcache.dump import dump_from_config
     from softcache.store import open_cache
-    cfg = DumpConfig(**kw)
-    out = dump_from_config(cfg)
-    reader = open_cache(out)
+    result = dump_from_config(DumpConfig(**kw))
+    reader = open_cache(result.path)
     total = sum(row["bytes"] for row in reader.describe())
-    n, v = reader.arrays["logits"].shape[:2]
-    click.echo(f"cache complete: {out} ({n} samples x {v} views, {total / 2**20:.1f} MiB)")
+    n, v = reader.shape("views/flip")
+    said = {"reuse": "reused (same cache id, no teacher run)", "resume": f"resumed from sample {result.resumed_from}"}
+    click.echo(f"cache {reader.manifest['id']} {said.get(result.action, 'complete')}: {result.path} "
+               f"({n} samples x {v} views, {total / 2**20:.1f} MiB)")
 
 
 @cli.command("train-student")
@@ -185,6 +193,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--beta", type=float, default=StudentConfig.beta, help="at weight")
 @_option("--hint-weight", type=float, default=StudentConfig.hint_weight, help="fitnets weight")
 @_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
+@_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
 @optim_options
 @_option("--out", required=True, type=click.Path(file_okay=False), help="run folder")
@@ -214,18 +223,57 @@ def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | Non
 @cli.command("inspect")
 @click.argument("cache", type=click.Path())
 def inspect_cmd(cache: str) -> None:
-    """Show a cache's manifest and its arrays: shapes, dtypes, bytes on disk and per sample."""
+    """Show a cache's manifest and its arrays: shapes, dtypes, bytes on disk and per sample, compression."""
     from softcache.store import open_cache
     reader = open_cache(cache)
     click.echo(json.dumps(reader.manifest, indent=2))
     rows = reader.describe()
-    click.echo(f"\n{'array':<22} {'shape':<24} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>11} {'B/sample':>10} {'ratio':>6}")
+    n = reader.shape("labels")[0]
+    click.echo(f"\n{'array':<30} {'shape':<24} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>12} {'B/sample':>10} {'ratio':>6}")
     for r in rows:
-        click.echo(f"{r['name']:<22} {str(tuple(r['shape'])):<24} {r['dtype']:<8} {r['chunks'][0]:>6} "
-                   f"{r['shards'][0]:>6} {r['bytes']:>11,} {r['bytes_per_sample']:>10.1f} "
-                   f"{r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
-    total = sum(r["bytes"] for r in rows)
-    click.echo(f"{'total':<22} {'':<24} {'':<8} {'':>6} {'':>6} {total:>11,} {total / max(1, rows[0]['shape'][0]):>10.1f}")
+        click.echo(f"{r['name']:<30} {str(tuple(r['shape'])):<24} {r['dtype']:<8} {r['chunks']:>6} {r['shards']:>6} "
+                   f"{r['bytes']:>12,} {r['bytes_per_sample']:>10.1f} {r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
+    total, raw = sum(r["bytes"] for r in rows), sum(r["raw_bytes"] for r in rows)
+    click.echo(f"{'total':<30} {'':<24} {'':<8} {'':>6} {'':>6} {total:>12,} {total / max(1, n):>10.1f} "
+               f"{raw / max(1, total):>5.1f}x")
+
+
+@cli.command("ls")
+@click.argument("root", type=click.Path(exists=True), default=".")
+def ls_cmd(root: str) -> None:
+    """List the caches under ROOT: id, teacher, dataset, views, layers, size, complete."""
+    from softcache.store import find_caches
+    click.echo(f"{'id':<17} {'teacher':<18} {'dataset':<28} {'views':>5} {'layers':<16} {'MiB':>9} {'complete':<8} path")
+    for path, m in find_caches(root):
+        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        teachers = "+".join(t["name"] for t in m.get("teachers", [m.get("teacher", {})]))
+        click.echo(f"{m.get('id', '-'):<17} {teachers:<18} {m['dataset']['spec']:<28} {m['augment']['num_views']:>5} "
+                   f"{','.join(m['layers']) or '-':<16} {size / 2**20:>9.1f} {'yes' if m.get('complete') else 'NO':<8} {path}")
+
+
+@cli.command("verify")
+@click.argument("cache", type=click.Path())
+@_option("--teacher", default=None, help="the cache's (first) teacher model name, to recompute targets")
+@_option("--weights", default=None, help="its state_dict file")
+@_option("--samples", type=click.IntRange(min=1), default=16, help="random (sample, view) pairs to recompute")
+@_option("--tolerance", type=float, default=1e-2, help="largest acceptable |recomputed - cached|")
+@_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
+@device
+@seed
+def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: int, tolerance: float,
+               data: str | None, device: str, seed: int) -> None:
+    """Check a cache: complete, every chunk's checksum, and (given the teacher) recomputed targets."""
+    from softcache.verify import verdict, verify_cache
+    if (teacher is None) != (weights is None):
+        raise click.UsageError("--teacher and --weights go together")
+    report, lines = verify_cache(cache, teacher=teacher, weights=weights, samples=samples, seed=seed, device=device,
+                                 data=data)
+    for line in lines:
+        click.echo(line)
+    failure = verdict(report, tolerance)
+    if failure:
+        raise SoftcacheError(failure)
+    click.echo("ok")
 
 
 def main() -> None:

@@ -47,20 +47,24 @@ class TeacherConfig:
 class DumpConfig:
     """dump-teacher: run the teacher once over replayable views and cache its outputs."""
 
-    teacher: str                    # teacher model name
-    weights: str                    # state_dict file
+    teacher: tuple[str, ...]        # teacher model name(s); features are taken from the first
+    weights: tuple[str, ...]        # one state_dict file per teacher
     data: str                       # dataset spec; the training split is dumped
-    out: str                        # cache folder
+    out: str                        # cache folder (zarr) or .h5 file (hdf5)
     augment: str = "cifar"          # augmentation policy
     views: str = "1"                # views per sample: a number, or 'all' for a finite policy
     layers: tuple[str, ...] = ()    # feature layers to store besides the logits
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
+    logits: str = "fp16"            # fp16 | bf16 | fp32 | topk:K | sampled:K[:TAU] (see softcache.targets)
+    targets: str = "features"       # features | attention: what is stored per layer
+    temperature: float = 4.0        # sampled logits only: the temperature p_T is drawn at
+    format: str | None = None       # zarr | hdf5; None: hdf5 for a .h5/.hdf5 --out, else zarr
     batch_size: int = 256           # teacher images per forward pass
     workers: int = 2                # DataLoader worker processes
     device: str = field(default_factory=default_device)
     seed: int = 0                   # seeds the views: views of sample i are a function of (seed, i)
     download: bool = False
-    overwrite: bool = False         # replace a complete cache
+    overwrite: bool = False         # replace a cache made with other options
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ class StudentConfig:
     beta: float = 1000.0            # at: weight of the attention-transfer term
     hint_weight: float = 100.0      # fitnets: weight of the hint term
     weights: tuple[tuple[str, float], ...] = ()       # explicit per-term weights, overriding the above
+    teachers: str = "mean"          # several cached teachers: 'mean' of their probabilities, or one name
     image_size: int | None = None   # student input side; None: the size the teacher saw
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = field(default_factory=default_device)

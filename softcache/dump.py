@@ -1,10 +1,18 @@
-"""The dump-teacher stage: run the teacher once over replayable views and write its outputs to a cache."""
+"""The dump-teacher stage: run the teacher(s) once over replayable views and write the outputs to a cache.
+
+A dump is identified by its cache id (see store.manifest): dumping to a folder that already holds a complete
+cache with the same id runs no teacher; an interrupted dump with the same id continues from its committed
+shards. Batches never straddle a shard, so a resumed dump computes every remaining shard exactly as an
+uninterrupted one would.
+"""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -14,11 +22,22 @@ from tqdm import tqdm
 from softcache.config import DumpConfig, to_json
 from softcache.data import Source, load_source
 from softcache.errors import SoftcacheError
-from softcache.models import Tapped, build_model, file_sha256, load_weights
-from softcache.store import array_layout, build_manifest, check_writable, create_cache
+from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
+from softcache.store import (Existing, array_layout, build_manifest, check_existing, feature_name, logits_prefix,
+                             prepare_cache)
+from softcache.store import backend_of
+from softcache.targets import TARGET_KINDS, LogitsFormat, encode_feature
 from softcache.views import Augment, DumpViews, apply_view, normalize
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DumpResult:
+    path: Path
+    action: str                 # new | restart | resume | reuse
+    manifest: dict[str, Any]
+    resumed_from: int = 0       # samples found committed
 
 
 def resolve_image_size(policy: str, image_size: int | None, source: Source) -> int:
@@ -49,69 +68,158 @@ def teacher_outputs(teacher: Tapped, views: torch.Tensor, *, mean: Sequence[floa
     return logits.half(), {name: f.half() for name, f in features.items()}
 
 
-def dump_teacher(teacher: nn.Module, source: Source, out: str | Path, *, augment: Augment, views: int | str = 1,
-                 layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256, workers: int = 2,
-                 device: str = "cpu", overwrite: bool = False, teacher_info: dict[str, Any] | None = None) -> Path:
-    """Run `teacher` (eval mode, no grad) over `views` views of every sample of `source`; write the cache at `out`.
+def state_dict_sha256(model: nn.Module) -> str:
+    """A hash of a model's weights, for teachers handed over as modules rather than files."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
-    `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. Returns `out`.
-    """
-    check_writable(out, overwrite=overwrite)  # refuse before any teacher work
-    dev = torch.device(device)
-    tapped = Tapped(teacher, layers).to(dev).eval()
-    if dev.type == "cuda":
-        tapped = tapped.to(memory_format=torch.channels_last)
-    dataset = DumpViews(source, augment, views, seed)
-    num_views = dataset.k
 
-    # One view of sample 0 tells the output shapes; a classifier of the wrong width is refused here.
-    image, _ = source[0]
-    probe = apply_view(image, augment.eval_box(*image.shape[-2:]), False, augment.image_size)[None]
-    logits, features = teacher_outputs(tapped, probe, mean=source.mean, std=source.std, device=dev)
-    num_classes = len(source.classes)
-    if logits.shape[1] != num_classes:
-        raise SoftcacheError(f"class-count mismatch: the teacher has {logits.shape[1]} outputs, "
-                             f"the dataset {source.spec} has {num_classes} classes")
-    layout = array_layout(len(source), num_views, num_classes, {k: tuple(f.shape[1:]) for k, f in features.items()})
-    manifest = build_manifest(
-        teacher=teacher_info or {"arch": type(teacher).__name__, "weights_sha256": None},
+def _unique_names(archs: Sequence[str]) -> list[str]:
+    names, seen = [], {}
+    for arch in archs:
+        seen[arch] = seen.get(arch, 0) + 1
+        names.append(arch if seen[arch] == 1 else f"{arch}_{seen[arch]}")
+    return names
+
+
+def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment: Augment, views: int | str,
+                  layers: Sequence[str], seed: int, logits: LogitsFormat, targets: str, backend: str) -> dict[str, Any]:
+    """The manifest (and so the cache id) of a dump, known before any teacher runs."""
+    if targets not in TARGET_KINDS:
+        raise SoftcacheError(f"unknown --targets '{targets}'; valid: {', '.join(TARGET_KINDS)}")
+    num_views = augment.resolve_views(views)
+    return build_manifest(
+        teachers=teachers,
         dataset={"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source),
                  "classes": list(source.classes)},
         augment={"policy": augment.policy, "views": views if views == "all" else int(views), "num_views": num_views,
                  "seed": seed, "image_size": augment.image_size, "pad": augment.pad, "scale": list(augment.scale),
                  "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std)},
-        layers=layers)
-    writer = create_cache(out, layout, manifest, overwrite=overwrite)
+        layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets})
+
+
+def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[list[int]]:
+    """Sample indices in batches that never cross a shard boundary (`start` is one)."""
+    for lo in range(start, stop, shard):
+        hi = min(lo + shard, stop)
+        for a in range(lo, hi, per_batch):
+            yield list(range(a, min(a + per_batch, hi)))
+
+
+def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
+             existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu") -> DumpResult:
+    """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`."""
+    if existing.action == "reuse":
+        return DumpResult(Path(out), "reuse", manifest)
+    aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
+    augment = Augment(aug["policy"], image_size=aug["image_size"], pad=aug["pad"], scale=tuple(aug["scale"]),
+                      ratio=tuple(aug["ratio"]))
+    fmt = LogitsFormat.from_json(storage["logits"])
+    dev = torch.device(device)
+    tapped = [Tapped(t, layers if k == 0 else []).to(dev).eval() for k, t in enumerate(teachers)]
+    if dev.type == "cuda":
+        tapped = [t.to(memory_format=torch.channels_last) for t in tapped]
+    dataset = DumpViews(source, augment, aug["views"], aug["seed"])
+    num_views, names = dataset.k, [t["name"] for t in manifest["teachers"]]
+
+    # One view of sample 0 gives the output shapes; a classifier of the wrong width is refused here.
+    image, _ = source[0]
+    probe = apply_view(image, augment.eval_box(*image.shape[-2:]), False, augment.image_size)[None]
+    target_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+    for k, (name, teacher) in enumerate(zip(names, tapped)):
+        logits, features = teacher_outputs(teacher, probe, mean=source.mean, std=source.std, device=dev)
+        if logits.shape[1] != len(source.classes):
+            raise SoftcacheError(f"class-count mismatch: teacher {name} has {logits.shape[1]} outputs, "
+                                 f"the dataset {source.spec} has {len(source.classes)} classes")
+        prefix = logits_prefix(manifest, name)
+        target_arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
+        if k == 0:
+            for layer, f in features.items():
+                stored = encode_feature(storage["targets"], f)
+                target_arrays[feature_name(manifest, layer)] = (tuple(stored.shape[1:]), "float16")
+    layout = array_layout(len(source), num_views, target_arrays)
+    writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"])
+    start = writer.written
 
     samples_per_batch = max(1, batch_size // num_views)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=samples_per_batch, shuffle=False, num_workers=workers,
-                                         pin_memory=dev.type == "cuda", persistent_workers=False)
-    start = 0
-    for stacked, labels, boxes, flips in tqdm(loader, desc="dump-teacher", unit="batch", disable=None):
-        b = len(labels)
-        logits, features = teacher_outputs(tapped, stacked.flatten(0, 1), mean=source.mean, std=source.std, device=dev)
-        rows = {"labels": labels.numpy().astype(np.int64),
-                "logits": logits.view(b, num_views, -1).cpu().numpy(),
-                "views/box": boxes.numpy(), "views/flip": flips.numpy()}
-        rows.update({f"features/{k}": f.view(b, num_views, *f.shape[1:]).cpu().numpy() for k, f in features.items()})
-        writer.write(start, rows)
-        start += b
-    writer.finish(manifest)
+    batches = list(_batches(start, len(source), writer.shard_samples, samples_per_batch))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         pin_memory=dev.type == "cuda")
+    for indices, (stacked, labels, boxes, flips) in tqdm(zip(batches, loader), total=len(batches), desc="dump-teacher",
+                                                         unit="batch", disable=None):
+        b, flat = len(labels), stacked.flatten(0, 1)
+        rows = {"labels": labels.numpy().astype(np.int64), "views/box": boxes.numpy(), "views/flip": flips.numpy()}
+        # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
+        generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + indices[0])
+        for k, (name, teacher) in enumerate(zip(names, tapped)):
+            logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
+            prefix = logits_prefix(manifest, name)
+            for suffix, value in fmt.encode(logits, generator).items():
+                rows[prefix + suffix] = value.reshape(b, num_views, *value.shape[1:])
+            for layer, f in features.items():
+                value = encode_feature(storage["targets"], f)
+                rows[feature_name(manifest, layer)] = value.reshape(b, num_views, *value.shape[1:])
+        writer.write(indices[0], rows)
+    final = writer.finish()
     log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
-    return Path(out)
+    return DumpResult(Path(out), existing.action, final, start)
 
 
-def dump_from_config(cfg: DumpConfig) -> Path:
-    """The dump-teacher command: resolve names and specs, then `dump_teacher`."""
+def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: str | Path, *, augment: Augment,
+                 views: int | str = 1, layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
+                 workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
+                 targets: str = "features", format: str | None = None, temperature: float = 4.0,
+                 teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+    """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
+
+    `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
+    tapped on the first teacher. `logits` and `targets` choose the stored forms (see softcache.targets);
+    `format` the backend (zarr, or hdf5; default from the suffix). `teacher_info` names the teachers
+    (`name`, `arch`, `weights_sha256`); without it their weights are hashed here.
+    """
+    modules = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
+    check_layers(modules[0], layers)
+    infos = [dict(teacher_info)] if isinstance(teacher_info, Mapping) else [dict(i) for i in teacher_info or []]
+    if not infos:
+        archs = [type(m).__name__.lower() for m in modules]
+        infos = [{"arch": a, "weights_sha256": state_dict_sha256(m)} for a, m in zip(archs, modules)]
+    for info, name in zip(infos, _unique_names([i.get("arch", "teacher") for i in infos])):
+        info.setdefault("name", name)
+    backend = backend_of(out, format)
+    manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
+                             logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend)
+    existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
+    return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device)
+
+
+def dump_from_config(cfg: DumpConfig) -> DumpResult:
+    """The dump-teacher command: identify the dump first, so a cache already made is reused without a teacher."""
+    if len(cfg.weights) != len(cfg.teacher):
+        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per --teacher")
     source = load_source(cfg.data, "train", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, source))
-    augment.resolve_views(cfg.views)  # refuse a bad --views before any teacher work
-    check_writable(cfg.out, overwrite=cfg.overwrite)
-    teacher = build_model(cfg.teacher, num_classes=len(source.classes))
-    load_weights(teacher, cfg.weights)
-    info = {"arch": cfg.teacher, "weights": str(cfg.weights), "weights_sha256": file_sha256(cfg.weights),
-            "config": to_json(cfg)}
-    views: int | str = cfg.views if cfg.views == "all" else int(cfg.views)
-    return dump_teacher(teacher, source, cfg.out, augment=augment, views=views, layers=cfg.layers, seed=cfg.seed,
-                        batch_size=cfg.batch_size, workers=cfg.workers, device=cfg.device, overwrite=cfg.overwrite,
-                        teacher_info=info)
+    views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
+    for weights in cfg.weights:
+        if not Path(weights).is_file():
+            raise SoftcacheError(f"weights file '{weights}' does not exist; give the model.pt a train-teacher run wrote, "
+                                 "or a torch.save'd state_dict")
+    infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w)}
+             for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
+    infos[0]["config"] = to_json(cfg)
+    backend = backend_of(cfg.out, cfg.format)
+    manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
+                             seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
+                             targets=cfg.targets, backend=backend)
+    existing = check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend)
+    if existing.action == "reuse":
+        return DumpResult(Path(cfg.out), "reuse", manifest)
+    teachers = []
+    for arch, weights in zip(cfg.teacher, cfg.weights):
+        teacher = build_model(arch, num_classes=len(source.classes))
+        teachers.append(load_weights(teacher, weights))
+    check_layers(teachers[0], cfg.layers)
+    return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
+                    device=cfg.device)

@@ -6,7 +6,8 @@
     [dump]              a DumpConfig: augment, views, layers ... (teacher, weights default to [teacher]'s)
     [[student]]         a StudentConfig each, with a `name`: student, loss, pairs = {s = "t"}, epochs ...
 
-A stage whose complete output exists (summary.json, or a complete cache) is skipped, so a rerun resumes.
+A stage whose complete output exists (summary.json, or a complete cache with the same id) is skipped, so a
+rerun resumes; an interrupted dump continues from its committed shards.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from typing import Any
 
 from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig
 from softcache.errors import SoftcacheError
-from softcache.store import read_manifest
 
 _OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
 
@@ -86,6 +86,11 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
             table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
         table["views"] = str(table.get("views", "1"))
         table["layers"] = tuple(table.get("layers", ()))
+        for key in ("teacher", "weights"):  # one or several teachers
+            if isinstance(table.get(key), str):
+                table[key] = (table[key],)
+            elif key in table:
+                table[key] = tuple(table[key])
         dump = _build(DumpConfig, table, "dump")
     students = []
     for k, entry in enumerate(doc.get("student", [])):
@@ -122,12 +127,12 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
             echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}")
             train_teacher_from_config(pipeline.teacher)
     if pipeline.dump is not None:
-        manifest = read_manifest(pipeline.dump.out) if Path(pipeline.dump.out).is_dir() else None
-        if manifest and manifest.get("complete"):
-            echo(f"[dump] {pipeline.dump.out} is complete: skipped")
+        # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
+        result = dump_from_config(pipeline.dump)
+        if result.action == "reuse":
+            echo(f"[dump] {pipeline.dump.out} holds this cache ({result.manifest['id']}): skipped")
         else:
-            echo(f"[dump] {pipeline.dump.teacher} -> {pipeline.dump.out}")
-            dump_from_config(pipeline.dump)
+            echo(f"[dump] {'+'.join(pipeline.dump.teacher)} -> {pipeline.dump.out} ({result.action})")
     rows = []
     for name, cfg in pipeline.students:
         summary = _finished_run(cfg.out)

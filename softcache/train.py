@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -25,8 +26,8 @@ from softcache.dump import autocast, resolve_image_size, teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
-from softcache.store import open_cache
-from softcache.store.zarr_store import ZarrReader
+from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
+from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
 from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
 
 log = logging.getLogger(__name__)
@@ -36,33 +37,63 @@ RESIDENT_BYTES = 4 << 30  # caches up to this size are read into memory once
 
 
 class CacheTargets:
-    """The cached teacher outputs for `(sample, view)` pairs.
+    """The cached teacher targets for `(sample, view)` pairs.
 
-    `__call__(views, index [B], view [B]) -> (logits [B, K], {layer: [B, C, H, W]})` in float16 on `device`.
-    Small caches are read into memory once (`resident`); larger ones are read per batch, each needed row once.
+    `__call__(views, index [B], view [B]) -> (kd_target, {layer: feature [B, C, H, W] or map [B, H, W]})` on
+    `device`, where `kd_target` is what `KDLoss.from_target` takes. With several cached teachers, `teachers`
+    picks one by name or averages their probabilities at `temperature` ('mean'). Small caches are read into
+    memory once (`resident`); larger ones are read per batch, each needed row once.
     """
 
-    def __init__(self, cache: ZarrReader, layers: Sequence[str], device: torch.device, resident: bool | None = None):
-        names = ["logits"] + [f"features/{layer}" for layer in layers]
-        arrays = {name: cache.arrays[name] for name in names}
+    def __init__(self, cache: CacheReader, layers: Sequence[str], device: torch.device, *, temperature: float = 4.0,
+                 teachers: str = "mean", resident: bool | None = None):
+        manifest = cache.manifest
+        self.format = LogitsFormat.from_json(manifest["storage"]["logits"])
+        names = [t["name"] for t in manifest["teachers"]]
+        if teachers != "mean" and teachers not in names:
+            raise SoftcacheError(f"--teachers '{teachers}' is not in the cache; valid: mean, {', '.join(names)}")
+        self.teachers = names if teachers == "mean" else [teachers]
+        if len(self.teachers) > 1 and self.format.kind in ("topk", "sampled"):
+            raise SoftcacheError(f"--teachers mean needs full logits; this cache stores {self.format.kind} logits: "
+                                 f"pick one teacher with --teachers NAME ({', '.join(names)})")
+        if self.format.kind == "sampled" and temperature != self.format.temperature:
+            raise SoftcacheError(f"this cache's sampled logits were drawn at T={self.format.temperature:g}; "
+                                 f"use --temperature {self.format.temperature:g}")
+        if self.format.kind == "topk" and temperature not in TOPK_TEMPERATURES:
+            raise SoftcacheError(f"top-k caches hold the tail mass at T in {', '.join(f'{t:g}' for t in TOPK_TEMPERATURES)}; "
+                                 f"--temperature {temperature:g} is not among them")
+        self.temperature = temperature
+        self.logit_arrays = {t: {suffix: logits_prefix(manifest, t) + suffix
+                                 for suffix in self.format.arrays(len(manifest["dataset"]["classes"]))}
+                             for t in self.teachers}
+        self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
+        needed = [a for arrays in self.logit_arrays.values() for a in arrays.values()] + list(self.feature_arrays.values())
         if resident is None:
-            resident = sum(a.nbytes for a in arrays.values()) <= RESIDENT_BYTES
-        self.arrays = {name: a[...] for name, a in arrays.items()} if resident else arrays
-        self.resident, self.device, self.layers = resident, device, list(layers)
+            size = sum(int(np.prod(cache.shape(a), dtype=np.int64)) * cache.dtype(a).itemsize for a in needed)
+            resident = size <= RESIDENT_BYTES
+        self.cache, self.resident, self.device = cache, resident, device
+        self.data = {a: cache.read(a) for a in needed} if resident else {}
 
-    def _rows(self, name: str, index: np.ndarray, view: np.ndarray) -> torch.Tensor:
-        arr = self.arrays[name]
+    def _rows(self, name: str, index: np.ndarray, view: np.ndarray) -> np.ndarray:
         if self.resident:
-            rows = arr[index, view]
-        else:
-            unique, inverse = np.unique(index, return_inverse=True)
-            rows = arr.get_orthogonal_selection((unique,))[inverse, view]
-        return torch.from_numpy(np.ascontiguousarray(rows)).to(self.device, non_blocking=True)
+            return self.data[name][index, view]
+        unique, inverse = np.unique(index, return_inverse=True)
+        return self.cache.rows(name, unique)[inverse, view]
 
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
         index, view = index.numpy(), view.numpy()
-        return (self._rows("logits", index, view),
-                {layer: self._rows(f"features/{layer}", index, view) for layer in self.layers})
+        per_teacher = [self.format.decode({suffix: self._rows(a, index, view) for suffix, a in arrays.items()}, self.device)
+                       for arrays in self.logit_arrays.values()]
+        if len(per_teacher) > 1:  # the ensemble: mean of the teachers' probabilities at T
+            log_p = torch.stack([torch.log_softmax(t["logits"] / self.temperature, dim=1) for t in per_teacher])
+            target = {"log_p": torch.logsumexp(log_p, dim=0) - math.log(len(per_teacher))}
+        else:
+            target = per_teacher[0]
+        if "tail_lse" in target:
+            target["tail_lse"] = target["tail_lse"][:, TOPK_TEMPERATURES.index(self.temperature)]
+        features = {layer: torch.from_numpy(np.ascontiguousarray(self._rows(a, index, view))).to(self.device).float()
+                    for layer, a in self.feature_arrays.items()}
+        return target, features
 
 
 class OnlineTargets:
@@ -77,7 +108,8 @@ class OnlineTargets:
         self.mean, self.std, self.device = mean, std, device
 
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
-        return teacher_outputs(self.teacher, views, mean=self.mean, std=self.std, device=self.device)
+        logits, features = teacher_outputs(self.teacher, views, mean=self.mean, std=self.std, device=self.device)
+        return {"logits": logits.float()}, {k: v.float() for k, v in features.items()}
 
 
 def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Path:
@@ -201,7 +233,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                optim=optim, mean=mean, std=std, device=dev, out=run)
 
 
-def check_data_matches(cache: ZarrReader, source: Source) -> None:
+def check_data_matches(cache: CacheReader, source: Source) -> None:
     """Refuse a training set that is not the one the cache was dumped from."""
     recorded = cache.manifest["dataset"]
     if len(recorded["classes"]) != len(source.classes):
@@ -213,12 +245,12 @@ def check_data_matches(cache: ZarrReader, source: Source) -> None:
                              "give the same data, or dump a cache for this one")
 
 
-def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_source: Source, test_source: Source,
+def train_student(student: nn.Module, cache: str | Path | CacheReader, train_source: Source, test_source: Source,
                   out: str | Path, *, weights: Mapping[str, float], temperature: float = 4.0,
                   pairs: Mapping[str, str] | None = None, image_size: int | None = None,
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
-                  resident: bool | None = None,
+                  resident: bool | None = None, teachers: str = "mean",
                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
@@ -226,7 +258,7 @@ def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_sour
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
     teacher outputs (tests compare online KD this way).
     """
-    reader = cache if isinstance(cache, ZarrReader) else open_cache(cache)
+    reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest, pairs = reader.manifest, dict(pairs or {})
     check_data_matches(reader, train_source)
     missing = [t for t in pairs.values() if t not in manifest["layers"]]
@@ -235,6 +267,9 @@ def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_sour
                              f"{', '.join(manifest['layers']) or 'none (logits only)'}")
     if any(t in weights for t in FEATURE_LOSSES) and not pairs:
         raise SoftcacheError("fitnets and at need at least one --pair STUDENT_LAYER=TEACHER_LAYER")
+    if "fitnets" in weights and manifest["storage"]["targets"] == "attention":
+        raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
+                             "(--targets attention); use at, or dump with --targets features")
     tapped = Tapped(student, list(pairs))  # refuses an unknown student layer before anything is written
     run = prepare_run(out, config or {}, overwrite=overwrite)
     torch.manual_seed(seed)
@@ -245,16 +280,17 @@ def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_sour
     tapped = _prepare_model(tapped, dev)
     teacher_layers = sorted(set(pairs.values()))
     if targets is None:
-        targets = CacheTargets(reader, teacher_layers, dev, resident=resident)
+        targets = CacheTargets(reader, teacher_layers, dev, temperature=temperature, teachers=teachers,
+                               resident=resident)
 
     # FitNets regressors are sized from the student's and teacher's channel counts.
     with torch.no_grad():
         tapped.eval()
         _, probe = tapped(torch.zeros(2, 3, augment.image_size, augment.image_size, device=dev))
-    channels = {s: (probe[s].shape[1], reader.arrays[f"features/{t}"].shape[2]) for s, t in pairs.items()}
+    channels = {s: (probe[s].shape[1], reader.shape(feature_name(manifest, t))[2]) for s, t in pairs.items()}
     criterion = DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(dev)
 
-    boxes, flips = reader.arrays["views/box"][...], reader.arrays["views/flip"][...]
+    boxes, flips = reader.read("views/box"), reader.read("views/flip")
     num_views = boxes.shape[1]
     batches = KeyBatches(len(train_source), optim.batch_size, seed=seed, shuffle=True, drop_last=True,
                          key_fn=lambda epoch, order: list(zip(order.tolist(), replay_choice(
@@ -267,11 +303,10 @@ def train_student(student: nn.Module, cache: str | Path | ZarrReader, train_sour
     def step_loss(batch):
         views, labels, index, view = batch
         x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
-        teacher_logits, teacher_features = targets(views, index, view)
+        teacher, teacher_features = targets(views, index, view)
         with autocast(dev, torch.bfloat16):
             logits, features = tapped(x)
-            terms = criterion(logits.float(), labels, features, teacher_logits.float(),
-                              {k: v.float() for k, v in teacher_features.items()})
+            terms = criterion(logits.float(), labels, features, teacher, teacher_features)
         return terms, logits, labels
 
     return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
@@ -301,4 +336,4 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
                          temperature=cfg.temperature, pairs=dict(cfg.pairs), image_size=cfg.image_size,
                          optim=cfg.optim, device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite,
-                         config=to_json(cfg))
+                         config=to_json(cfg), teachers=cfg.teachers)

@@ -77,7 +77,8 @@ def test_dump_never_overwrites_a_complete_cache_or_foreign_folder(tmp_path, teac
     cache = tmp_path / "cache"
     shutil.copytree(small_cache, cache)
     before = (cache / "zarr.json").read_text()
-    assert_fails(_dump(teacher_weights, cache), r"already holds a complete cache; pass --overwrite to replace it")
+    assert_fails(_dump(teacher_weights, cache), r"holds a complete cache made with other options "
+                 r"\(augment.seed, augment.views, layers, teachers differ\); choose another --out, or pass --overwrite")
     assert (cache / "zarr.json").read_text() == before
     mine = tmp_path / "mine"
     mine.mkdir()

@@ -25,8 +25,8 @@ def test_own_dataset_and_models_from_python(tmp_path):
     dump_teacher(teacher, train, tmp_path / "cache", augment=Augment("imagenet", image_size=32), views=2,
                  layers=["layer4"], workers=0)
     cache = open_cache(tmp_path / "cache")
-    assert cache.arrays["features/layer4"].shape == (12, 2, 512, 1, 1)
-    boxes = cache.arrays["views/box"][...]
+    assert cache.shape("features/layer4") == (12, 2, 512, 1, 1)
+    boxes = cache.read("views/box")
     assert (boxes[..., 0] + boxes[..., 2] <= 40).all() and (boxes[..., 1] + boxes[..., 3] <= 48).all()
 
     student = torchvision.models.resnet18(num_classes=3)

@@ -22,26 +22,26 @@ def test_replayed_views_give_the_cached_teacher_outputs(small_cache, teacher_wei
     cache = open_cache(small_cache)
     source = load_source("synthetic:20", "train")
     teacher = Tapped(load_teacher(teacher_weights), ["layer2", "layer3"]).eval()
-    boxes, flips = cache.arrays["views/box"][...], cache.arrays["views/flip"][...]
+    boxes, flips = cache.read("views/box"), cache.read("views/flip")
     rng = np.random.default_rng(0)
     index, view = rng.integers(0, 20, 12), rng.integers(0, 5, 12)
     replay = ReplayViews(source, boxes, flips, image_size=32)
     batch = torch.stack([replay[(int(i), int(v))][0] for i, v in zip(index, view)])
     logits, features = teacher_outputs(teacher, batch, mean=source.mean, std=source.std, device=torch.device("cpu"))
-    torch.testing.assert_close(logits, torch.from_numpy(cache.arrays["logits"][...][index, view]), **FP16_TOL)
+    torch.testing.assert_close(logits, torch.from_numpy(cache.read("logits")[index, view]), **FP16_TOL)
     for layer in ("layer2", "layer3"):
-        cached = torch.from_numpy(cache.arrays[f"features/{layer}"][...][index, view])
+        cached = torch.from_numpy(cache.read(f"features/{layer}")[index, view])
         torch.testing.assert_close(features[layer], cached, **FP16_TOL)
     # The targets differ between views of one sample, so matching them is not an accident.
-    assert not torch.allclose(torch.from_numpy(cache.arrays["logits"][0, 0]).float(),
-                              torch.from_numpy(cache.arrays["logits"][0, 1]).float())
+    logits = torch.from_numpy(cache.read("logits")).float()
+    assert not torch.allclose(logits[0, 0], logits[0, 1])
 
 
 def test_student_input_is_the_tensor_the_teacher_saw(small_cache):
     cache = open_cache(small_cache)
     source = load_source("synthetic:20", "train")
     dumped = DumpViews(source, Augment("cifar", image_size=32), views=5, seed=7)
-    replay = ReplayViews(source, cache.arrays["views/box"][...], cache.arrays["views/flip"][...], image_size=32)
+    replay = ReplayViews(source, cache.read("views/box"), cache.read("views/flip"), image_size=32)
     for i in (0, 7, 19):
         teacher_views = dumped[i][0]
         for v in range(5):
@@ -66,8 +66,8 @@ def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_wei
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:10", "train"), out,
                  augment=Augment("cifar", image_size=32), views="all", workers=0, batch_size=512)
     cache = open_cache(out)
-    boxes, flips = cache.arrays["views/box"][...], cache.arrays["views/flip"][...]
-    assert boxes.shape == (10, 162, 4) and cache.arrays["logits"].shape == (10, 162, 10)
+    boxes, flips = cache.read("views/box"), cache.read("views/flip")
+    assert boxes.shape == (10, 162, 4) and cache.shape("logits") == (10, 162, 10)
     expected = {(t, l, f) for t in range(-4, 5) for l in range(-4, 5) for f in (False, True)}
     for i in range(10):
         seen = [(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[i], flips[i])]

@@ -1,6 +1,7 @@
-"""The zarr cache: bit-exact round trips, whole-shard writes, checksums, completeness and overwrite rules."""
+"""The cache store: bit-exact round trips on both backends, whole-shard writes, checksums, completeness rules."""
 from __future__ import annotations
 
+import errno
 import json
 
 import numpy as np
@@ -8,81 +9,155 @@ import pytest
 import zarr
 
 from softcache.errors import SoftcacheError
-from softcache.store import array_layout, build_manifest, create_cache, open_cache
-from softcache.store import zarr_store
+from softcache.store import Existing, array_layout, build_manifest, check_existing, open_cache, prepare_cache
+from softcache.store import base
+
+BACKENDS = [("zarr", "c"), ("hdf5", "c.h5")]
 
 
-def _manifest(layers=("layer3",)):
-    return build_manifest(teacher={"arch": "t", "weights_sha256": "x"}, dataset={"spec": "s"},
-                          augment={"policy": "cifar"}, layers=layers)
+def _manifest(layers=("layer3",), views=3):
+    return build_manifest(teachers=[{"name": "t", "arch": "t", "weights_sha256": "x"}],
+                          dataset={"spec": "s", "fingerprint": {"sha256": "f"}},
+                          augment={"policy": "cifar", "views": views, "num_views": views, "seed": 0, "image_size": 32,
+                                   "pad": 4, "scale": [0.08, 1], "ratio": [0.75, 1.33], "mean": [0.5] * 3, "std": [0.2] * 3},
+                          layers=layers, storage={"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features"})
 
 
-def _random_rows(n, v, rng):
-    return {"labels": rng.integers(0, 10, n).astype(np.int64),
+def _layout(n, v, layers=True):
+    targets = {"logits": ((10,), "float16")}
+    if layers:
+        targets["features/layer3"] = ((4, 2, 2), "float16")
+    return array_layout(n, v, targets)
+
+
+def _random_rows(n, v, rng, layers=True):
+    rows = {"labels": rng.integers(0, 10, n).astype(np.int64),
             "logits": rng.standard_normal((n, v, 10)).astype(np.float16),
             "views/box": rng.integers(-4, 33, (n, v, 4)).astype(np.float32),
-            "views/flip": rng.random((n, v)) < 0.5,
-            "features/layer3": rng.standard_normal((n, v, 4, 2, 2)).astype(np.float16)}
+            "views/flip": rng.random((n, v)) < 0.5}
+    if layers:
+        rows["features/layer3"] = rng.standard_normal((n, v, 4, 2, 2)).astype(np.float16)
+    return rows
 
 
-def test_round_trip_is_bit_exact_across_shards(tmp_path, monkeypatch):
-    monkeypatch.setattr(zarr_store, "SHARD_BYTES", 1024)  # many shards from a small array
-    rng = np.random.default_rng(0)
-    n, v = 37, 3
-    rows = _random_rows(n, v, rng)
-    layout = array_layout(n, v, 10, {"layer3": (4, 2, 2)})
-    writer = create_cache(tmp_path / "c", layout, _manifest())
-    assert writer.shard_samples < n
-    start = 0
-    for size in (5, 1, 13, 9, 9):  # batch sizes that straddle shard boundaries
+def _write(path, backend, rows, sizes, manifest=None, existing=Existing("new")):
+    n, v = rows["logits"].shape[:2]
+    writer = prepare_cache(path, _layout(n, v, "features/layer3" in rows), manifest or _manifest(),
+                           existing=existing, backend=backend)
+    start = writer.written
+    for size in sizes:
+        if start >= n:
+            break
         writer.write(start, {k: a[start:start + size] for k, a in rows.items()})
         start += size
-    writer.finish(_manifest())
-    cache = open_cache(tmp_path / "c")
-    for name, expected in rows.items():
-        got = cache.arrays[name][...]
-        assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), name
+    return writer
 
 
-def test_arrays_are_sharded_compressed_and_checksummed(small_cache):
+@pytest.fixture
+def small_shards(monkeypatch):
+    monkeypatch.setattr(base, "SHARD_BYTES", 1024)  # many shards from small arrays
+    monkeypatch.setattr(base, "CHUNK_BYTES", 256)
+
+
+def test_both_backends_round_trip_bit_identical(tmp_path, small_shards):
+    rows = _random_rows(37, 3, np.random.default_rng(0))
+    read = {}
+    for backend, name in BACKENDS:
+        writer = _write(tmp_path / name, backend, rows, (5, 1, 13, 9, 9))  # batches straddle shard boundaries
+        assert writer.shard_samples < 37
+        writer.finish()
+        cache = open_cache(tmp_path / name)
+        assert cache.manifest["complete"] and set(cache.names()) == set(rows)
+        read[backend] = {k: cache.read(k) for k in rows}
+        for k, expected in rows.items():
+            assert read[backend][k].dtype == expected.dtype and read[backend][k].tobytes() == expected.tobytes(), (backend, k)
+        index = np.array([0, 3, 17, 36])
+        assert cache.rows("logits", index).tobytes() == rows["logits"][index].tobytes()
+    assert all(read["zarr"][k].tobytes() == read["hdf5"][k].tobytes() for k in rows)
+
+
+def test_zarr_arrays_are_sharded_compressed_and_checksummed(small_cache):
     meta = json.loads((small_cache / "logits" / "zarr.json").read_text())
     sharding = meta["codecs"][0]
     assert sharding["name"] == "sharding_indexed"
     inner = [c["name"] for c in sharding["configuration"]["codecs"]]
     assert "blosc" in inner and "crc32c" in inner
     assert "crc32c" in [c["name"] for c in sharding["configuration"]["index_codecs"]]
-    # other tools read it with plain zarr
-    group = zarr.open_group(str(small_cache), mode="r")
+    group = zarr.open_group(str(small_cache), mode="r")  # other tools read it with plain zarr
     assert group.attrs["softcache"]["complete"] is True
     assert group["features/layer3"].shape == (20, 5, 64, 8, 8)
 
 
 def test_manifest_records_what_made_the_cache(small_cache):
     m = open_cache(small_cache).manifest
-    assert m["format_version"] == 1 and m["layers"] == ["layer2", "layer3"]
+    assert m["format_version"] == 2 and m["layers"] == ["layer2", "layer3"] and len(m["id"]) == 16
     assert m["dataset"]["spec"] == "synthetic:20" and m["dataset"]["num_samples"] == 20
     assert m["dataset"]["fingerprint"]["num_samples"] == 20 and len(m["dataset"]["fingerprint"]["sha256"]) == 64
     assert m["augment"]["policy"] == "cifar" and m["augment"]["num_views"] == 5 and m["augment"]["seed"] == 7
     assert len(m["augment"]["mean"]) == 3 and m["teacher"]["arch"] == "resnet8"
+    assert m["storage"] == {"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features"}
 
 
-def test_incomplete_cache_is_refused_and_complete_one_not_overwritten(tmp_path):
-    layout = array_layout(4, 1, 10, {})
-    writer = create_cache(tmp_path / "c", layout, _manifest(layers=()))
-    writer.write(0, {k: a for k, a in _random_rows(2, 1, np.random.default_rng(1)).items() if k != "features/layer3"})
+@pytest.mark.parametrize("backend, name", BACKENDS)
+def test_incomplete_cache_is_refused_then_resumed(tmp_path, small_shards, backend, name):
+    rows = _random_rows(40, 2, np.random.default_rng(1), layers=False)
+    manifest = _manifest(layers=(), views=2)
+    writer = _write(tmp_path / name, backend, rows, (7, 7, 7), manifest)  # 21 rows handed over, fewer committed
+    committed = writer.written
+    assert 0 < committed < 21
+    del writer
     with pytest.raises(SoftcacheError, match="incomplete: a dump is in progress or died"):
-        open_cache(tmp_path / "c")
-    writer.write(2, {k: a for k, a in _random_rows(2, 1, np.random.default_rng(2)).items() if k != "features/layer3"})
-    writer.finish(_manifest(layers=()))
-    before = open_cache(tmp_path / "c").arrays["logits"][...]
-    with pytest.raises(SoftcacheError, match="--overwrite"):
-        create_cache(tmp_path / "c", layout, _manifest(layers=()))
-    assert open_cache(tmp_path / "c").arrays["logits"][...].tobytes() == before.tobytes()
+        open_cache(tmp_path / name)
+    existing = check_existing(tmp_path / name, manifest, overwrite=False, backend=backend)
+    assert existing == Existing("resume", committed)
+    writer = _write(tmp_path / name, backend, rows, [7] * 10, manifest, existing)
+    assert writer.written > committed
+    writer.finish()
+    cache = open_cache(tmp_path / name)
+    assert all(cache.read(k).tobytes() == rows[k].tobytes() for k in rows)
+    assert check_existing(tmp_path / name, manifest, overwrite=False, backend=backend) == Existing("reuse")
+
+
+def test_other_options_are_refused_naming_the_difference(tmp_path):
+    rows = _random_rows(4, 3, np.random.default_rng(2))
+    _write(tmp_path / "c", "zarr", rows, (4,)).finish()
+    before = open_cache(tmp_path / "c").read("logits")
+    with pytest.raises(SoftcacheError, match=r"made with other options \(augment.views differ\)"):
+        check_existing(tmp_path / "c", _manifest(views=5), overwrite=False, backend="zarr")
+    assert open_cache(tmp_path / "c").read("logits").tobytes() == before.tobytes()
+    assert check_existing(tmp_path / "c", _manifest(views=5), overwrite=True, backend="zarr").action == "restart"
 
 
 def test_a_folder_that_is_not_a_cache_is_never_touched(tmp_path):
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     with pytest.raises(SoftcacheError, match="not a softcache cache"):
-        create_cache(tmp_path / "mine", array_layout(2, 1, 10, {}), _manifest(), overwrite=True)
+        check_existing(tmp_path / "mine", _manifest(), overwrite=True, backend="zarr")
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("backend, name", BACKENDS)
+def test_disk_full_leaves_an_incomplete_cache_that_resumes(tmp_path, small_shards, monkeypatch, backend, name):
+    rows = _random_rows(40, 2, np.random.default_rng(3), layers=False)
+    manifest = _manifest(layers=(), views=2)
+    writer_cls = type(prepare_cache(tmp_path / "probe", _layout(40, 2, False), manifest, existing=Existing("new"),
+                                    backend=backend))
+    real, calls = writer_cls._write_block, []
+
+    def full_disk(self, name_, lo, hi, block):
+        calls.append(lo)
+        if lo >= 16:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(self, name_, lo, hi, block)
+
+    monkeypatch.setattr(writer_cls, "_write_block", full_disk)
+    with pytest.raises(SoftcacheError, match=r"out of disk space .* stays incomplete with 16 samples committed; free space and rerun"):
+        _write(tmp_path / name, backend, rows, [8] * 5, manifest)
+    with pytest.raises(SoftcacheError, match="incomplete"):
+        open_cache(tmp_path / name)
+    monkeypatch.setattr(writer_cls, "_write_block", real)
+    existing = check_existing(tmp_path / name, manifest, overwrite=False, backend=backend)
+    assert existing == Existing("resume", 16)
+    _write(tmp_path / name, backend, rows, [8] * 5, manifest, existing).finish()
+    cache = open_cache(tmp_path / name)
+    assert all(cache.read(k).tobytes() == rows[k].tobytes() for k in rows)

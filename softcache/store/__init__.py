@@ -1,57 +1,137 @@
-"""The cache format behind one small interface: `create_cache` to write, `open_cache` to read.
+"""The cache format behind one small interface: `prepare_cache` to write (new, resumed or reused),
+`open_cache` to read, `read_manifest` to look. Zarr v3 directories and HDF5 files (`.h5`, `.hdf5`, or
+`format="hdf5"`) hold the same hierarchy and manifest:
 
-    CACHE/                 zarr v3 group; attrs["softcache"] = manifest (see manifest.py)
+    CACHE/                 attrs["softcache"] = manifest (see manifest.py)
     labels                 (N,)            int64
-    logits                 (N, V, C)       float16
     views/box              (N, V, 4)       float32   top, left, height, width in source pixels
     views/flip             (N, V)          bool
-    features/<layer>       (N, V, C, H, W) float16   one per dumped layer
+    logits                 (N, V, C)       float16   (see targets.py for the other --logits formats)
+    features/<layer>       (N, V, C, H, W) float16   or attention/<layer> (N, V, H, W)
+    teachers/<name>/logits ...                       with several teachers, instead of logits
 """
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from softcache.errors import SoftcacheError
-from softcache.store.manifest import FORMAT_VERSION, array_layout, build_manifest
-from softcache.store.zarr_store import ZarrReader, ZarrWriter, is_empty_dir, read_manifest
+from softcache.store.base import CacheReader, ShardWriter, read_progress
+from softcache.store.hdf5_store import SUFFIXES, HDF5Reader, HDF5Writer, read_hdf5_manifest
+from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manifest, differences, feature_name,
+                                      logits_prefix)
+from softcache.store.zarr_store import PROGRESS_FILE, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
 
-__all__ = ["FORMAT_VERSION", "array_layout", "build_manifest", "check_writable", "create_cache", "open_cache", "read_manifest"]
+__all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "build_manifest", "check_existing",
+           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest"]
+
+BACKENDS = ("zarr", "hdf5")
 
 
-def create_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str]], manifest: dict[str, Any], *,
-                 overwrite: bool = False) -> ZarrWriter:
-    """Start writing a cache at `path`, refusing to replace a complete cache unless `overwrite`.
+def backend_of(path: str | Path, format: str | None = None) -> str:
+    """`format` if given, else hdf5 for a `.h5`/`.hdf5` path, else zarr."""
+    if format is not None:
+        if format not in BACKENDS:
+            raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(BACKENDS)}")
+        return format
+    return "hdf5" if Path(path).suffix in SUFFIXES else "zarr"
 
-    An incomplete cache (a dump that died) is replaced; a folder that is not a cache is never touched.
+
+def _progress_path(path: Path, backend: str) -> Path:
+    return path / PROGRESS_FILE if backend == "zarr" else path.with_name(path.name + ".progress.json")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any] | None:
+    """The manifest of the cache at `path`, or None if `path` holds no readable softcache cache."""
+    path = Path(path)
+    if path.is_dir():
+        return read_zarr_manifest(path)
+    if path.is_file():
+        return read_hdf5_manifest(path)
+    return None
+
+
+@dataclass(frozen=True)
+class Existing:
+    """What `prepare_cache` found at the output path."""
+
+    action: str                    # new | reuse | resume | restart
+    committed: int = 0             # resume: samples already committed
+
+
+def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: bool, backend: str) -> Existing:
+    """Decide what a dump does at `path`; refuse what would lose data or mix configurations.
+
+    A complete cache with the same id is reused; an incomplete one with the same id and committed shards is
+    resumed; one with another id is refused, naming what differs, unless `overwrite`. Anything at `path`
+    that is not a cache is never touched.
     """
     path = Path(path)
-    if check_writable(path, overwrite=overwrite):
+    if not path.exists() or is_empty_dir(path):
+        return Existing("new")
+    existing = read_manifest(path)
+    progress = read_progress(_progress_path(path, backend))
+    if existing is None:
+        if progress is not None:  # our own dump died before its file became readable
+            return Existing("restart")
+        raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
+    if overwrite:
+        return Existing("restart")
+    differ = differences(existing.get("identity", {}), manifest["identity"])
+    if differ:
+        state = "complete" if existing.get("complete") else "incomplete"
+        raise SoftcacheError(f"'{path}' holds a {state} cache made with other options ({', '.join(differ)} differ); "
+                             "choose another --out, or pass --overwrite to replace it")
+    if existing.get("complete"):
+        return Existing("reuse")
+    if progress and progress.get("id") == manifest["id"] and progress.get("committed_samples", 0) > 0:
+        return Existing("resume", int(progress["committed_samples"]))
+    return Existing("restart")
+
+
+def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str]], manifest: dict[str, Any], *,
+                  existing: Existing, backend: str) -> ShardWriter:
+    """A writer for a new cache, or for the rest of an interrupted one (`existing.action == 'resume'`)."""
+    path = Path(path)
+    writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
+    if existing.action == "resume":
+        try:
+            return writer_cls(path, layout, manifest, resume_from=existing.committed)
+        except (OSError, KeyError, ValueError):  # the interrupted dump left the store unreadable: start over
+            pass
+    if path.is_dir():
         shutil.rmtree(path)
-    return ZarrWriter(path, layout, manifest)
+    elif path.exists():
+        path.unlink()
+    _progress_path(path, backend).unlink(missing_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return writer_cls(path, layout, manifest)
 
 
-def check_writable(path: str | Path, *, overwrite: bool) -> bool:
-    """Refuse a `path` holding a complete cache (unless `overwrite`) or anything that is not a cache.
-
-    Returns whether an existing cache (incomplete, or complete with `overwrite`) must be removed first.
-    """
+def open_cache(path: str | Path) -> CacheReader:
+    """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which."""
     path = Path(path)
     if not path.exists():
-        return False
-    existing = read_manifest(path) if path.is_dir() else None
-    if existing is None:
-        if is_empty_dir(path):
-            return False
-        raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
-    if existing.get("complete") and not overwrite:
-        raise SoftcacheError(f"'{path}' already holds a complete cache; pass --overwrite to replace it")
-    return True
+        raise SoftcacheError(f"cache '{path}' does not exist; give the --out of a dump-teacher run")
+    manifest = read_manifest(path)
+    if manifest is None:
+        raise SoftcacheError(f"'{path}' is not a softcache cache (no softcache manifest); give the --out of a dump-teacher run")
+    if not manifest.get("complete"):
+        raise SoftcacheError(f"cache '{path}' is incomplete: a dump is in progress or died; "
+                             "rerun its dump-teacher command to finish it")
+    return ZarrReader(path, manifest) if path.is_dir() else HDF5Reader(path, manifest)
 
 
-def open_cache(path: str | Path) -> ZarrReader:
-    """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which."""
-    if not Path(path).exists():
-        raise SoftcacheError(f"cache '{path}' does not exist; give the --out folder of a dump-teacher run")
-    return ZarrReader(path)
+def find_caches(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every cache under `root` (zarr folders and HDF5 files), complete or not, with its manifest."""
+    root = Path(root)
+    if read_manifest(root) is not None:
+        yield root, read_manifest(root)
+        return
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        if entry.is_dir():
+            yield from find_caches(entry)
+        elif entry.suffix in SUFFIXES and (manifest := read_manifest(entry)) is not None:
+            yield entry, manifest

@@ -1,44 +1,80 @@
-"""The cache manifest: what made a cache, and whether it is complete.
+"""The cache manifest: what made a cache, its id, and whether it is complete.
 
-Stored as `attrs["softcache"]` of the cache's root group. Written with `complete: false` when a dump starts
-and rewritten with `complete: true` as the dump's very last write, so a reader never mistakes a dump in
-progress (or one that died) for a finished cache.
+Stored as `attrs["softcache"]` of the cache's root group (zarr) or root attribute (hdf5). Written with
+`complete: false` when a dump starts and rewritten with `complete: true` as the dump's very last write, so a
+reader never mistakes a dump in progress (or one that died) for a finished cache.
+
+The cache id is a hash of everything that determines the stored numbers: the teachers (arch and weights
+hash), the dataset fingerprint, the augmentation spec, the layers and the storage options. Two dumps with the
+same id hold the same targets, so a second one is not run.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 from typing import Any, Sequence
 
 from softcache import __version__
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-def array_layout(num_samples: int, num_views: int, num_classes: int,
-                 features: dict[str, Sequence[int]]) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Every array of a cache: name -> (shape, dtype). `features` maps layer -> per-view shape `(C, H, W)`."""
+def array_layout(num_samples: int, num_views: int,
+                 targets: dict[str, tuple[tuple[int, ...], str]]) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every array of a cache: name -> (shape, dtype). `targets` gives each target array's per-view shape and dtype."""
     n, v = num_samples, num_views
-    layout = {
-        "labels": ((n,), "int64"),
-        "logits": ((n, v, num_classes), "float16"),
-        "views/box": ((n, v, 4), "float32"),
-        "views/flip": ((n, v), "bool"),
-    }
-    for layer, shape in features.items():
-        layout[f"features/{layer}"] = ((n, v, *shape), "float16")
+    layout = {"labels": ((n,), "int64"), "views/box": ((n, v, 4), "float32"), "views/flip": ((n, v), "bool")}
+    layout.update({name: ((n, v, *shape), dtype) for name, (shape, dtype) in targets.items()})
     return layout
 
 
-def build_manifest(*, teacher: dict[str, Any], dataset: dict[str, Any], augment: dict[str, Any],
-                   layers: Sequence[str]) -> dict[str, Any]:
-    """A manifest marked incomplete; the dump marks it complete when everything is written."""
+def cache_id(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys where two identities differ, e.g. ['augment.views', 'teachers']."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            out += differences(a.get(key), b.get(key), f"{prefix}{key}.")
+        return out
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any], augment: dict[str, Any],
+                   layers: Sequence[str], storage: dict[str, Any]) -> dict[str, Any]:
+    """A manifest marked incomplete, with its id; the dump marks it complete when everything is written."""
+    identity = {
+        "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"]} for t in teachers],
+        "dataset": dataset["fingerprint"],
+        "augment": {k: augment[k] for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean", "std")},
+        "layers": list(layers),
+        "storage": storage,
+    }
     return {
         "format_version": FORMAT_VERSION,
+        "id": cache_id(identity),
         "complete": False,
-        "teacher": teacher,
+        "teacher": dict(teachers[0]),
+        "teachers": [dict(t) for t in teachers],
         "dataset": dataset,
         "augment": augment,
         "layers": list(layers),
+        "storage": storage,
+        "identity": identity,
         "softcache_version": __version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def logits_prefix(manifest: dict[str, Any], teacher: str) -> str:
+    """Where teacher `teacher`'s logits arrays live: `logits` for a single teacher, `teachers/<name>/logits` otherwise."""
+    return "logits" if len(manifest["teachers"]) == 1 else f"teachers/{teacher}/logits"
+
+
+def feature_name(manifest: dict[str, Any], layer: str) -> str:
+    """The array holding the first teacher's `layer`: `features/<layer>` or `attention/<layer>`."""
+    kind = "attention" if manifest["storage"]["targets"] == "attention" else "features"
+    return f"{kind}/{layer}"

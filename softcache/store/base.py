@@ -1,0 +1,199 @@
+"""What both backends share: shard planning, whole-shard buffered writes, committed progress, checked reads.
+
+A dump hands rows over in sample order. The writer buffers them and writes each shard (the same sample
+range in every array) once, whole; after a shard of every array is on disk it records the number of
+committed shards in a small progress file, replaced atomically. A dump killed at any point therefore leaves
+at most one partly written shard, which the progress file does not count, and a rerun continues from the
+first uncommitted shard.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from softcache.errors import SoftcacheError
+
+CHUNK_BYTES = 1 << 20
+SHARD_BYTES = 64 << 20
+MANIFEST_KEY = "softcache"
+
+Layout = dict[str, tuple[tuple[int, ...], str]]
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
+
+
+def plan_shards(layout: Layout) -> tuple[int, dict[str, int]]:
+    """Samples per shard (shared by all arrays) and samples per inner chunk (per array), powers of two."""
+    per_sample = {name: int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+                  for name, (shape, dtype) in layout.items()}
+    num_samples = next(iter(layout.values()))[0][0]
+    shard = min(_pow2_floor(SHARD_BYTES / max(per_sample.values())), _pow2_floor(max(1, num_samples)) * 2)
+    chunks = {name: min(shard, _pow2_floor(CHUNK_BYTES / b)) for name, b in per_sample.items()}
+    return shard, chunks
+
+
+def write_json_atomic(path: Path, value: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Buffers consecutive rows and writes whole shards; subclasses store the blocks.
+
+    `resume_from` is the number of samples already committed by an earlier, interrupted dump.
+    """
+
+    def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int, resume_from: int = 0):
+        self.path, self.layout, self.manifest = Path(path), layout, manifest
+        self.shard_samples = shard_samples
+        self.num_samples = layout["labels"][0][0]
+        self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
+        self.pending_rows = 0
+        self.written = resume_from
+
+    # --- backend hooks
+    def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        """Make the blocks written so far durable before they are counted as committed."""
+
+    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    @property
+    def progress_path(self) -> Path:
+        raise NotImplementedError
+
+    # --- shared logic
+    def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
+        """Append rows `[start, start + B)` of every array; whole shards go to disk as soon as they fill."""
+        assert start == self.written + self.pending_rows, f"rows must arrive in order: got {start}, expected {self.written + self.pending_rows}"
+        assert rows.keys() == self.pending.keys(), f"every array needs rows: got {sorted(rows)}, expected {sorted(self.pending)}"
+        for name, value in rows.items():
+            self.pending[name].append(np.asarray(value))
+        self.pending_rows += len(rows["labels"])
+        while self.pending_rows >= self.shard_samples or (self.pending_rows and self.written + self.pending_rows == self.num_samples):
+            self._flush(min(self.shard_samples, self.pending_rows))
+
+    def _flush(self, count: int) -> None:
+        lo, hi = self.written, self.written + count
+        try:
+            for name, parts in self.pending.items():
+                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+                self._write_block(name, lo, hi, block[:count])
+                self.pending[name] = [block[count:]] if len(block) > count else []
+            self._sync()
+            write_json_atomic(self.progress_path, {"id": self.manifest.get("id"), "shard_samples": self.shard_samples,
+                                                   "committed_samples": hi})
+        except OSError as err:
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise SoftcacheError(f"out of disk space writing cache '{self.path}' (samples {lo}-{hi}): the cache "
+                                     f"stays incomplete with {lo} samples committed; free space and rerun the same "
+                                     "command to resume") from None
+            raise
+        self.written, self.pending_rows = hi, self.pending_rows - count
+
+    def finish(self) -> dict[str, Any]:
+        """Mark the cache complete: the manifest is the last thing written. Returns the final manifest."""
+        assert self.written == self.num_samples and not self.pending_rows, f"{self.written} of {self.num_samples} samples written"
+        final = {**self.manifest, "complete": True}
+        self._set_manifest(final)
+        self.progress_path.unlink(missing_ok=True)
+        return final
+
+
+def read_progress(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class CacheReader:
+    """Read access to a complete cache; subclasses open the arrays.
+
+    Reads are checked: a chunk whose checksum fails raises a SoftcacheError naming the array and the sample
+    range, never a stack of codec errors and never wrong numbers.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, name: str) -> np.dtype:
+        raise NotImplementedError
+
+    def chunk_samples(self, name: str) -> int:
+        raise NotImplementedError
+
+    def shard_samples(self) -> int:
+        raise NotImplementedError
+
+    def bytes_on_disk(self, name: str) -> int:
+        raise NotImplementedError
+
+    def _raw(self, name: str, selection: Any) -> np.ndarray:
+        raise NotImplementedError
+
+    def damage(self, name: str, lo: int, hi: int, err: Exception) -> SoftcacheError:
+        return SoftcacheError(f"cache '{self.path}' is damaged: array '{name}' samples {lo}-{hi} fail their checksum "
+                              f"({type(err).__name__}); run 'softcache verify {self.path}' and re-dump")
+
+    def read(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
+        """Rows `[lo, hi)` of array `name`, read chunk by chunk so damage is located."""
+        hi = self.shape(name)[0] if hi is None else hi
+        step = self.chunk_samples(name)
+        parts = []
+        for a in range(lo - lo % step, hi, step):
+            b = min(a + step, self.shape(name)[0])
+            try:
+                parts.append(self._raw(name, slice(a, b)))
+            except (ValueError, OSError, RuntimeError) as err:
+                raise self.damage(name, a, b, err) from None
+        block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+        start = lo - (lo - lo % step)
+        return block[start:start + (hi - lo)]
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows at sorted unique sample indices `index [M]`."""
+        try:
+            return self._raw(name, index)
+        except (ValueError, OSError, RuntimeError):
+            step = self.chunk_samples(name)
+            for a in sorted({int(i) - int(i) % step for i in index}):  # locate the damaged chunk
+                self.read(name, a, min(a + step, self.shape(name)[0]))
+            raise
+
+    def chunk_ranges(self, name: str) -> Iterator[tuple[int, int]]:
+        n, step = self.shape(name)[0], self.chunk_samples(name)
+        for a in range(0, n, step):
+            yield a, min(a + step, n)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """One row per array: shape, dtype, chunk and shard length, bytes on disk and per sample, ratio."""
+        rows = []
+        for name in self.names():
+            shape, dtype = self.shape(name), self.dtype(name)
+            stored = self.bytes_on_disk(name)
+            raw = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            rows.append({"name": name, "shape": shape, "dtype": str(dtype), "chunks": self.chunk_samples(name),
+                         "shards": self.shard_samples(), "bytes": stored, "raw_bytes": raw,
+                         "bytes_per_sample": stored / max(1, shape[0])})
+        return rows

@@ -1,0 +1,107 @@
+"""The HDF5 backend: one file with the same hierarchy and manifest as the Zarr backend.
+
+Datasets are chunked along samples (about 1 MiB a chunk), gzip-compressed with byte shuffling, and carry a
+Fletcher-32 checksum per chunk. The manifest is the root attribute `softcache` (JSON text). Readers open the
+file lazily in the process that reads (h5py handles do not survive fork or pickling), so a reader can be
+handed to DataLoader workers.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from softcache.store.base import MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
+
+SUFFIXES = (".h5", ".hdf5")
+
+
+class HDF5Writer(ShardWriter):
+    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0):
+        shard, chunks = plan_shards(layout)
+        super().__init__(Path(path), layout, manifest, shard, resume_from)
+        if resume_from:
+            self.file = h5py.File(self.path, "r+")
+            return
+        self.file = h5py.File(self.path, "w")
+        self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
+        self.file.attrs["softcache_shard_samples"] = shard
+        for name, (shape, dtype) in layout.items():
+            self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=(min(chunks[name], shape[0]) or 1, *shape[1:]),
+                                     compression="gzip", compression_opts=4, shuffle=np.dtype(dtype).itemsize > 1,
+                                     fletcher32=True, fillvalue=0)
+        self.file.flush()
+
+    @property
+    def progress_path(self) -> Path:
+        return self.path.with_name(self.path.name + ".progress.json")
+
+    def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
+        self.file[name][lo:hi] = block
+
+    def _sync(self) -> None:
+        self.file.flush()
+        os.fsync(self.file.id.get_vfd_handle())
+
+    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+        self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
+        self.file.close()
+
+
+def read_hdf5_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        with h5py.File(path, "r") as f:
+            text = f.attrs.get(MANIFEST_KEY)
+    except OSError:  # not an HDF5 file, or one a killed writer left unreadable
+        return None
+    return json.loads(text) if text is not None else None
+
+
+class HDF5Reader(CacheReader):
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path, self.manifest = Path(path), manifest
+        self._file: h5py.File | None = None
+        self._pid = -1
+        self._meta: dict[str, tuple[tuple[int, ...], np.dtype, int]] = {}
+
+        def collect(name: str, node: h5py.HLObject) -> None:  # returning a value would stop visititems
+            if isinstance(node, h5py.Dataset):
+                self._meta[name] = (node.shape, node.dtype, node.chunks[0])
+
+        with h5py.File(self.path, "r") as f:
+            f.visititems(collect)
+            self._shard = int(f.attrs["softcache_shard_samples"])
+
+    @property
+    def file(self) -> h5py.File:
+        if self._file is None or self._pid != os.getpid():
+            self._file, self._pid = h5py.File(self.path, "r"), os.getpid()
+        return self._file
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_file": None, "_pid": -1}
+
+    def names(self) -> list[str]:
+        return sorted(self._meta)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._meta[name][0])
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._meta[name][1])
+
+    def chunk_samples(self, name: str) -> int:
+        return int(self._meta[name][2])
+
+    def shard_samples(self) -> int:
+        return self._shard
+
+    def bytes_on_disk(self, name: str) -> int:
+        return int(self.file[name].id.get_storage_size())
+
+    def _raw(self, name: str, selection: Any) -> np.ndarray:
+        return self.file[name][selection]

@@ -1,0 +1,106 @@
+"""`softcache verify`: is a cache complete, intact, and (given the teacher) what the teacher computes?"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+import numpy as np
+import torch
+
+from softcache.data import load_source
+from softcache.dump import teacher_outputs
+from softcache.errors import SoftcacheError
+from softcache.models import Tapped, build_model, file_sha256, load_weights
+from softcache.store import feature_name, logits_prefix, open_cache
+from softcache.targets import LogitsFormat, encode_feature
+from softcache.views import ReplayViews
+
+
+@dataclass
+class VerifyReport:
+    path: Path
+    arrays: int = 0
+    chunks: int = 0
+    damaged: list[str] = field(default_factory=list)      # "array 'x' samples lo-hi"
+    max_error: dict[str, float] = field(default_factory=dict)  # array -> largest |recomputed - cached|
+    samples_checked: int = 0
+
+
+def check_chunks(path: str | Path) -> VerifyReport:
+    """Read every chunk of every array; checksum failures are collected, not raised."""
+    reader = open_cache(path)
+    report = VerifyReport(Path(path))
+    for name in reader.names():
+        report.arrays += 1
+        for lo, hi in reader.chunk_ranges(name):
+            report.chunks += 1
+            try:
+                reader.read(name, lo, hi)
+            except SoftcacheError:
+                report.damaged.append(f"array '{name}' samples {lo}-{hi}")
+    return report
+
+
+def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int = 16, seed: int = 0,
+              device: str = "cpu", data: str | None = None, download: bool = False) -> VerifyReport:
+    """Run the (first) teacher on `samples` random stored (sample, view) pairs; record the largest error per array."""
+    reader = open_cache(report.path)
+    manifest = reader.manifest
+    first = manifest["teachers"][0]
+    if teacher != first["arch"]:
+        raise SoftcacheError(f"--teacher {teacher} is not the cache's first teacher ({first['arch']})")
+    if file_sha256(weights) != first["weights_sha256"]:
+        raise SoftcacheError(f"--weights '{weights}' are not the weights this cache was dumped with (sha256 differs)")
+    source = load_source(data or manifest["dataset"]["spec"], "train", download=download)
+    model = load_weights(build_model(teacher, num_classes=len(source.classes)), weights)
+    dev = torch.device(device)
+    tapped = Tapped(model, manifest["layers"]).to(dev).eval()
+    rng = np.random.default_rng(seed)
+    n, v = reader.shape("views/flip")
+    index, view = rng.integers(0, n, samples), rng.integers(0, v, samples)
+    replay = ReplayViews(source, reader.read("views/box"), reader.read("views/flip"), manifest["augment"]["image_size"])
+    batch = torch.stack([replay[(int(i), int(k))][0] for i, k in zip(index, view)])
+    logits, features = teacher_outputs(tapped, batch, mean=source.mean, std=source.std, device=dev)
+    fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
+    prefix = logits_prefix(manifest, first["name"])
+    expected = {prefix + suffix: value for suffix, value in fmt.encode(logits).items() if fmt.kind != "sampled"}
+    if fmt.kind == "sampled":  # the draw is random: check log p_T at the stored class ids instead
+        ids = np.stack([reader.read(prefix + "/sampled_ids", int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
+        log_p = torch.log_softmax(logits.float() / fmt.temperature, dim=1).gather(1, torch.from_numpy(ids).long())
+        expected = {prefix + "/sampled_logp": log_p.numpy()}
+    for layer, f in features.items():
+        expected[feature_name(manifest, layer)] = encode_feature(manifest["storage"]["targets"], f)
+    for name, value in expected.items():
+        cached = np.stack([reader.read(name, int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
+        report.max_error[name] = float(np.abs(cached.astype(np.float64) - np.asarray(value, np.float64)).max())
+    report.samples_checked = samples
+    return report
+
+
+def format_report(report: VerifyReport) -> list[str]:
+    lines = [f"{report.path}: complete, {report.arrays} arrays, {report.chunks} chunks read"]
+    lines += [f"DAMAGED {d}" for d in report.damaged]
+    if report.samples_checked:
+        lines.append(f"recomputed {report.samples_checked} (sample, view) pairs with the teacher:")
+        lines += [f"  {name:<28} max |error| {err:.3g}" for name, err in report.max_error.items()]
+    return lines
+
+
+def verify_cache(path: str | Path, *, teacher: str | None = None, weights: str | None = None, samples: int = 16,
+                 seed: int = 0, device: str = "cpu", data: str | None = None) -> tuple[VerifyReport, list[str]]:
+    """Check every chunk, then (given the teacher, and no damage) recompute targets; returns the report and its lines."""
+    report = check_chunks(path)
+    if teacher and weights and not report.damaged:
+        recompute(report, teacher=teacher, weights=weights, samples=samples, seed=seed, device=device, data=data)
+    return report, format_report(report)
+
+
+def verdict(report: VerifyReport, tolerance: float) -> str | None:
+    """The one-line failure, or None if the cache passed."""
+    if report.damaged:
+        more = f" (and {len(report.damaged) - 1} more)" if len(report.damaged) > 1 else ""
+        return f"cache '{report.path}' is damaged: {report.damaged[0]} fail their checksum{more}; re-dump it"
+    worst = [(e, n) for n, e in report.max_error.items() if e > tolerance]
+    if worst:
+        err, name = max(worst)
+        return f"cache '{report.path}': '{name}' differs from the teacher's output by {err:.3g} (> --tolerance {tolerance:g})"
+    return None
