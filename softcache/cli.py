@@ -160,6 +160,8 @@ def train_teacher_cmd(**kw: Any) -> None:
          help="per layer: the feature map, or only its attention map (for at)")
 @_option("--temperature", type=float, default=DumpConfig.temperature, help="sampled logits: the temperature they are drawn at")
 @_option("--format", type=click.Choice(BACKENDS), default=None, help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
+@_option("--shard-mb", type=click.FloatRange(min=0.001), default=DumpConfig.shard_mb,
+         help="shard size (the unit written whole and resumed from) of the largest array, in MiB")
 @image_size
 @_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
 @workers

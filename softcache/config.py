@@ -59,6 +59,7 @@ class DumpConfig:
     targets: str = "features"       # features | attention: what is stored per layer
     temperature: float = 4.0        # sampled logits only: the temperature p_T is drawn at
     format: str | None = None       # zarr | hdf5; None: hdf5 for a .h5/.hdf5 --out, else zarr
+    shard_mb: float = 64.0          # target size of one shard (the unit written whole) of the largest array
     batch_size: int = 256           # teacher images per forward pass
     workers: int = 2                # DataLoader worker processes
     device: str = field(default_factory=default_device)

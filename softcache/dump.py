@@ -86,7 +86,8 @@ def _unique_names(archs: Sequence[str]) -> list[str]:
 
 
 def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment: Augment, views: int | str,
-                  layers: Sequence[str], seed: int, logits: LogitsFormat, targets: str, backend: str) -> dict[str, Any]:
+                  layers: Sequence[str], seed: int, logits: LogitsFormat, targets: str, backend: str,
+                  shard_mb: float = 64.0) -> dict[str, Any]:
     """The manifest (and so the cache id) of a dump, known before any teacher runs."""
     if targets not in TARGET_KINDS:
         raise SoftcacheError(f"unknown --targets '{targets}'; valid: {', '.join(TARGET_KINDS)}")
@@ -98,7 +99,8 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
         augment={"policy": augment.policy, "views": views if views == "all" else int(views), "num_views": num_views,
                  "seed": seed, "image_size": augment.image_size, "pad": augment.pad, "scale": list(augment.scale),
                  "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std)},
-        layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets})
+        layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets,
+                                "shard_bytes": int(shard_mb * 2**20)})
 
 
 def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[list[int]]:
@@ -172,7 +174,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  views: int | str = 1, layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
                  workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
-                 teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+                 shard_mb: float = 64.0, teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
@@ -190,7 +192,8 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
         info.setdefault("name", name)
     backend = backend_of(out, format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
-                             logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend)
+                             logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
+                             shard_mb=shard_mb)
     existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
     return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device)
 
@@ -212,7 +215,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     backend = backend_of(cfg.out, cfg.format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
-                             targets=cfg.targets, backend=backend)
+                             targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb)
     existing = check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend)
     if existing.action == "reuse":
         return DumpResult(Path(cfg.out), "reuse", manifest)

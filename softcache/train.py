@@ -319,6 +319,7 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = build_model(cfg.model, num_classes=len(train_source.classes))
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
                             device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg))
@@ -332,6 +333,7 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     test_source = load_source(spec, "test", download=cfg.download)
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
+    torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     student = build_model(cfg.student, num_classes=len(train_source.classes))
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
                          temperature=cfg.temperature, pairs=dict(cfg.pairs), image_size=cfg.image_size,

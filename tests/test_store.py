@@ -95,7 +95,8 @@ def test_manifest_records_what_made_the_cache(small_cache):
     assert m["dataset"]["fingerprint"]["num_samples"] == 20 and len(m["dataset"]["fingerprint"]["sha256"]) == 64
     assert m["augment"]["policy"] == "cifar" and m["augment"]["num_views"] == 5 and m["augment"]["seed"] == 7
     assert len(m["augment"]["mean"]) == 3 and m["teacher"]["arch"] == "resnet8"
-    assert m["storage"] == {"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features"}
+    assert m["storage"] == {"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features",
+                            "shard_bytes": 64 << 20}
 
 
 @pytest.mark.parametrize("backend, name", BACKENDS)

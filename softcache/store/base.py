@@ -29,12 +29,14 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
 
 
-def plan_shards(layout: Layout) -> tuple[int, dict[str, int]]:
-    """Samples per shard (shared by all arrays) and samples per inner chunk (per array), powers of two."""
+def plan_shards(layout: Layout, shard_bytes: int | None = None) -> tuple[int, dict[str, int]]:
+    """Samples per shard (shared by all arrays; the largest array's shard holds about `shard_bytes`) and samples
+    per inner chunk (per array, about CHUNK_BYTES), powers of two."""
+    shard_bytes = shard_bytes or SHARD_BYTES
     per_sample = {name: int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
                   for name, (shape, dtype) in layout.items()}
     num_samples = next(iter(layout.values()))[0][0]
-    shard = min(_pow2_floor(SHARD_BYTES / max(per_sample.values())), _pow2_floor(max(1, num_samples)) * 2)
+    shard = min(_pow2_floor(shard_bytes / max(per_sample.values())), _pow2_floor(max(1, num_samples)) * 2)
     chunks = {name: min(shard, _pow2_floor(CHUNK_BYTES / b)) for name, b in per_sample.items()}
     return shard, chunks
 

@@ -22,7 +22,7 @@ SUFFIXES = (".h5", ".hdf5")
 
 class HDF5Writer(ShardWriter):
     def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0):
-        shard, chunks = plan_shards(layout)
+        shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"))
         super().__init__(Path(path), layout, manifest, shard, resume_from)
         if resume_from:
             self.file = h5py.File(self.path, "r+")

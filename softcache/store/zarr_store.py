@@ -29,7 +29,7 @@ class ZarrWriter(ShardWriter):
     """Creates (or, to resume, reopens) the group and its arrays and writes whole shards."""
 
     def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0):
-        shard, chunks = plan_shards(layout)
+        shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"))
         super().__init__(Path(path), layout, manifest, shard, resume_from)
         if resume_from:
             self.group = zarr.open_group(str(self.path), mode="r+")

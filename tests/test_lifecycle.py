@@ -1,0 +1,164 @@
+"""A cache as a shared asset: reused not rebuilt, resumed after SIGKILL, damage found, read by many at once."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from softcache import dump as dump_module
+from softcache.cli import cli
+from softcache.models import Tapped
+from softcache.store import open_cache
+
+SCRIPT = shutil.which("softcache")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same arithmetic alone or side by side
+
+
+def dump_args(weights: Path, out: Path, *extra: str) -> list[str]:
+    # resnet8 layer3 at 4 views is 32 KiB a sample: 0.25 MiB shards hold 8 samples, 50 shards in all
+    return ["dump-teacher", "--teacher", "resnet8", "--weights", str(weights), "--data", "synthetic:400",
+            "--views", "4", "--layers", "layer3", "--shard-mb", "0.25", "--batch-size", "32", "--workers", "0",
+            "--out", str(out), *extra]
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def arrays(path: Path) -> dict[str, bytes]:
+    cache = open_cache(path)
+    return {name: cache.read(name).tobytes() for name in cache.names()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_weights) -> Path:
+    """An uninterrupted dump to compare against."""
+    out = tmp_path_factory.mktemp("ref") / "cache"
+    result = invoke(*dump_args(teacher_weights, out))
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_identical_dump_is_reused_without_a_teacher(tmp_path, teacher_weights, reference, monkeypatch):
+    cache = tmp_path / "cache"
+    shutil.copytree(reference, cache)
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a teacher was built or run for a cache that exists")
+
+    monkeypatch.setattr(dump_module, "build_model", no_teacher)
+    monkeypatch.setattr(Tapped, "forward", no_teacher)
+    started = time.perf_counter()
+    result = invoke(*dump_args(teacher_weights, cache))
+    assert result.exit_code == 0, result.output
+    assert "reused (same cache id, no teacher run)" in result.output
+    print(f"reuse answered in {time.perf_counter() - started:.2f} s")  # the closing note compares it to a dump
+    changed = invoke(*dump_args(teacher_weights, cache, "--logits", "topk:3"))
+    assert changed.exit_code != 0 and "(storage.logits.format, storage.logits.k, storage.logits.temperatures differ)" in changed.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", [8, 96, 200])
+def test_sigkilled_dump_resumes_to_identical_arrays(tmp_path, teacher_weights, reference, kill_at):
+    assert SCRIPT, "the softcache console script is not installed"
+    out = tmp_path / "cache"
+    cmd = [SCRIPT, *dump_args(teacher_weights, out)]
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = out / "progress.json"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if json.loads(progress.read_text())["committed_samples"] >= kill_at:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    resumed = int(re.search(r"resumed from sample (\d+)", result.stdout).group(1))
+    assert kill_at <= resumed < 400  # it continued, it did not start over
+    assert arrays(out) == arrays(reference)
+
+
+def _flip_bytes(path: Path, offset: int, count: int = 16) -> None:
+    data = bytearray(path.read_bytes())
+    for k in range(offset, offset + count):
+        data[k] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_flipped_bytes_are_named_by_verify_and_train_student(tmp_path, teacher_weights, reference, backend):
+    if backend == "zarr":
+        cache = tmp_path / "cache"
+        shutil.copytree(reference, cache)
+        shard = cache / "features" / "layer3" / "c" / "3" / "0" / "0" / "0" / "0"  # samples 24-32
+        _flip_bytes(shard, shard.stat().st_size // 3)
+    else:
+        cache = tmp_path / "cache.h5"
+        assert invoke(*dump_args(teacher_weights, cache)).exit_code == 0
+        with h5py.File(cache, "r") as f:
+            info = f["features/layer3"].id.get_chunk_info(3)
+        _flip_bytes(cache, info.byte_offset + info.size // 3)
+    result = invoke("verify", cache)
+    assert result.exit_code != 0
+    assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+ fail their checksum", result.stderr)
+    assert "DAMAGED array 'features/layer3'" in result.stdout
+    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair", "layer3=layer3",
+                 "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
+    assert run.exit_code != 0 and isinstance(run.exception, SystemExit)
+    assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+ fail their checksum", run.stderr)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_verify_recomputes_with_the_teacher(reference, teacher_weights):
+    result = invoke("verify", reference, "--teacher", "resnet8", "--weights", teacher_weights, "--samples", "6")
+    assert result.exit_code == 0, result.output
+    errors = {m.group(1): float(m.group(2)) for m in re.finditer(r"(\S+)\s+max \|error\| (\S+)", result.stdout)}
+    assert set(errors) == {"logits", "features/layer3"} and max(errors.values()) < 1e-2
+    assert result.stdout.strip().endswith("ok")
+
+
+def test_ls_lists_caches(tmp_path, reference):
+    shutil.copytree(reference, tmp_path / "a" / "cache")
+    (tmp_path / "b").mkdir()
+    result = invoke("ls", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    manifest = open_cache(reference).manifest
+    assert len(lines) == 2 and lines[1].split()[:4] == [manifest["id"], "resnet8", "synthetic:400", "4"]
+    assert "layer3" in lines[1] and "yes" in lines[1]
+
+
+@pytest.mark.slow
+def test_concurrent_students_match_solo_runs(tmp_path, reference):
+    def student(out: Path) -> list[str]:
+        return [SCRIPT, "train-student", "--cache", str(reference), "--student", "resnet8", "--loss", "kd,at",
+                "--pair", "layer3=layer3", "--epochs", "2", "--batch-size", "64", "--workers", "0", "--out", str(out)]
+
+    def metrics(out: Path) -> list[dict]:
+        timing = {"epoch_s", "images_per_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    solo = subprocess.run(student(tmp_path / "solo"), env=ENV, capture_output=True, text=True)
+    assert solo.returncode == 0, solo.stderr
+    procs = [subprocess.Popen(student(tmp_path / f"side{k}"), env=ENV, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True) for k in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read()
+    expected = metrics(tmp_path / "solo")
+    assert len(expected) == 2 and all(metrics(tmp_path / f"side{k}") == expected for k in range(2))
