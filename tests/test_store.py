@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from softcache.errors import SoftcacheError
@@ -162,3 +163,26 @@ def test_disk_full_leaves_an_incomplete_cache_that_resumes(tmp_path, small_shard
     _write(tmp_path / name, backend, rows, [8] * 5, manifest, existing).finish()
     cache = open_cache(tmp_path / name)
     assert all(cache.read(k).tobytes() == rows[k].tobytes() for k in rows)
+
+
+class _RowsOf(torch.utils.data.Dataset):
+    """Reads one row per item through a cache reader handed to the DataLoader workers."""
+
+    def __init__(self, reader, name):
+        self.reader, self.name = reader, name
+
+    def __len__(self):
+        return self.reader.shape(self.name)[0]
+
+    def __getitem__(self, i):
+        return torch.from_numpy(self.reader.read(self.name, i, i + 1)[0].astype(np.float32))
+
+
+def test_hdf5_reader_opens_its_file_inside_each_worker(tmp_path, small_shards):
+    rows = _random_rows(24, 2, np.random.default_rng(4))
+    _write(tmp_path / "c.h5", "hdf5", rows, (24,)).finish()
+    reader = open_cache(tmp_path / "c.h5")
+    reader.read("logits", 0, 1)  # the parent holds an open handle now; workers must not inherit it
+    loader = torch.utils.data.DataLoader(_RowsOf(reader, "logits"), batch_size=5, num_workers=2)
+    got = torch.cat(list(loader))
+    assert torch.equal(got, torch.from_numpy(rows["logits"].astype(np.float32)))
