@@ -111,6 +111,14 @@ def optim_options(f: Callable) -> Callable:
     return f
 
 
+def training_options(f: Callable) -> Callable:
+    """Everything train-teacher and train-student share: the schedule, the run folder, device, seed."""
+    for opt in reversed([optim_options, _option("--out", required=True, type=click.Path(file_okay=False), help="run folder"),
+                         device, seed, download, overwrite]):
+        f = opt(f)
+    return f
+
+
 def _optim(kw: dict[str, Any]) -> OptimConfig:
     return OptimConfig(**{k: kw.pop(k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "workers")})
 
@@ -135,12 +143,7 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @data
 @augment
 @image_size
-@optim_options
-@_option("--out", required=True, type=click.Path(file_okay=False), help="run folder")
-@device
-@seed
-@download
-@overwrite
+@training_options
 def train_teacher_cmd(**kw: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the no-KD baseline)."""
     from softcache.train import train_teacher_from_config
@@ -197,12 +200,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
 @_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
-@optim_options
-@_option("--out", required=True, type=click.Path(file_okay=False), help="run folder")
-@device
-@seed
-@download
-@overwrite
+@training_options
 def train_student_cmd(**kw: Any) -> None:
     """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""
     from softcache.train import train_student_from_config

@@ -23,9 +23,8 @@ from softcache.config import DumpConfig, to_json
 from softcache.data import Source, load_source
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
-from softcache.store import (Existing, array_layout, build_manifest, check_existing, feature_name, logits_prefix,
-                             prepare_cache)
-from softcache.store import backend_of
+from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
+                             logits_prefix, prepare_cache)
 from softcache.targets import TARGET_KINDS, LogitsFormat, encode_feature
 from softcache.views import Augment, DumpViews, apply_view, normalize
 
@@ -156,7 +155,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         rows = {"labels": labels.numpy().astype(np.int64), "views/box": boxes.numpy(), "views/flip": flips.numpy()}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
         generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + indices[0])
-        for k, (name, teacher) in enumerate(zip(names, tapped)):
+        for name, teacher in zip(names, tapped):
             logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
             prefix = logits_prefix(manifest, name)
             for suffix, value in fmt.encode(logits, generator).items():

@@ -32,7 +32,8 @@ from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, no
 
 log = logging.getLogger(__name__)
 
-Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+# (views [B, 3, S, S] uint8, index [B], view [B]) -> (KD target, {teacher layer: feature or attention map})
+Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
 RESIDENT_BYTES = 4 << 30  # caches up to this size are read into memory once
 
 

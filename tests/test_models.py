@@ -1,7 +1,6 @@
 """Models by name, checkpoints and feature taps."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch

@@ -24,7 +24,7 @@ from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manife
                                       logits_prefix)
 from softcache.store.zarr_store import PROGRESS_FILE, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
 
-__all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "build_manifest", "check_existing",
+__all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend_of", "build_manifest", "check_existing",
            "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest"]
 
 BACKENDS = ("zarr", "hdf5")
