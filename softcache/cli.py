@@ -200,6 +200,8 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
 @_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=StudentConfig.data_path,
+         help="resident: images decoded once, views replayed on the device; loader: a DataLoader replays each view")
 @training_options
 def train_student_cmd(**kw: Any) -> None:
     """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""

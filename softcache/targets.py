@@ -110,9 +110,8 @@ class LogitsFormat:
     def _ids(z: torch.Tensor) -> type:
         return np.int16 if z.shape[1] <= np.iinfo(np.int16).max else np.int32
 
-    def decode(self, rows: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
-        """Stored rows (by suffix, `[B, ...]`) -> the KD target the losses take (see losses.kd_term)."""
-        t = {k: torch.from_numpy(np.ascontiguousarray(v)).to(device, non_blocking=True) for k, v in rows.items()}
+    def decode(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Stored rows (tensors by suffix, `[B, ...]`; bf16 as 16-bit integers) -> the KD target `KDLoss.from_target` takes."""
         if self.kind == "bf16":
             return {"logits": t[""].view(torch.bfloat16).float()}
         if self.kind in ("fp16", "fp32"):

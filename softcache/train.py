@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -28,7 +28,8 @@ from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
+from softcache.resident import ResidentReplay, crop_only, decode_all
+from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, normalize, replay_choice
 
 log = logging.getLogger(__name__)
 
@@ -73,17 +74,19 @@ class CacheTargets:
             size = sum(int(np.prod(cache.shape(a), dtype=np.int64)) * cache.dtype(a).itemsize for a in needed)
             resident = size <= RESIDENT_BYTES
         self.cache, self.resident, self.device = cache, resident, device
-        self.data = {a: cache.read(a) for a in needed} if resident else {}
+        # resident targets live on the device and are gathered there with the batch's index tensors
+        self.data = {a: torch.from_numpy(_signed(cache.read(a))).to(device) for a in needed} if resident else {}
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.data.values())
 
-    def _rows(self, name: str, index: np.ndarray, view: np.ndarray) -> np.ndarray:
+    def _rows(self, name: str, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         if self.resident:
-            return self.data[name][index, view]
-        unique, inverse = np.unique(index, return_inverse=True)
-        return self.cache.rows(name, unique)[inverse, view]
+            return self.data[name][index.to(self.device), view.to(self.device)]
+        unique, inverse = np.unique(index.cpu().numpy(), return_inverse=True)
+        rows = self.cache.rows(name, unique)[inverse, view.cpu().numpy()]
+        return torch.from_numpy(_signed(np.ascontiguousarray(rows))).to(self.device, non_blocking=True)
 
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
-        index, view = index.numpy(), view.numpy()
-        per_teacher = [self.format.decode({suffix: self._rows(a, index, view) for suffix, a in arrays.items()}, self.device)
+        per_teacher = [self.format.decode({suffix: self._rows(a, index, view) for suffix, a in arrays.items()})
                        for arrays in self.logit_arrays.values()]
         if len(per_teacher) > 1:  # the ensemble: mean of the teachers' probabilities at T
             log_p = torch.stack([torch.log_softmax(t["logits"] / self.temperature, dim=1) for t in per_teacher])
@@ -92,9 +95,13 @@ class CacheTargets:
             target = per_teacher[0]
         if "tail_lse" in target:
             target["tail_lse"] = target["tail_lse"][:, TOPK_TEMPERATURES.index(self.temperature)]
-        features = {layer: torch.from_numpy(np.ascontiguousarray(self._rows(a, index, view))).to(self.device).float()
-                    for layer, a in self.feature_arrays.items()}
+        features = {layer: self._rows(a, index, view).float() for layer, a in self.feature_arrays.items()}
         return target, features
+
+
+def _signed(array: np.ndarray) -> np.ndarray:
+    """uint16 (stored bfloat16 bit patterns) viewed as int16, which torch indexes everywhere."""
+    return array.view(np.int16) if array.dtype == np.uint16 else array
 
 
 class OnlineTargets:
@@ -157,19 +164,21 @@ def _inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], de
 
 
 def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
-        params: Sequence[nn.Parameter], train_loader: torch.utils.data.DataLoader, test_loader: torch.utils.data.DataLoader,
+        params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: torch.utils.data.DataLoader,
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
 
-    `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass.
+    `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
+    `train_loader` is a DataLoader over `KeyBatches`, or anything with `set_epoch` and `__len__` (ResidentReplay).
     """
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
     started, best, step = time.perf_counter(), 0.0, 0
     test_acc = 0.0
+    set_epoch = getattr(train_loader, "set_epoch", None) or train_loader.batch_sampler.set_epoch
     for epoch in range(optim.epochs):
-        train_loader.batch_sampler.set_epoch(epoch)
+        set_epoch(epoch)
         model.train()
         sums: dict[str, torch.Tensor] = {}
         correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
@@ -251,13 +260,15 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   pairs: Mapping[str, str] | None = None, image_size: int | None = None,
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
-                  resident: bool | None = None, teachers: str = "mean",
+                  resident: bool | None = None, teachers: str = "mean", data_path: str = "auto",
                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
     At epoch e, sample i replays stored view `replay_choice(V, N, seed, e)[i]`; the student sees exactly the
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
-    teacher outputs (tests compare online KD this way).
+    teacher outputs (tests compare online KD this way). `data_path` is 'resident' (images decoded once and
+    views replayed on the device, see softcache.resident), 'loader' (a DataLoader replays each view), or
+    'auto': resident when the views are pure crops and the images fit in memory.
     """
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest, pairs = reader.manifest, dict(pairs or {})
@@ -292,13 +303,8 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     criterion = DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(dev)
 
     boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    num_views = boxes.shape[1]
-    batches = KeyBatches(len(train_source), optim.batch_size, seed=seed, shuffle=True, drop_last=True,
-                         key_fn=lambda epoch, order: list(zip(order.tolist(), replay_choice(
-                             num_views, len(order), seed=seed, epoch=epoch)[order].tolist())))
-    train_loader = torch.utils.data.DataLoader(ReplayViews(train_source, boxes, flips, augment.image_size),
-                                               batch_sampler=batches, num_workers=optim.workers,
-                                               persistent_workers=optim.workers > 0, pin_memory=dev.type == "cuda")
+    train_loader = replay_batches(train_source, boxes, flips, image_size=augment.image_size, batch_size=optim.batch_size,
+                                  seed=seed, workers=optim.workers, device=dev, data_path=data_path)
     mean, std = train_source.mean, train_source.std
 
     def step_loss(batch):
@@ -313,6 +319,40 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
                train_loader=train_loader, test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
                optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+
+
+DATA_PATHS = ("auto", "resident", "loader")
+
+
+def replay_batches(source: Source, boxes: np.ndarray, flips: np.ndarray, *, image_size: int, batch_size: int,
+                   seed: int, workers: int, device: torch.device, data_path: str = "auto") -> Iterable:
+    """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
+
+    Both paths visit samples in `epoch_order(seed, epoch)` and replay view `replay_choice(...)[i]` of
+    sample i, so they yield identical batches.
+    """
+    if data_path not in DATA_PATHS:
+        raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
+    num_views, n = boxes.shape[1], len(source)
+    fits = len(source) * 3 * (image_size + 8) ** 2 <= RESIDENT_BYTES
+    if data_path == "resident" or (data_path == "auto" and fits and crop_only(boxes, image_size)):
+        if not crop_only(boxes, image_size):
+            raise SoftcacheError("--data-path resident replays crops only; these views are resized "
+                                 f"(box sizes differ from --image-size {image_size}): use --data-path loader")
+        images = decode_all(source, workers)
+        if images is not None:
+            return ResidentReplay(images, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
+                                  drop_last=True, device=device,
+                                  order=lambda epoch: (epoch_order(n, seed=seed, epoch=epoch),
+                                                       replay_choice(num_views, n, seed=seed, epoch=epoch)))
+        if data_path == "resident":
+            raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
+    batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
+                         key_fn=lambda epoch, order: list(zip(order.tolist(), replay_choice(
+                             num_views, n, seed=seed, epoch=epoch)[order].tolist())))
+    return torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, image_size), batch_sampler=batches,
+                                       num_workers=workers, persistent_workers=workers > 0,
+                                       pin_memory=device.type == "cuda")
 
 
 def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
@@ -339,4 +379,4 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
                          temperature=cfg.temperature, pairs=dict(cfg.pairs), image_size=cfg.image_size,
                          optim=cfg.optim, device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite,
-                         config=to_json(cfg), teachers=cfg.teachers)
+                         config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path)

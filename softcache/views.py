@@ -208,11 +208,15 @@ class KeyBatches(torch.utils.data.Sampler):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[Hashable]]:
-        order = (np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle
-                 else np.arange(self.n))
+        order = epoch_order(self.n, seed=self.seed, epoch=self.epoch) if self.shuffle else np.arange(self.n)
         keys = self.key_fn(self.epoch, order)
         for b in range(len(self)):
             yield keys[b * self.batch_size:(b + 1) * self.batch_size]
+
+
+def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The order samples are visited in at `epoch`: a permutation `[n]` drawn from `(seed, epoch)`."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
 
 
 def replay_choice(num_views: int, n: int, *, seed: int, epoch: int) -> np.ndarray:

@@ -100,3 +100,40 @@ def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_pat
         assert a.keys() == b.keys() and set(losses) <= set(a)
         for term in a:
             assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), term
+
+
+def test_resident_and_loader_paths_give_identical_batches(small_cache):
+    from softcache.train import CacheTargets, replay_batches
+    cache = open_cache(small_cache)
+    source = load_source("synthetic:20", "train")
+    boxes, flips = cache.read("views/box"), cache.read("views/flip")
+    common = dict(image_size=32, batch_size=6, seed=11, workers=0, device=torch.device("cpu"))
+    loader = replay_batches(source, boxes, flips, data_path="loader", **common)
+    resident = replay_batches(source, boxes, flips, data_path="resident", **common)
+    assert type(resident).__name__ == "ResidentReplay" and isinstance(loader, torch.utils.data.DataLoader)
+    targets = CacheTargets(cache, ["layer3"], torch.device("cpu"))
+    for epoch in (0, 1):
+        loader.batch_sampler.set_epoch(epoch)
+        resident.set_epoch(epoch)
+        pairs = list(zip(loader, resident))
+        assert len(pairs) == len(resident) == 3
+        for a, b in pairs:
+            for x, y in zip(a, b):
+                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+            (ta, fa), (tb, fb) = targets(*a[:1], a[2], a[3]), targets(*b[:1], b[2], b[3])
+            assert torch.equal(ta["logits"], tb["logits"]) and torch.equal(fa["layer3"], fb["layer3"])
+
+
+def test_student_training_is_the_same_on_both_paths(small_cache, tmp_path):
+    from softcache.config import OptimConfig
+    source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
+    runs = {}
+    for path in ("loader", "resident"):
+        recorded = []
+        torch.manual_seed(0)
+        train_student(build_model("resnet8", 10), small_cache, source, test_source, tmp_path / path,
+                      weights=resolve_weights(["kd", "at"], alpha=0.9, beta=1000, hint_weight=100),
+                      pairs={"layer3": "layer3"}, optim=OptimConfig(epochs=2, batch_size=8, workers=0), seed=2,
+                      data_path=path, on_step=lambda step, terms: recorded.append(terms))
+        runs[path] = recorded
+    assert len(runs["loader"]) == 4 and runs["loader"] == runs["resident"]

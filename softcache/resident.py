@@ -1,0 +1,86 @@
+"""The resident data path: images and cached targets held on the device, views replayed there in batch.
+
+For datasets that fit in memory (CIFAR: 150 MB of uint8 images), decoding once and replaying the stored views
+on the device removes per-sample Python from the training loop: a batch is one gather of padded images (the
+crop and the flip are both index arithmetic) plus one gather of each target array, indexed by a device
+permutation. The batches are exactly those of the DataLoader path (`ReplayViews` + `KeyBatches`) for the same
+seed: same samples, same views, same pixels, same targets.
+
+It applies to views that are pure crops (box height and width equal the output size, as in the `cifar` and
+`none` policies on square images); views that need resizing stay on the DataLoader path.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from softcache.data import ArraySource, Source
+
+
+def decode_all(source: Source, workers: int = 0) -> torch.Tensor | None:
+    """Every image of `source` as one uint8 tensor `[N, 3, H, W]`, or None if the images differ in size."""
+    if isinstance(source, ArraySource):  # already decoded
+        return torch.from_numpy(source.images).permute(0, 3, 1, 2).contiguous()
+    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers)
+    images, shape = [], None
+    for image, _ in loader:
+        if shape is not None and image.shape != shape:
+            return None
+        shape = image.shape
+        images.append(image)
+    return torch.stack(images)
+
+
+def crop_only(boxes: np.ndarray, image_size: int) -> bool:
+    """Whether every stored view is a crop of the output size (no resize), so it can be replayed by gathering."""
+    return bool((boxes[..., 2] == image_size).all() and (boxes[..., 3] == image_size).all())
+
+
+class ResidentReplay:
+    """Batches of `(views [B, 3, S, S] uint8, labels [B], index [B], view [B])`, replayed on `device`.
+
+    `images [N, 3, H, W]` uint8, `boxes [N, V, 4]`, `flips [N, V]` as stored; `order(epoch) -> (sample order
+    [N], view choice [N])` gives the epoch's permutation and the view each sample replays.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
+                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order):
+        assert crop_only(boxes, image_size), "resident replay needs crop-only views"
+        self.pad = int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + image_size - images.shape[2]).max(),
+                           (boxes[..., 1] + image_size - images.shape[3]).max()))
+        p = self.pad
+        self.images = torch.nn.functional.pad(images, (p, p, p, p)).to(device)  # zeros past the edge, as TF.crop
+        self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
+        self.corner = torch.as_tensor(boxes[..., :2] + p, dtype=torch.int64, device=device)  # [N, V, 2]
+        self.flips = torch.as_tensor(flips, device=device)
+        self.size, self.batch_size, self.drop_last = image_size, batch_size, drop_last
+        self.device, self.order, self.epoch = device, order, 0
+        self.offsets = torch.arange(image_size, device=device)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def gather(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """The stored views `view [B]` of samples `index [B]` as uint8 `[B, 3, S, S]`."""
+        corner, flip = self.corner[index, view], self.flips[index, view]
+        rows = corner[:, :1] + self.offsets                                    # [B, S]
+        cols = corner[:, 1:] + torch.where(flip[:, None], self.offsets.flip(0), self.offsets)
+        images = self.images[index]                                            # [B, 3, Hp, Wp]
+        b, c, _, wp = images.shape
+        images = images.gather(2, rows[:, None, :, None].expand(b, c, self.size, wp))
+        return images.gather(3, cols[:, None, None, :].expand(b, c, self.size, self.size))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        order, choice = self.order(self.epoch)
+        order = torch.as_tensor(order, device=self.device)
+        choice = torch.as_tensor(choice, device=self.device)
+        for k in range(len(self)):
+            index = order[k * self.batch_size:(k + 1) * self.batch_size]
+            view = choice[index]
+            yield self.gather(index, view), self.labels[index], index, view
