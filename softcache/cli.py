@@ -278,5 +278,24 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
     click.echo("ok")
 
 
+@cli.command("bench")
+@_option("--teacher", default="resnet56", help="teacher model name")
+@_option("--weights", default=None, help="teacher state_dict [default: random weights; speed does not depend on them]")
+@_option("--student", default="resnet20", help="student model name")
+@_option("--data", default="imagefolder:data/cifar10-jpeg", metavar="SPEC", help="dataset spec (its training split)")
+@_option("--layer", default="layer3", help="the feature layer for (b) and the AT/FitNets rows")
+@_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
+@_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
+@_option("--steps", type=click.IntRange(min=1), default=50, help="timed steps per measurement (after 5 warm-up steps)")
+@workers
+@_option("--out", default="runs/bench", type=click.Path(file_okay=False), help="folder for the caches and bench.json")
+@device
+@seed
+def bench_cmd(**kw: Any) -> None:
+    """Measure teacher inference, dump, and student training (CE, cached KD/AT/FitNets, online KD) in one process."""
+    from softcache.bench import format_bench, run_bench
+    click.echo(format_bench(run_bench(**kw)))
+
+
 def main() -> None:
     cli()

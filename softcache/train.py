@@ -295,30 +295,40 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         targets = CacheTargets(reader, teacher_layers, dev, temperature=temperature, teachers=teachers,
                                resident=resident)
 
-    # FitNets regressors are sized from the student's and teacher's channel counts.
-    with torch.no_grad():
-        tapped.eval()
-        _, probe = tapped(torch.zeros(2, 3, augment.image_size, augment.image_size, device=dev))
-    channels = {s: (probe[s].shape[1], reader.shape(feature_name(manifest, t))[2]) for s, t in pairs.items()}
-    criterion = DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(dev)
-
+    criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
+                                image_size=augment.image_size, device=dev)
     boxes, flips = reader.read("views/box"), reader.read("views/flip")
     train_loader = replay_batches(train_source, boxes, flips, image_size=augment.image_size, batch_size=optim.batch_size,
                                   seed=seed, workers=optim.workers, device=dev, data_path=data_path)
     mean, std = train_source.mean, train_source.std
-
-    def step_loss(batch):
-        views, labels, index, view = batch
-        x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
-        teacher, teacher_features = targets(views, index, view)
-        with autocast(dev, torch.bfloat16):
-            logits, features = tapped(x)
-            terms = criterion(logits.float(), labels, features, teacher, teacher_features)
-        return terms, logits, labels
-
+    step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
     return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
                train_loader=train_loader, test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
                optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+
+
+def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,
+                    pairs: Mapping[str, str], image_size: int, device: torch.device) -> DistillLoss:
+    """The student's loss terms; FitNets regressors are sized from the student's and the cached teacher's channels."""
+    with torch.no_grad():
+        tapped.eval()
+        _, probe = tapped(torch.zeros(2, 3, image_size, image_size, device=device))
+    channels = {s: (probe[s].shape[1], reader.shape(feature_name(reader.manifest, t))[2]) for s, t in pairs.items()}
+    return DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(device)
+
+
+def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, mean: Sequence[float],
+                 std: Sequence[float], device: torch.device) -> Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
+    """The forward pass of one student step on a replay batch: `batch -> (loss terms, logits, labels)`."""
+    def step_loss(batch):
+        views, labels, index, view = batch
+        x, labels = _inputs(views, mean, std, device), labels.to(device, non_blocking=True)
+        teacher, teacher_features = targets(views, index, view)
+        with autocast(device, torch.bfloat16):
+            logits, features = tapped(x)
+            terms = criterion(logits.float(), labels, features, teacher, teacher_features)
+        return terms, logits, labels
+    return step_loss
 
 
 DATA_PATHS = ("auto", "resident", "loader")
