@@ -105,6 +105,7 @@ def test_incomplete_cache_is_refused_then_resumed(tmp_path, small_shards, backen
     rows = _random_rows(40, 2, np.random.default_rng(1), layers=False)
     manifest = _manifest(layers=(), views=2)
     writer = _write(tmp_path / name, backend, rows, (7, 7, 7), manifest)  # 21 rows handed over, fewer committed
+    writer.wait()
     committed = writer.written
     assert 0 < committed < 21
     del writer
@@ -148,13 +149,13 @@ def test_disk_full_leaves_an_incomplete_cache_that_resumes(tmp_path, small_shard
 
     def full_disk(self, name_, lo, hi, block):
         calls.append(lo)
-        if lo >= 16:
+        if lo == 16:  # later shards would fit again: they must still not count as committed
             raise OSError(errno.ENOSPC, "No space left on device")
         real(self, name_, lo, hi, block)
 
     monkeypatch.setattr(writer_cls, "_write_block", full_disk)
     with pytest.raises(SoftcacheError, match=r"out of disk space .* stays incomplete with 16 samples committed; free space and rerun"):
-        _write(tmp_path / name, backend, rows, [8] * 5, manifest)
+        _write(tmp_path / name, backend, rows, [8] * 5, manifest).finish()  # the writer thread's error surfaces
     with pytest.raises(SoftcacheError, match="incomplete"):
         open_cache(tmp_path / name)
     monkeypatch.setattr(writer_cls, "_write_block", real)

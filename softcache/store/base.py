@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -53,8 +55,13 @@ def write_json_atomic(path: Path, value: Any) -> None:
 class ShardWriter:
     """Buffers consecutive rows and writes whole shards; subclasses store the blocks.
 
-    `resume_from` is the number of samples already committed by an earlier, interrupted dump.
+    Full shards are compressed and written by one background thread, in order, while the caller computes the
+    next rows; at most `MAX_IN_FLIGHT` shards wait, which bounds memory. An error in the writer (a full disk)
+    is raised by the next `write`, `wait` or `finish`. `resume_from` is the number of samples already
+    committed by an earlier, interrupted dump.
     """
+
+    MAX_IN_FLIGHT = 2
 
     def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int, resume_from: int = 0):
         self.path, self.layout, self.manifest = Path(path), layout, manifest
@@ -62,7 +69,10 @@ class ShardWriter:
         self.num_samples = layout["labels"][0][0]
         self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
         self.pending_rows = 0
-        self.written = resume_from
+        self.written = resume_from  # samples handed to the writer thread
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softcache-writer")
+        self._in_flight: deque[Future] = deque()
+        self._failed = False  # once a shard fails, no later shard may be counted as committed
 
     # --- backend hooks
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
@@ -91,25 +101,45 @@ class ShardWriter:
 
     def _flush(self, count: int) -> None:
         lo, hi = self.written, self.written + count
+        blocks = {}
+        for name, parts in self.pending.items():
+            block = np.concatenate(parts) if len(parts) > 1 else parts[0]
+            blocks[name] = block[:count]
+            self.pending[name] = [block[count:]] if len(block) > count else []
+        while len(self._in_flight) >= self.MAX_IN_FLIGHT:
+            self._in_flight.popleft().result()
+        self._in_flight.append(self._pool.submit(self._commit, lo, hi, blocks))
+        self.written, self.pending_rows = hi, self.pending_rows - count
+
+    def wait(self) -> None:
+        """Block until every handed-over shard is on disk and committed (raising the writer's error, if any)."""
+        while self._in_flight:
+            self._in_flight.popleft().result()
+
+    def _commit(self, lo: int, hi: int, blocks: dict[str, np.ndarray]) -> None:
+        """Write one shard of every array, make it durable, then count it in the progress file."""
+        if self._failed:
+            return
+        self._failed = True  # until this shard is committed
         try:
-            for name, parts in self.pending.items():
-                block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-                self._write_block(name, lo, hi, block[:count])
-                self.pending[name] = [block[count:]] if len(block) > count else []
+            for name, block in blocks.items():
+                self._write_block(name, lo, hi, block)
             self._sync()
             write_json_atomic(self.progress_path, {"id": self.manifest.get("id"), "shard_samples": self.shard_samples,
                                                    "committed_samples": hi})
+            self._failed = False
         except OSError as err:
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SoftcacheError(f"out of disk space writing cache '{self.path}' (samples {lo}-{hi}): the cache "
                                      f"stays incomplete with {lo} samples committed; free space and rerun the same "
                                      "command to resume") from None
             raise
-        self.written, self.pending_rows = hi, self.pending_rows - count
 
     def finish(self) -> dict[str, Any]:
         """Mark the cache complete: the manifest is the last thing written. Returns the final manifest."""
         assert self.written == self.num_samples and not self.pending_rows, f"{self.written} of {self.num_samples} samples written"
+        self.wait()
+        self._pool.shutdown()
         final = {**self.manifest, "complete": True}
         self._set_manifest(final)
         self.progress_path.unlink(missing_ok=True)
