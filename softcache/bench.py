@@ -3,7 +3,8 @@
     (a) teacher inference only           images/s of the teacher's forward pass on device-resident batches
     (b) dump-teacher end to end          logits + one feature layer, and logits only (views written / s)
     (c) student CE only                  student training steps, cross-entropy on the replayed views
-    (d) student from the cache           KD, KD+AT, KD+FitNets, targets read from the cache
+    (d) student from the cache           KD, KD+AT, KD+FitNets, targets read from the cache (the data path
+                                         train-student would choose, or --data-path), and KD+AT streamed
     (e) online KD                        the teacher in the loop on the same views
 
 Student rows give images/s and the ratio to (c); dump rows the ratio to (a). Timings are wall clock after
@@ -23,7 +24,7 @@ from softcache.dump import autocast, dump_teacher, resolve_image_size
 from softcache.losses import resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import open_cache
-from softcache.train import CacheTargets, OnlineTargets, _inputs, build_criterion, distill_step, replay_batches
+from softcache.train import OnlineTargets, _inputs, build_criterion, distill_step, student_data
 from softcache.views import Augment
 
 
@@ -46,17 +47,16 @@ def _timed(fn: Callable[[], int], device: torch.device, steps: int, warmup: int)
 
 def _cycle(batches):
     """Replay batches forever, epoch after epoch."""
-    set_epoch = getattr(batches, "set_epoch", None) or batches.batch_sampler.set_epoch
     epoch = 0
     while True:
-        set_epoch(epoch)
+        batches.set_epoch(epoch)
         yield from batches
         epoch += 1
 
 
 def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights: str | None = None,
               layer: str = "layer3", views: int = 2, batch_size: int = 512, steps: int = 50, warmup: int = 5,
-              workers: int = 8, device: str = "cpu", seed: int = 0) -> dict[str, Any]:
+              workers: int = 8, device: str = "cpu", seed: int = 0, data_path: str = "auto") -> dict[str, Any]:
     """Measure (a)-(e) and write `out/bench.json`; returns the table as a dict."""
     dev, out = torch.device(device), Path(out)
     source = load_source(data, "train")
@@ -79,10 +79,18 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
         rows.append({"name": name, "images_per_s": len(source) * views / (time.perf_counter() - started)})
         caches[bool(layers)] = open_cache(path)
     reader = caches[True]
-    boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    batches = replay_batches(source, boxes, flips, image_size=augment.image_size, batch_size=batch_size, seed=seed,
-                             workers=workers, device=dev, data_path="auto")
-    stream = _cycle(batches)
+
+    def student_batches(path: str, layers: list[str], online: bool = False):
+        """Batches and targets as train-student builds them (online: the teacher computes the targets)."""
+        targets = None
+        if online:
+            targets = OnlineTargets(teacher_model, layers, mean=source.mean, std=source.std, device=dev)
+        batches, targets, chosen = student_data(reader, source, teacher_layers=layers, temperature=4.0, teachers="mean",
+                                                image_size=augment.image_size, batch_size=batch_size, seed=seed,
+                                                workers=workers, device=dev, data_path=path, targets=targets)
+        return _cycle(batches), targets, chosen
+
+    stream, _, chosen_path = student_batches(data_path, [])
 
     # (a) teacher inference on device-resident batches (the data path excluded)
     tapped_teacher = Tapped(teacher_model, []).to(dev).eval()
@@ -109,11 +117,8 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
         weights_ = resolve_weights(terms, alpha=0.9, beta=1000.0, hint_weight=100.0)
         criterion = build_criterion(tapped, reader, weights=weights_, temperature=4.0, pairs=pairs,
                                     image_size=augment.image_size, device=dev)
-        if targets_kind == "online":
-            targets = OnlineTargets(teacher_model, sorted(set(pairs.values())), mean=source.mean, std=source.std,
-                                    device=dev)
-        else:
-            targets = CacheTargets(reader, sorted(set(pairs.values())), dev)
+        path = "stream" if targets_kind == "stream" else data_path
+        stream, targets, _ = student_batches(path, sorted(set(pairs.values())), online=targets_kind == "online")
         step_loss = distill_step(tapped, criterion, targets, mean=source.mean, std=source.std, device=dev)
         opt = torch.optim.SGD(list(tapped.parameters()) + list(criterion.parameters()), lr=0.05, momentum=0.9)
         tapped.train()
@@ -132,6 +137,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     for name, terms, kind in (("student KD (cache)", ["kd"], "cache"),
                               ("student KD+AT (cache)", ["kd", "at"], "cache"),
                               ("student KD+FitNets (cache)", ["kd", "fitnets"], "cache"),
+                              ("student KD+AT (cache, streamed)", ["kd", "at"], "stream"),
                               ("student KD (online teacher)", ["kd"], "online"),
                               ("student KD+AT (online teacher)", ["kd", "at"], "online")):
         rows.append({"name": name, "images_per_s": student_rate(terms, kind)})
@@ -142,7 +148,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
         row["ratio_to"] = "(a)" if ref is teacher_rate else "(c)"
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = {"device": device_name, "teacher": teacher, "student": student, "data": data, "views": views,
-              "batch_size": batch_size, "steps": steps, "data_path": type(batches).__name__, "rows": rows}
+              "batch_size": batch_size, "steps": steps, "data_path": chosen_path, "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -200,8 +200,9 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
 @_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=StudentConfig.data_path,
-         help="resident: images decoded once, views replayed on the device; loader: a DataLoader replays each view")
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default=StudentConfig.data_path,
+         help="resident: images and targets in memory, views replayed on the device; loader: a DataLoader replays "
+              "views, targets in memory; stream: targets streamed from the store [default auto: the first that fits]")
 @training_options
 def train_student_cmd(**kw: Any) -> None:
     """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""
@@ -287,6 +288,8 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
 @_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
 @_option("--steps", type=click.IntRange(min=1), default=50, help="timed steps per measurement (after 5 warm-up steps)")
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default="auto",
+         help="the student rows' data path (one row is always streamed)")
 @workers
 @_option("--out", default="runs/bench", type=click.Path(file_okay=False), help="folder for the caches and bench.json")
 @device

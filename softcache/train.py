@@ -29,7 +29,8 @@ from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
 from softcache.resident import ResidentReplay, crop_only, decode_all
-from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, normalize, replay_choice
+from softcache.streaming import StreamingTargets, window_order
+from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
 
 log = logging.getLogger(__name__)
 
@@ -70,9 +71,9 @@ class CacheTargets:
                              for t in self.teachers}
         self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
         needed = [a for arrays in self.logit_arrays.values() for a in arrays.values()] + list(self.feature_arrays.values())
+        self.needed = needed
         if resident is None:
-            size = sum(int(np.prod(cache.shape(a), dtype=np.int64)) * cache.dtype(a).itemsize for a in needed)
-            resident = size <= RESIDENT_BYTES
+            resident = self.size(cache, needed) <= RESIDENT_BYTES
         self.cache, self.resident, self.device = cache, resident, device
         # resident targets live on the device and are gathered there with the batch's index tensors
         self.data = {a: torch.from_numpy(_signed(cache.read(a))).to(device) for a in needed} if resident else {}
@@ -85,8 +86,16 @@ class CacheTargets:
         rows = self.cache.rows(name, unique)[inverse, view.cpu().numpy()]
         return torch.from_numpy(_signed(np.ascontiguousarray(rows))).to(self.device, non_blocking=True)
 
+    @staticmethod
+    def size(cache: CacheReader, names: Sequence[str]) -> int:
+        return sum(int(np.prod(cache.shape(a), dtype=np.int64)) * cache.dtype(a).itemsize for a in names)
+
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
-        per_teacher = [self.format.decode({suffix: self._rows(a, index, view) for suffix, a in arrays.items()})
+        return self.assemble({a: self._rows(a, index, view) for a in self.needed})
+
+    def assemble(self, rows: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Rows of the needed arrays (`[B, ...]` tensors on the device) -> (KD target, features)."""
+        per_teacher = [self.format.decode({suffix: rows[a] for suffix, a in arrays.items()})
                        for arrays in self.logit_arrays.values()]
         if len(per_teacher) > 1:  # the ensemble: mean of the teachers' probabilities at T
             log_p = torch.stack([torch.log_softmax(t["logits"] / self.temperature, dim=1) for t in per_teacher])
@@ -95,7 +104,7 @@ class CacheTargets:
             target = per_teacher[0]
         if "tail_lse" in target:
             target["tail_lse"] = target["tail_lse"][:, TOPK_TEMPERATURES.index(self.temperature)]
-        features = {layer: self._rows(a, index, view).float() for layer, a in self.feature_arrays.items()}
+        features = {layer: rows[a].float() for layer, a in self.feature_arrays.items()}
         return target, features
 
 
@@ -170,15 +179,14 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
 
     `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
-    `train_loader` is a DataLoader over `KeyBatches`, or anything with `set_epoch` and `__len__` (ResidentReplay).
+    `train_loader` is an `EpochBatches` or anything else with `set_epoch` and `__len__` (ResidentReplay).
     """
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
     started, best, step = time.perf_counter(), 0.0, 0
     test_acc = 0.0
-    set_epoch = getattr(train_loader, "set_epoch", None) or train_loader.batch_sampler.set_epoch
     for epoch in range(optim.epochs):
-        set_epoch(epoch)
+        train_loader.set_epoch(epoch)
         model.train()
         sums: dict[str, torch.Tensor] = {}
         correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
@@ -238,7 +246,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
             logits = model(x)
         return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
 
-    return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
+    return fit(model, step_loss, params=list(model.parameters()), train_loader=EpochBatches(train_loader),
                test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
                optim=optim, mean=mean, std=std, device=dev, out=run)
 
@@ -290,16 +298,12 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
                       scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
     tapped = _prepare_model(tapped, dev)
-    teacher_layers = sorted(set(pairs.values()))
-    if targets is None:
-        targets = CacheTargets(reader, teacher_layers, dev, temperature=temperature, teachers=teachers,
-                               resident=resident)
-
+    train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
+                                            temperature=temperature, teachers=teachers, image_size=augment.image_size,
+                                            batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
+                                            data_path=data_path, resident=resident, targets=targets)
     criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
                                 image_size=augment.image_size, device=dev)
-    boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    train_loader = replay_batches(train_source, boxes, flips, image_size=augment.image_size, batch_size=optim.batch_size,
-                                  seed=seed, workers=optim.workers, device=dev, data_path=data_path)
     mean, std = train_source.mean, train_source.std
     step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
     return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
@@ -331,38 +335,104 @@ def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, me
     return step_loss
 
 
-DATA_PATHS = ("auto", "resident", "loader")
+def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
+                 teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
+                 data_path: str = "auto", resident: bool | None = None,
+                 targets: Targets | None = None) -> tuple[Any, Targets, str]:
+    """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`).
+
+    Every path visits samples in `window_order` over the cache's shards and replays view
+    `replay_choice(...)[i]` of sample i, so all of them yield identical batches and targets for one seed.
+    """
+    boxes, flips = reader.read("views/box"), reader.read("views/flip")
+    n, num_views = boxes.shape[:2]
+    block = reader.shard_samples()
+
+    def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return (window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch),
+                replay_choice(num_views, n, seed=seed, epoch=epoch))
+
+    followers = []
+    if targets is None:
+        cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
+        path = choose_data_path(data_path, source, boxes, image_size, CacheTargets.size(reader, cached.needed))
+        if path == "stream":
+            targets = StreamingTargets(reader, cached.needed, block=block, window=STREAM_WINDOW, order=order,
+                                       assemble=cached.assemble, device=device)
+            followers.append(targets)
+        else:
+            targets = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
+                                   resident=True if resident is None else resident)
+    else:
+        path = choose_data_path(data_path, source, boxes, image_size, 0)
+    log.info("data path: %s", path)
+    batches = replay_batches(source, boxes, flips, image_size=image_size, batch_size=batch_size, order=order,
+                             workers=workers, device=device, images="resident" if path == "resident" else "loader",
+                             followers=followers)
+    return batches, targets, path
+
+
+DATA_PATHS = ("auto", "resident", "loader", "stream")
+STREAM_WINDOW = 4  # shards whose samples are shuffled together (the whole cache, when it has at most 4)
+
+
+def choose_data_path(data_path: str, source: Source, boxes: np.ndarray, image_size: int, target_bytes: int) -> str:
+    """'resident' (images and targets in memory, views replayed on the device), 'loader' (a DataLoader replays
+    views; targets in memory) or 'stream' (a DataLoader replays views; targets streamed from the store).
+    'auto' takes the first that fits: crops only and images + targets within RESIDENT_BYTES, then targets
+    within it."""
+    if data_path not in DATA_PATHS:
+        raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
+    if data_path == "resident" and not crop_only(boxes, image_size):
+        raise SoftcacheError("--data-path resident replays crops only; these views are resized "
+                             f"(box sizes differ from --image-size {image_size}): use --data-path loader")
+    if data_path != "auto":
+        return data_path
+    image_bytes = len(source) * 3 * (image_size + 8) ** 2
+    if crop_only(boxes, image_size) and image_bytes + target_bytes <= RESIDENT_BYTES:
+        return "resident"
+    return "loader" if target_bytes <= RESIDENT_BYTES else "stream"
+
+
+class EpochBatches:
+    """A DataLoader over `KeyBatches`, with the objects that must follow its epoch (a streaming reader)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, followers: Sequence[Any] = ()):
+        self.loader, self.followers = loader, list(followers)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.loader.batch_sampler.set_epoch(epoch)
+        for follower in self.followers:
+            follower.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
 
 
 def replay_batches(source: Source, boxes: np.ndarray, flips: np.ndarray, *, image_size: int, batch_size: int,
-                   seed: int, workers: int, device: torch.device, data_path: str = "auto") -> Iterable:
+                   order: Callable[[int], tuple[np.ndarray, np.ndarray]], workers: int, device: torch.device,
+                   images: str = "loader", followers: Sequence[Any] = ()) -> Any:
     """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
 
-    Both paths visit samples in `epoch_order(seed, epoch)` and replay view `replay_choice(...)[i]` of
-    sample i, so they yield identical batches.
+    `order(epoch) -> (visiting order [N], view choice [N])`. With `images='resident'` the images are decoded
+    once and the views gathered on the device (softcache.resident); with 'loader' a DataLoader replays each
+    view. Both yield identical batches.
     """
-    if data_path not in DATA_PATHS:
-        raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
-    num_views, n = boxes.shape[1], len(source)
-    fits = len(source) * 3 * (image_size + 8) ** 2 <= RESIDENT_BYTES
-    if data_path == "resident" or (data_path == "auto" and fits and crop_only(boxes, image_size)):
-        if not crop_only(boxes, image_size):
-            raise SoftcacheError("--data-path resident replays crops only; these views are resized "
-                                 f"(box sizes differ from --image-size {image_size}): use --data-path loader")
-        images = decode_all(source, workers)
-        if images is not None:
-            return ResidentReplay(images, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
-                                  drop_last=True, device=device,
-                                  order=lambda epoch: (epoch_order(n, seed=seed, epoch=epoch),
-                                                       replay_choice(num_views, n, seed=seed, epoch=epoch)))
-        if data_path == "resident":
-            raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
-    batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
-                         key_fn=lambda epoch, order: list(zip(order.tolist(), replay_choice(
-                             num_views, n, seed=seed, epoch=epoch)[order].tolist())))
-    return torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, image_size), batch_sampler=batches,
-                                       num_workers=workers, persistent_workers=workers > 0,
-                                       pin_memory=device.type == "cuda")
+    if images == "resident":
+        decoded = decode_all(source, workers)
+        if decoded is not None:
+            return ResidentReplay(decoded, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
+                                  drop_last=True, device=device, order=order)
+        raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
+    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=lambda e: order(e)[0],
+                         key_fn=lambda epoch, visit: list(zip(visit.tolist(), order(epoch)[1][visit].tolist())))
+    loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, image_size), batch_sampler=batches,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
+    return EpochBatches(loader, followers)
 
 
 def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:

@@ -192,13 +192,15 @@ class KeyBatches(torch.utils.data.Sampler):
     """Batches of dataset keys for one epoch: a shuffled (or ordered) pass over `n` samples.
 
     `key_fn(epoch, indices [n]) -> list of keys` turns sample indices into keys, e.g. `(i, epoch)` or
-    `(i, view)`. The order is drawn from `(seed, epoch)`; call `set_epoch` before each pass.
+    `(i, view)`. The order is `order_fn(epoch)`, else drawn from `(seed, epoch)`; call `set_epoch` before
+    each pass.
     """
 
     def __init__(self, n: int, batch_size: int, *, seed: int, shuffle: bool, drop_last: bool,
-                 key_fn: Callable[[int, np.ndarray], list[Hashable]]):
+                 key_fn: Callable[[int, np.ndarray], list[Hashable]],
+                 order_fn: Callable[[int], np.ndarray] | None = None):
         self.n, self.batch_size, self.seed = n, batch_size, seed
-        self.shuffle, self.drop_last, self.key_fn = shuffle, drop_last, key_fn
+        self.shuffle, self.drop_last, self.key_fn, self.order_fn = shuffle, drop_last, key_fn, order_fn
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -208,7 +210,10 @@ class KeyBatches(torch.utils.data.Sampler):
         return self.n // self.batch_size if self.drop_last else math.ceil(self.n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[Hashable]]:
-        order = epoch_order(self.n, seed=self.seed, epoch=self.epoch) if self.shuffle else np.arange(self.n)
+        if self.order_fn is not None:
+            order = self.order_fn(self.epoch)
+        else:
+            order = epoch_order(self.n, seed=self.seed, epoch=self.epoch) if self.shuffle else np.arange(self.n)
         keys = self.key_fn(self.epoch, order)
         for b in range(len(self)):
             yield keys[b * self.batch_size:(b + 1) * self.batch_size]

@@ -16,7 +16,7 @@ def test_bench_measures_every_row(tmp_path):
     names = [row["name"] for row in table["rows"]]
     assert names == ["teacher inference only", "dump: logits + layer3", "dump: logits only", "student CE only",
                      "student KD (cache)", "student KD+AT (cache)", "student KD+FitNets (cache)",
-                     "student KD (online teacher)", "student KD+AT (online teacher)"]
+                     "student KD+AT (cache, streamed)", "student KD (online teacher)", "student KD+AT (online teacher)"]
     assert all(row["images_per_s"] > 0 for row in table["rows"])
-    assert table["rows"][3]["ratio"] == 1.0 and table["data_path"] == "ResidentReplay"
+    assert table["rows"][3]["ratio"] == 1.0 and table["data_path"] == "resident"
     assert "student KD+AT (cache)" in result.output

@@ -102,33 +102,37 @@ def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_pat
             assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), term
 
 
-def test_resident_and_loader_paths_give_identical_batches(small_cache):
-    from softcache.train import CacheTargets, replay_batches
-    cache = open_cache(small_cache)
-    source = load_source("synthetic:20", "train")
-    boxes, flips = cache.read("views/box"), cache.read("views/flip")
-    common = dict(image_size=32, batch_size=6, seed=11, workers=0, device=torch.device("cpu"))
-    loader = replay_batches(source, boxes, flips, data_path="loader", **common)
-    resident = replay_batches(source, boxes, flips, data_path="resident", **common)
-    assert type(resident).__name__ == "ResidentReplay" and isinstance(loader, torch.utils.data.DataLoader)
-    targets = CacheTargets(cache, ["layer3"], torch.device("cpu"))
+@pytest.mark.parametrize("shard_mb", [64.0, 0.05])  # one shard, and many (windows of shards)
+def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teacher_weights, shard_mb):
+    from softcache.train import student_data
+    out = tmp_path / "cache"
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:40", "train"), out,
+                 augment=Augment("cifar", image_size=32), views=3, layers=["layer3"], workers=0, shard_mb=shard_mb)
+    cache = open_cache(out)
+    source = load_source("synthetic:40", "train")
+    common = dict(teacher_layers=["layer3"], temperature=4.0, teachers="mean", image_size=32, batch_size=6, seed=11,
+                  workers=0, device=torch.device("cpu"))
+    paths = {p: student_data(cache, source, data_path=p, **common) for p in ("resident", "loader", "stream")}
+    assert [paths[p][2] for p in paths] == ["resident", "loader", "stream"]
+    assert type(paths["resident"][0]).__name__ == "ResidentReplay" and type(paths["stream"][1]).__name__ == "StreamingTargets"
     for epoch in (0, 1):
-        loader.batch_sampler.set_epoch(epoch)
-        resident.set_epoch(epoch)
-        pairs = list(zip(loader, resident))
-        assert len(pairs) == len(resident) == 3
-        for a, b in pairs:
-            for x, y in zip(a, b):
-                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y))
-            (ta, fa), (tb, fb) = targets(*a[:1], a[2], a[3]), targets(*b[:1], b[2], b[3])
-            assert torch.equal(ta["logits"], tb["logits"]) and torch.equal(fa["layer3"], fb["layer3"])
+        batches = {}
+        for name, (loader, targets, _) in paths.items():
+            loader.set_epoch(epoch)
+            batches[name] = [(b, targets(*b[:1], b[2], b[3])) for b in loader]
+        assert len(batches["resident"]) == 6
+        for (a, ta), (b, tb), (c, tc) in zip(batches["resident"], batches["loader"], batches["stream"]):
+            for x, y, z in zip(a, b, c):
+                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)) and torch.equal(torch.as_tensor(x), torch.as_tensor(z))
+            assert torch.equal(ta[0]["logits"], tb[0]["logits"]) and torch.equal(ta[0]["logits"], tc[0]["logits"])
+            assert torch.equal(ta[1]["layer3"], tb[1]["layer3"]) and torch.equal(ta[1]["layer3"], tc[1]["layer3"])
 
 
-def test_student_training_is_the_same_on_both_paths(small_cache, tmp_path):
+def test_student_training_is_the_same_on_every_path(small_cache, tmp_path):
     from softcache.config import OptimConfig
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     runs = {}
-    for path in ("loader", "resident"):
+    for path in ("loader", "resident", "stream"):
         recorded = []
         torch.manual_seed(0)
         train_student(build_model("resnet8", 10), small_cache, source, test_source, tmp_path / path,
@@ -136,4 +140,4 @@ def test_student_training_is_the_same_on_both_paths(small_cache, tmp_path):
                       pairs={"layer3": "layer3"}, optim=OptimConfig(epochs=2, batch_size=8, workers=0), seed=2,
                       data_path=path, on_step=lambda step, terms: recorded.append(terms))
         runs[path] = recorded
-    assert len(runs["loader"]) == 4 and runs["loader"] == runs["resident"]
+    assert len(runs["loader"]) == 4 and runs["loader"] == runs["resident"] == runs["stream"]
