@@ -49,10 +49,10 @@ class StreamingTargets:
                  order: Callable[[int], tuple[np.ndarray, np.ndarray]], assemble: Callable, device: torch.device):
         self.cache, self.names, self.block, self.window = cache, list(names), block, window
         self.order, self.assemble, self.device = order, assemble, device
-        self._queue: queue.Queue | None = None
+        self._queue: queue.Queue | None = None  # set_epoch starts the reader; the batches' EpochBatches calls it
+        self._order: np.ndarray | None = None
         self._buffers: deque[tuple[int, dict[str, torch.Tensor]]] = deque()
         self._cursor = 0
-        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         """Start reading `epoch`'s windows in the background (an unfinished epoch's reader is abandoned)."""
@@ -92,6 +92,7 @@ class StreamingTargets:
             self._buffers.append((start, rows))
 
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
+        assert self._order is not None, "call set_epoch before the first batch"
         lo, hi = self._cursor, self._cursor + len(index)
         assert np.array_equal(self._order[lo:hi], index.cpu().numpy()), "batches must follow the streaming order"
         self._take(hi)
