@@ -168,6 +168,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @image_size
 @_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
 @workers
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=DumpConfig.data_path,
+         help="resident: images decoded once, views gathered on the device (crop-only views); loader: DataLoader workers")
 @_option("--out", required=True, type=click.Path(), help="cache folder (zarr) or .h5 file (hdf5)")
 @device
 @seed

@@ -62,6 +62,7 @@ class DumpConfig:
     shard_mb: float = 64.0          # target size of one shard (the unit written whole) of the largest array
     batch_size: int = 256           # teacher images per forward pass
     workers: int = 2                # DataLoader worker processes
+    data_path: str = "auto"         # resident (views gathered on the device) | loader (DataLoader workers) | auto
     device: str = field(default_factory=default_device)
     seed: int = 0                   # seeds the views: views of sample i are a function of (seed, i)
     download: bool = False

@@ -23,6 +23,7 @@ from softcache.config import DumpConfig, to_json
 from softcache.data import Source, load_source
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
+from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache)
 from softcache.targets import TARGET_KINDS, LogitsFormat, encode_feature
@@ -110,8 +111,40 @@ def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[list
             yield list(range(a, min(a + per_batch, hi)))
 
 
+def _view_batches(dataset: DumpViews, batches: list[list[int]], workers: int, device: torch.device,
+                  data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch of samples: their views `[B * V, 3, S, S]` uint8 (sample-major) with labels, boxes, flips.
+
+    'resident' decodes the images once and gathers the views on the device (crop-only views, one image
+    size); 'loader' crops in DataLoader workers; 'auto' is resident when that applies and fits in memory.
+    Both give the same pixels.
+    """
+    source, augment, k = dataset.source, dataset.augment, dataset.k
+    resident = data_path == "resident" or (
+        data_path == "auto" and augment.finite and len(source) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
+    images = decode_all(source, workers) if resident else None
+    if images is not None:
+        table = [dataset.views_of(i, *images.shape[-2:]) for i in range(len(source))]
+        boxes, flips = np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
+        if crop_only(boxes, augment.image_size):
+            gather = ViewGather(images, boxes, flips, image_size=augment.image_size, device=device)
+            labels, views = source.labels, torch.arange(k, device=device)
+            for indices in batches:
+                index = torch.as_tensor(indices, device=device)
+                yield (gather.gather(index.repeat_interleave(k), views.repeat(len(indices))), labels[indices],
+                       boxes[indices], flips[indices])
+            return
+    if data_path == "resident":
+        raise SoftcacheError("--data-path resident needs crop-only views of images of one size; use --data-path loader")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
+                                         pin_memory=device.type == "cuda")
+    for stacked, labels, boxes, flips in loader:
+        yield stacked.flatten(0, 1), labels.numpy(), boxes.numpy(), flips.numpy()
+
+
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
-             existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu") -> DumpResult:
+             existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu",
+             data_path: str = "auto") -> DumpResult:
     """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`."""
     if existing.action == "reuse":
         return DumpResult(Path(out), "reuse", manifest)
@@ -147,12 +180,10 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
 
     samples_per_batch = max(1, batch_size // num_views)
     batches = list(_batches(start, len(source), writer.shard_samples, samples_per_batch))
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=dev.type == "cuda")
-    for indices, (stacked, labels, boxes, flips) in tqdm(zip(batches, loader), total=len(batches), desc="dump-teacher",
-                                                         unit="batch", disable=None):
-        b, flat = len(labels), stacked.flatten(0, 1)
-        rows = {"labels": labels.numpy().astype(np.int64), "views/box": boxes.numpy(), "views/flip": flips.numpy()}
+    for indices, (flat, labels, boxes, flips) in tqdm(zip(batches, _view_batches(dataset, batches, workers, dev, data_path)),
+                                                      total=len(batches), desc="dump-teacher", unit="batch", disable=None):
+        b = len(labels)
+        rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
         generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + indices[0])
         for name, teacher in zip(names, tapped):
@@ -173,7 +204,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  views: int | str = 1, layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
                  workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
-                 shard_mb: float = 64.0, teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+                 shard_mb: float = 64.0, data_path: str = "auto", teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
@@ -194,7 +225,8 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                              logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
                              shard_mb=shard_mb)
     existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
-    return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device)
+    return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device,
+                    data_path=data_path)
 
 
 def dump_from_config(cfg: DumpConfig) -> DumpResult:
@@ -224,4 +256,4 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
         teachers.append(load_weights(teacher, weights))
     check_layers(teachers[0], cfg.layers)
     return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
-                    device=cfg.device)
+                    device=cfg.device, data_path=cfg.data_path)

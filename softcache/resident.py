@@ -18,6 +18,8 @@ import torch
 
 from softcache.data import ArraySource, Source
 
+RESIDENT_BYTES = 4 << 30  # images and targets up to this size are held in memory (on the device)
+
 
 def decode_all(source: Source, workers: int = 0) -> torch.Tensor | None:
     """Every image of `source` as one uint8 tensor `[N, 3, H, W]`, or None if the images differ in size."""
@@ -38,33 +40,19 @@ def crop_only(boxes: np.ndarray, image_size: int) -> bool:
     return bool((boxes[..., 2] == image_size).all() and (boxes[..., 3] == image_size).all())
 
 
-class ResidentReplay:
-    """Batches of `(views [B, 3, S, S] uint8, labels [B], index [B], view [B])`, replayed on `device`.
+class ViewGather:
+    """Images `[N, 3, H, W]` uint8 held on `device`, zero-padded once, and their crop-only views
+    `boxes [N, V, 4]`, `flips [N, V]`: `gather(index, view)` replays views in batch."""
 
-    `images [N, 3, H, W]` uint8, `boxes [N, V, 4]`, `flips [N, V]` as stored; `order(epoch) -> (sample order
-    [N], view choice [N])` gives the epoch's permutation and the view each sample replays.
-    """
-
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
-                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order):
+    def __init__(self, images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, *, image_size: int,
+                 device: torch.device):
         assert crop_only(boxes, image_size), "resident replay needs crop-only views"
-        self.pad = int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + image_size - images.shape[2]).max(),
-                           (boxes[..., 1] + image_size - images.shape[3]).max()))
-        p = self.pad
+        p = int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + image_size - images.shape[2]).max(),
+                    (boxes[..., 1] + image_size - images.shape[3]).max()))
         self.images = torch.nn.functional.pad(images, (p, p, p, p)).to(device)  # zeros past the edge, as TF.crop
-        self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
         self.corner = torch.as_tensor(boxes[..., :2] + p, dtype=torch.int64, device=device)  # [N, V, 2]
         self.flips = torch.as_tensor(flips, device=device)
-        self.size, self.batch_size, self.drop_last = image_size, batch_size, drop_last
-        self.device, self.order, self.epoch = device, order, 0
-        self.offsets = torch.arange(image_size, device=device)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        self.size, self.offsets = image_size, torch.arange(image_size, device=device)
 
     def gather(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The stored views `view [B]` of samples `index [B]` as uint8 `[B, 3, S, S]`."""
@@ -76,6 +64,28 @@ class ResidentReplay:
         images = images.gather(2, rows[:, None, :, None].expand(b, c, self.size, wp))
         return images.gather(3, cols[:, None, None, :].expand(b, c, self.size, self.size))
 
+
+class ResidentReplay:
+    """Batches of `(views [B, 3, S, S] uint8, labels [B], index [B], view [B])`, replayed on `device`.
+
+    `images [N, 3, H, W]` uint8, `boxes [N, V, 4]`, `flips [N, V]` as stored; `order(epoch) -> (sample order
+    [N], view choice [N])` gives the epoch's visiting order and the view each sample replays.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
+                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order):
+        self.views = ViewGather(images, boxes, flips, image_size=image_size, device=device)
+        self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
+        self.batch_size, self.drop_last = batch_size, drop_last
+        self.device, self.order, self.epoch = device, order, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
         order, choice = self.order(self.epoch)
         order = torch.as_tensor(order, device=self.device)
@@ -83,4 +93,4 @@ class ResidentReplay:
         for k in range(len(self)):
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
             view = choice[index]
-            yield self.gather(index, view), self.labels[index], index, view
+            yield self.views.gather(index, view), self.labels[index], index, view

@@ -28,7 +28,7 @@ from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.resident import ResidentReplay, crop_only, decode_all
+from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all
 from softcache.streaming import StreamingTargets, window_order
 from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
 
@@ -36,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # (views [B, 3, S, S] uint8, index [B], view [B]) -> (KD target, {teacher layer: feature or attention map})
 Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
-RESIDENT_BYTES = 4 << 30  # caches up to this size are read into memory once
 
 
 class CacheTargets:

@@ -139,13 +139,15 @@ class DumpViews(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.source)
 
+    def views_of(self, i: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """The stored views of sample `i` (an image of `height x width`): `boxes [k, 4]`, `flips [k]`."""
+        if self.all:
+            return self.augment.all_views(height, width)
+        return self.augment.sample_views(height, width, self.k, (self.seed, i))
+
     def __getitem__(self, i: int):
         image, label = self.source[i]
-        _, height, width = image.shape
-        if self.all:
-            boxes, flips = self.augment.all_views(height, width)
-        else:
-            boxes, flips = self.augment.sample_views(height, width, self.k, (self.seed, i))
+        boxes, flips = self.views_of(i, *image.shape[-2:])
         size = self.augment.image_size
         stacked = torch.stack([apply_view(image, b, f, size) for b, f in zip(boxes, flips)])
         return stacked, label, torch.from_numpy(boxes), torch.from_numpy(flips)

@@ -141,3 +141,15 @@ def test_student_training_is_the_same_on_every_path(small_cache, tmp_path):
                       data_path=path, on_step=lambda step, terms: recorded.append(terms))
         runs[path] = recorded
     assert len(runs["loader"]) == 4 and runs["loader"] == runs["resident"] == runs["stream"]
+
+
+@pytest.mark.parametrize("views", [3, "all"])
+def test_dump_paths_write_identical_caches(tmp_path, teacher_weights, views):
+    source = load_source("synthetic:12", "train")
+    caches = {}
+    for path in ("resident", "loader"):
+        dump_teacher(load_teacher(teacher_weights), source, tmp_path / path, augment=Augment("cifar", image_size=32),
+                     views=views, layers=["layer3"], workers=0, batch_size=64, data_path=path)
+        cache = open_cache(tmp_path / path)
+        caches[path] = {name: cache.read(name).tobytes() for name in cache.names()}
+    assert caches["resident"] == caches["loader"] and len(caches["resident"]) == 5
