@@ -26,7 +26,7 @@ from softcache.models import Tapped, build_model, check_layers, file_sha256, loa
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache)
-from softcache.targets import TARGET_KINDS, LogitsFormat, encode_feature
+from softcache.targets import TARGET_KINDS, LogitsFormat, feature_target
 from softcache.views import Augment, DumpViews, apply_view, normalize
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,11 @@ def teacher_outputs(teacher: Tapped, views: torch.Tensor, *, mean: Sequence[floa
     with autocast(device):
         logits, features = teacher(x)
     return logits.half(), {name: f.half() for name, f in features.items()}
+
+
+def _to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Start a device-to-host copy (asynchronous on CUDA: read it only after the batch's event)."""
+    return tensor.to("cpu", non_blocking=True) if tensor.is_cuda else tensor
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -172,7 +177,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         target_arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
         if k == 0:
             for layer, f in features.items():
-                stored = encode_feature(storage["targets"], f)
+                stored = feature_target(storage["targets"], f)
                 target_arrays[feature_name(manifest, layer)] = (tuple(stored.shape[1:]), "float16")
     layout = array_layout(len(source), num_views, target_arrays)
     writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"])
@@ -180,21 +185,47 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
 
     samples_per_batch = max(1, batch_size // num_views)
     batches = list(_batches(start, len(source), writer.shard_samples, samples_per_batch))
-    for indices, (flat, labels, boxes, flips) in tqdm(zip(batches, _view_batches(dataset, batches, workers, dev, data_path)),
-                                                      total=len(batches), desc="dump-teacher", unit="batch", disable=None):
-        b = len(labels)
+
+    def launch(flat: torch.Tensor) -> tuple[list, torch.cuda.Event | None]:
+        """Queue the teachers on one batch and the copies of what is stored to host memory; returns at once on CUDA."""
+        outputs = []
+        for name, teacher in zip(names, tapped):
+            logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
+            stored = {layer: feature_target(storage["targets"], f) for layer, f in features.items()}
+            outputs.append((name, _to_host(logits), {layer: _to_host(v) for layer, v in stored.items()}))
+        if dev.type != "cuda":
+            return outputs, None
+        event = torch.cuda.Event()
+        event.record()
+        return outputs, event
+
+    def store(indices: list[int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, outputs: list,
+              event: torch.cuda.Event | None) -> None:
+        if event is not None:
+            event.synchronize()
+        b = len(indices)
         rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
         generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + indices[0])
-        for name, teacher in zip(names, tapped):
-            logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
+        for name, logits, features in outputs:
             prefix = logits_prefix(manifest, name)
             for suffix, value in fmt.encode(logits, generator).items():
                 rows[prefix + suffix] = value.reshape(b, num_views, *value.shape[1:])
-            for layer, f in features.items():
-                value = encode_feature(storage["targets"], f)
-                rows[feature_name(manifest, layer)] = value.reshape(b, num_views, *value.shape[1:])
+            for layer, value in features.items():
+                rows[feature_name(manifest, layer)] = value.numpy().reshape(b, num_views, *value.shape[1:])
         writer.write(indices[0], rows)
+
+    # One batch in flight: while the device runs batch k, the host encodes batch k - 1 and hands it to the
+    # writer thread, which compresses and writes whole shards.
+    pending = None
+    for indices, (flat, labels, boxes, flips) in tqdm(zip(batches, _view_batches(dataset, batches, workers, dev, data_path)),
+                                                      total=len(batches), desc="dump-teacher", unit="batch", disable=None):
+        launched = (indices, labels, boxes, flips, *launch(flat))
+        if pending is not None:
+            store(*pending)
+        pending = launched
+    if pending is not None:
+        store(*pending)
     final = writer.finish()
     log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
     return DumpResult(Path(out), existing.action, final, start)

@@ -130,9 +130,10 @@ def _positive(text: str) -> int:
     return k
 
 
-def encode_feature(kind: str, feature: torch.Tensor) -> np.ndarray:
-    """A teacher feature `[B, C, H, W]` -> what `--targets kind` stores: itself, or its AT map `[B, H, W]`, float16."""
+def feature_target(kind: str, feature: torch.Tensor) -> torch.Tensor:
+    """A teacher feature `[B, C, H, W]` -> what `--targets kind` stores, float16 on the feature's device:
+    the feature itself, or its AT map `[B, H, W]` (computed where the feature is, so only the map is copied)."""
     if kind == "attention":
         b, _, h, w = feature.shape
-        return attention_map(feature).view(b, h, w).half().cpu().numpy()
-    return feature.half().cpu().numpy()
+        return attention_map(feature).view(b, h, w).half()
+    return feature.half()

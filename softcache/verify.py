@@ -11,7 +11,7 @@ from softcache.dump import teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, file_sha256, load_weights
 from softcache.store import feature_name, logits_prefix, open_cache
-from softcache.targets import LogitsFormat, encode_feature
+from softcache.targets import LogitsFormat, feature_target
 from softcache.views import ReplayViews
 
 
@@ -68,7 +68,7 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
         log_p = torch.log_softmax(logits.float() / fmt.temperature, dim=1).gather(1, torch.from_numpy(ids).long())
         expected = {prefix + "/sampled_logp": log_p.numpy()}
     for layer, f in features.items():
-        expected[feature_name(manifest, layer)] = encode_feature(manifest["storage"]["targets"], f)
+        expected[feature_name(manifest, layer)] = feature_target(manifest["storage"]["targets"], f).cpu().numpy()
     for name, value in expected.items():
         cached = np.stack([reader.read(name, int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
         report.max_error[name] = float(np.abs(cached.astype(np.float64) - np.asarray(value, np.float64)).max())
