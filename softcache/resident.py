@@ -73,14 +73,18 @@ class ResidentReplay:
     """
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
-                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order):
+                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order,
+                 followers=()):
         self.views = ViewGather(images, boxes, flips, image_size=image_size, device=device)
+        self.followers = list(followers)  # e.g. the streaming target reader, which follows the epoch
         self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.device, self.order, self.epoch = device, order, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        for follower in self.followers:
+            follower.set_epoch(epoch)
 
     def __len__(self) -> int:
         n = len(self.labels)

@@ -338,7 +338,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
                  data_path: str = "auto", resident: bool | None = None,
                  targets: Targets | None = None) -> tuple[Any, Targets, str]:
-    """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`).
+    """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
+    e.g. 'resident images, stream targets'.
 
     Every path visits samples in `window_order` over the cache's shards and replays view
     `replay_choice(...)[i]` of sample i, so all of them yield identical batches and targets for one seed.
@@ -354,8 +355,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     followers = []
     if targets is None:
         cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
-        path = choose_data_path(data_path, source, boxes, image_size, CacheTargets.size(reader, cached.needed))
-        if path == "stream":
+        images, where = choose_data_path(data_path, source, boxes, image_size, CacheTargets.size(reader, cached.needed))
+        if where == "stream":
             targets = StreamingTargets(reader, cached.needed, block=block, window=STREAM_WINDOW, order=order,
                                        assemble=cached.assemble, device=device)
             followers.append(targets)
@@ -363,34 +364,41 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
             targets = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
                                    resident=True if resident is None else resident)
     else:
-        path = choose_data_path(data_path, source, boxes, image_size, 0)
-    log.info("data path: %s", path)
+        images, where = choose_data_path(data_path, source, boxes, image_size, 0)
+    log.info("images: %s, targets: %s", images, where)
     batches = replay_batches(source, boxes, flips, image_size=image_size, batch_size=batch_size, order=order,
-                             workers=workers, device=device, images="resident" if path == "resident" else "loader",
-                             followers=followers)
-    return batches, targets, path
+                             workers=workers, device=device, images=images, followers=followers)
+    return batches, targets, f"{images} images, {where} targets"
 
 
 DATA_PATHS = ("auto", "resident", "loader", "stream")
 STREAM_WINDOW = 4  # shards whose samples are shuffled together (the whole cache, when it has at most 4)
 
 
-def choose_data_path(data_path: str, source: Source, boxes: np.ndarray, image_size: int, target_bytes: int) -> str:
-    """'resident' (images and targets in memory, views replayed on the device), 'loader' (a DataLoader replays
-    views; targets in memory) or 'stream' (a DataLoader replays views; targets streamed from the store).
-    'auto' takes the first that fits: crops only and images + targets within RESIDENT_BYTES, then targets
-    within it."""
+def choose_data_path(data_path: str, source: Source, boxes: np.ndarray, image_size: int,
+                     target_bytes: int) -> tuple[str, str]:
+    """Where the images and where the targets come from: ('resident' | 'loader', 'resident' | 'stream').
+
+    Images are 'resident' (decoded once, views gathered on the device; crop-only views) or come from a
+    DataLoader ('loader'); targets are held in memory ('resident') or streamed from the store ('stream').
+    `--data-path` resident = (resident, resident); loader = (loader, resident); stream = (resident images if
+    they fit and the views are crops, else loader; stream); auto = whatever fits in RESIDENT_BYTES.
+    """
     if data_path not in DATA_PATHS:
         raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
-    if data_path == "resident" and not crop_only(boxes, image_size):
+    crops = crop_only(boxes, image_size)
+    if data_path == "resident" and not crops:
         raise SoftcacheError("--data-path resident replays crops only; these views are resized "
                              f"(box sizes differ from --image-size {image_size}): use --data-path loader")
-    if data_path != "auto":
-        return data_path
     image_bytes = len(source) * 3 * (image_size + 8) ** 2
-    if crop_only(boxes, image_size) and image_bytes + target_bytes <= RESIDENT_BYTES:
-        return "resident"
-    return "loader" if target_bytes <= RESIDENT_BYTES else "stream"
+    images_fit = crops and image_bytes <= RESIDENT_BYTES
+    if data_path == "resident":
+        return "resident", "resident"
+    if data_path == "loader":
+        return "loader", "resident"
+    if data_path == "stream" or target_bytes > RESIDENT_BYTES:
+        return ("resident" if images_fit else "loader"), "stream"
+    return ("resident" if images_fit and image_bytes + target_bytes <= RESIDENT_BYTES else "loader"), "resident"
 
 
 class EpochBatches:
@@ -424,7 +432,7 @@ def replay_batches(source: Source, boxes: np.ndarray, flips: np.ndarray, *, imag
         decoded = decode_all(source, workers)
         if decoded is not None:
             return ResidentReplay(decoded, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
-                                  drop_last=True, device=device, order=order)
+                                  drop_last=True, device=device, order=order, followers=followers)
         raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
     batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=lambda e: order(e)[0],
                          key_fn=lambda epoch, visit: list(zip(visit.tolist(), order(epoch)[1][visit].tolist())))

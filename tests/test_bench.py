@@ -18,5 +18,5 @@ def test_bench_measures_every_row(tmp_path):
                      "student KD (cache)", "student KD+AT (cache)", "student KD+FitNets (cache)",
                      "student KD+AT (cache, streamed)", "student KD (online teacher)", "student KD+AT (online teacher)"]
     assert all(row["images_per_s"] > 0 for row in table["rows"])
-    assert table["rows"][3]["ratio"] == 1.0 and table["data_path"] == "resident"
+    assert table["rows"][3]["ratio"] == 1.0 and table["data_path"] == "resident images, resident targets"
     assert "student KD+AT (cache)" in result.output

@@ -29,10 +29,16 @@ def test_own_dataset_and_models_from_python(tmp_path):
     boxes = cache.read("views/box")
     assert (boxes[..., 0] + boxes[..., 2] <= 40).all() and (boxes[..., 1] + boxes[..., 3] <= 48).all()
 
-    student = torchvision.models.resnet18(num_classes=3)
-    summary = train_student(student, tmp_path / "cache", train, test, tmp_path / "run",
-                            weights=resolve_weights(["kd", "at"], alpha=0.9, beta=1000, hint_weight=100),
-                            pairs={"layer4": "layer4"}, image_size=48,
-                            optim=OptimConfig(epochs=1, batch_size=4, workers=0))
-    metrics = json.loads((tmp_path / "run" / "metrics.jsonl").read_text())
-    assert {"train_kd", "train_at", "train_ce"} <= set(metrics) and summary["epochs"] == 1
+    losses = {}
+    for path in ("auto", "stream"):  # resized views: a DataLoader replays them; targets in memory, or streamed
+        torch.manual_seed(1)
+        student = torchvision.models.resnet18(num_classes=3)
+        losses[path] = []
+        summary = train_student(student, tmp_path / "cache", train, test, tmp_path / path,
+                                weights=resolve_weights(["kd", "at"], alpha=0.9, beta=1000, hint_weight=100),
+                                pairs={"layer4": "layer4"}, image_size=48, data_path=path,
+                                optim=OptimConfig(epochs=2, batch_size=4, workers=0),
+                                on_step=lambda step, terms, rec=losses[path]: rec.append(terms))
+        metrics = json.loads((tmp_path / path / "metrics.jsonl").read_text().splitlines()[-1])
+        assert {"train_kd", "train_at", "train_ce"} <= set(metrics) and summary["epochs"] == 2
+    assert len(losses["auto"]) == 6 and losses["auto"] == losses["stream"]

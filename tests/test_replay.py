@@ -113,7 +113,8 @@ def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teach
     common = dict(teacher_layers=["layer3"], temperature=4.0, teachers="mean", image_size=32, batch_size=6, seed=11,
                   workers=0, device=torch.device("cpu"))
     paths = {p: student_data(cache, source, data_path=p, **common) for p in ("resident", "loader", "stream")}
-    assert [paths[p][2] for p in paths] == ["resident", "loader", "stream"]
+    assert [paths[p][2] for p in paths] == ["resident images, resident targets", "loader images, resident targets",
+                                            "resident images, stream targets"]
     assert type(paths["resident"][0]).__name__ == "ResidentReplay" and type(paths["stream"][1]).__name__ == "StreamingTargets"
     for epoch in (0, 1):
         batches = {}
@@ -138,7 +139,7 @@ def test_student_training_is_the_same_on_every_path(small_cache, tmp_path):
         train_student(build_model("resnet8", 10), small_cache, source, test_source, tmp_path / path,
                       weights=resolve_weights(["kd", "at"], alpha=0.9, beta=1000, hint_weight=100),
                       pairs={"layer3": "layer3"}, optim=OptimConfig(epochs=2, batch_size=8, workers=0), seed=2,
-                      data_path=path, on_step=lambda step, terms: recorded.append(terms))
+                      data_path=path, on_step=lambda step, terms, rec=recorded: rec.append(terms))
         runs[path] = recorded
     assert len(runs["loader"]) == 4 and runs["loader"] == runs["resident"] == runs["stream"]
 
