@@ -143,6 +143,8 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @data
 @augment
 @image_size
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=TeacherConfig.data_path,
+         help="resident: images decoded once, views gathered on the device (cifar, none); loader: DataLoader workers")
 @training_options
 def train_teacher_cmd(**kw: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the no-KD baseline)."""

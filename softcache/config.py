@@ -39,6 +39,7 @@ class TeacherConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = field(default_factory=default_device)
     seed: int = 0
+    data_path: str = "auto"         # resident (views gathered on the device) | loader (DataLoader workers) | auto
     download: bool = False          # allow torchvision to download cifar10/cifar100
     overwrite: bool = False         # replace a finished run folder
 

@@ -35,6 +35,11 @@ def decode_all(source: Source, workers: int = 0) -> torch.Tensor | None:
     return torch.stack(images)
 
 
+def padding_for(boxes: np.ndarray, height: int, width: int, size: int) -> int:
+    """How far crops of `size` at `boxes [..., 4]` reach past a `height x width` image, in pixels."""
+    return int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + size - height).max(), (boxes[..., 1] + size - width).max()))
+
+
 def crop_only(boxes: np.ndarray, image_size: int) -> bool:
     """Whether every stored view is a crop of the output size (no resize), so it can be replayed by gathering."""
     return bool((boxes[..., 2] == image_size).all() and (boxes[..., 3] == image_size).all())
@@ -45,14 +50,19 @@ class ViewGather:
     `boxes [N, V, 4]`, `flips [N, V]`: `gather(index, view)` replays views in batch."""
 
     def __init__(self, images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, *, image_size: int,
-                 device: torch.device):
-        assert crop_only(boxes, image_size), "resident replay needs crop-only views"
-        p = int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + image_size - images.shape[2]).max(),
-                    (boxes[..., 1] + image_size - images.shape[3]).max()))
+                 device: torch.device, pad: int | None = None):
+        self.size, self.device, self.height, self.width = image_size, device, images.shape[2], images.shape[3]
+        p = self.pad = padding_for(boxes, self.height, self.width, image_size) if pad is None else pad
         self.images = torch.nn.functional.pad(images, (p, p, p, p)).to(device)  # zeros past the edge, as TF.crop
-        self.corner = torch.as_tensor(boxes[..., :2] + p, dtype=torch.int64, device=device)  # [N, V, 2]
-        self.flips = torch.as_tensor(flips, device=device)
-        self.size, self.offsets = image_size, torch.arange(image_size, device=device)
+        self.offsets = torch.arange(image_size, device=device)
+        self.set_views(boxes, flips)
+
+    def set_views(self, boxes: np.ndarray, flips: np.ndarray) -> None:
+        """Replace the views (`boxes [N, V, 4]`, `flips [N, V]`), keeping the images where they are."""
+        assert crop_only(boxes, self.size), "resident replay needs crop-only views"
+        assert padding_for(boxes, self.height, self.width, self.size) <= self.pad, "views reach past the padding"
+        self.corner = torch.as_tensor(boxes[..., :2] + self.pad, dtype=torch.int64, device=self.device)  # [N, V, 2]
+        self.flips = torch.as_tensor(flips, device=self.device)
 
     def gather(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The stored views `view [B]` of samples `index [B]` as uint8 `[B, 3, S, S]`."""
@@ -74,15 +84,18 @@ class ResidentReplay:
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
                  image_size: int, batch_size: int, drop_last: bool, device: torch.device, order,
-                 followers=()):
-        self.views = ViewGather(images, boxes, flips, image_size=image_size, device=device)
+                 followers=(), refresh=None, pad: int | None = None):
+        self.views = ViewGather(images, boxes, flips, image_size=image_size, device=device, pad=pad)
         self.followers = list(followers)  # e.g. the streaming target reader, which follows the epoch
+        self.refresh = refresh            # epoch -> (boxes, flips): fresh views per epoch (plain training)
         self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
         self.batch_size, self.drop_last = batch_size, drop_last
         self.device, self.order, self.epoch = device, order, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.refresh is not None:
+            self.views.set_views(*self.refresh(epoch))
         for follower in self.followers:
             follower.set_epoch(epoch)
 

@@ -28,9 +28,10 @@ from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all
+from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all, padding_for
 from softcache.streaming import StreamingTargets, window_order
-from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, normalize, replay_choice
+from softcache.views import (Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, normalize,
+                             replay_choice)
 
 log = logging.getLogger(__name__)
 
@@ -225,29 +226,57 @@ def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
 
 def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
-                     overwrite: bool = False, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Cross-entropy training on fresh views of `augment` each epoch (views drawn from `(seed, epoch, index)`)."""
+                     overwrite: bool = False, config: Mapping[str, Any] | None = None,
+                     data_path: str = "auto") -> dict[str, Any]:
+    """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`)."""
     run = prepare_run(out, config or {}, overwrite=overwrite)
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = _prepare_model(model, dev)
-    batches = KeyBatches(len(train_source), optim.batch_size, seed=seed, shuffle=True, drop_last=True,
-                         key_fn=lambda epoch, order: [(int(i), epoch) for i in order])
-    train_loader = torch.utils.data.DataLoader(AugmentedViews(train_source, augment, seed), batch_sampler=batches,
-                                               num_workers=optim.workers, persistent_workers=optim.workers > 0,
-                                               pin_memory=dev.type == "cuda")
+    train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
+                                     workers=optim.workers, device=dev, data_path=data_path)
     mean, std = train_source.mean, train_source.std
 
     def step_loss(batch):
-        views, labels = batch
+        views, labels = batch[:2]
         x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
         with autocast(dev, torch.bfloat16):
             logits = model(x)
         return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
 
-    return fit(model, step_loss, params=list(model.parameters()), train_loader=EpochBatches(train_loader),
+    return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
                test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
                optim=optim, mean=mean, std=std, device=dev, out=run)
+
+
+def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed: int, workers: int,
+                      device: torch.device, data_path: str = "auto") -> Any:
+    """Plain-training batches `(views [B, 3, S, S] uint8, labels [B], ...)`: samples in `epoch_order`, sample i
+    taking a fresh view each epoch (AugmentedViews). With resident images (finite crop-only policies that fit,
+    or `data_path='resident'`) the views are gathered on the device; else a DataLoader crops them. Same batches.
+    """
+    n = len(source)
+    fits = n * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES
+    images = decode_all(source, workers) if augment.finite and (data_path == "resident" or (data_path == "auto" and fits)) else None
+    if images is not None:
+        boxes, flips = augment.all_views(*images.shape[-2:])
+        if crop_only(boxes, augment.image_size):
+            def views(epoch: int) -> tuple[np.ndarray, np.ndarray]:
+                k = augment.epoch_choice(n, (seed, epoch))
+                return boxes[k][:, None], flips[k][:, None]
+
+            return ResidentReplay(images, source.labels, *views(0), image_size=augment.image_size,
+                                  batch_size=batch_size, drop_last=True, device=device, refresh=views,
+                                  pad=padding_for(boxes, *images.shape[-2:], augment.image_size),
+                                  order=lambda epoch: (epoch_order(n, seed=seed, epoch=epoch), np.zeros(n, np.int64)))
+    if data_path == "resident":
+        raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
+    batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
+                         key_fn=lambda epoch, order: [(int(i), epoch) for i in order])
+    loader = torch.utils.data.DataLoader(AugmentedViews(source, augment, seed), batch_sampler=batches,
+                                         num_workers=workers, persistent_workers=workers > 0,
+                                         pin_memory=device.type == "cuda")
+    return EpochBatches(loader)
 
 
 def check_data_matches(cache: CacheReader, source: Source) -> None:
@@ -450,7 +479,8 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = build_model(cfg.model, num_classes=len(train_source.classes))
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
-                            device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg))
+                            device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg),
+                            data_path=cfg.data_path)
 
 
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:

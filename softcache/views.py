@@ -87,6 +87,11 @@ class Augment:
         return (np.asarray(boxes * 2, np.float32),
                 np.repeat(np.asarray([False, True]), len(boxes)))
 
+    def epoch_choice(self, n: int, key: Sequence[int]) -> np.ndarray:
+        """Finite policies, plain training: which of the `count_all()` views each of `n` samples takes this
+        epoch, `[n]`, drawn from `key` (e.g. `(seed, epoch)`) in one go."""
+        return np.random.default_rng([*key, 0x7EAC]).integers(self.count_all(), size=n)
+
     def sample_views(self, height: int, width: int, k: int, key: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """`k` views of one image, a pure function of `key` (e.g. `(seed, index)`).
 
@@ -154,23 +159,35 @@ class DumpViews(torch.utils.data.Dataset):
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label)`: a fresh view for plain training; epoch < 0 is the eval view."""
+    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label)`: a fresh view for plain training; epoch < 0 is the eval view.
+
+    Finite policies take view `epoch_choice(N, (seed, epoch))[i]` of `all_views`, imagenet draws from
+    `(seed, epoch, i)`.
+    """
 
     def __init__(self, source: Source, augment: Augment, seed: int):
         self.source, self.augment, self.seed = source, augment, seed
+        self._choice: tuple[int, np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def view_of(self, i: int, epoch: int, height: int, width: int) -> tuple[Sequence[float], bool]:
+        if epoch < 0:
+            return self.augment.eval_box(height, width), False
+        if self.augment.finite:
+            if self._choice is None or self._choice[0] != epoch:  # once per epoch and worker
+                self._choice = (epoch, self.augment.epoch_choice(len(self.source), (self.seed, epoch)))
+            boxes, flips = self.augment.all_views(height, width)
+            k = self._choice[1][i]
+            return boxes[k], bool(flips[k])
+        boxes, flips = self.augment.sample_views(height, width, 1, (self.seed, epoch, i))
+        return boxes[0], bool(flips[0])
+
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
         image, label = self.source[i]
-        _, height, width = image.shape
-        if epoch < 0:
-            box, flip = self.augment.eval_box(height, width), False
-        else:
-            boxes, flips = self.augment.sample_views(height, width, 1, (self.seed, epoch, i))
-            box, flip = boxes[0], bool(flips[0])
+        box, flip = self.view_of(i, epoch, *image.shape[-2:])
         return apply_view(image, box, flip, self.augment.image_size), label
 
 

@@ -154,3 +154,22 @@ def test_dump_paths_write_identical_caches(tmp_path, teacher_weights, views):
         cache = open_cache(tmp_path / path)
         caches[path] = {name: cache.read(name).tobytes() for name in cache.names()}
     assert caches["resident"] == caches["loader"] and len(caches["resident"]) == 5
+
+
+def test_plain_training_batches_are_the_same_resident_or_loaded():
+    from softcache.train import augmented_batches
+    source = load_source("synthetic:30", "train")
+    common = dict(batch_size=7, seed=4, workers=0, device=torch.device("cpu"))
+    resident = augmented_batches(source, Augment("cifar", image_size=32), data_path="resident", **common)
+    loader = augmented_batches(source, Augment("cifar", image_size=32), data_path="loader", **common)
+    assert type(resident).__name__ == "ResidentReplay"
+    seen = []
+    for epoch in (0, 1):
+        resident.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        pairs = list(zip(resident, loader))
+        assert len(pairs) == 4
+        for a, b in pairs:
+            assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+        seen.append(torch.cat([a[0] for a, _ in pairs]))
+    assert not torch.equal(seen[0], seen[1])  # fresh views (and order) every epoch
