@@ -7,7 +7,8 @@
     [[student]]         a StudentConfig each, with a `name`: student, loss, pairs = {s = "t"}, epochs ...
 
 A stage whose complete output exists (summary.json, or a complete cache with the same id) is skipped, so a
-rerun resumes; an interrupted dump continues from its committed shards.
+rerun resumes; an interrupted dump continues from its committed shards. A finished output made with other
+settings than the recipe's is refused, naming what differs.
 """
 from __future__ import annotations
 
@@ -17,8 +18,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig
+from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.errors import SoftcacheError
+from softcache.store.manifest import differences
 
 _OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
 
@@ -109,9 +111,18 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     return Pipeline(teacher, dump, tuple(students))
 
 
-def _finished_run(out: str) -> dict[str, Any] | None:
+def _finished_run(out: str, config: Any = None) -> dict[str, Any] | None:
+    """The summary of a finished run at `out`, or None; refuses one made with another configuration."""
     summary = Path(out) / "summary.json"
-    return json.loads(summary.read_text()) if summary.exists() else None
+    if not summary.exists():
+        return None
+    if config is not None:
+        recorded = json.loads((Path(out) / "config.json").read_text())
+        differ = differences(recorded, json.loads(json.dumps(to_json(config))))
+        if differ:
+            raise SoftcacheError(f"'{out}' holds a finished run made with other settings ({', '.join(differ)} differ); "
+                                 "remove it, or run the recipe with another --root")
+    return json.loads(summary.read_text())
 
 
 def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
@@ -121,7 +132,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     from softcache.train import train_student_from_config, train_teacher_from_config
 
     if pipeline.teacher is not None:
-        if _finished_run(pipeline.teacher.out):
+        if _finished_run(pipeline.teacher.out, pipeline.teacher):
             echo(f"[teacher] {pipeline.teacher.out} is finished: skipped")
         else:
             echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}")
@@ -135,7 +146,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
             echo(f"[dump] {'+'.join(pipeline.dump.teacher)} -> {pipeline.dump.out} ({result.action})")
     rows = []
     for name, cfg in pipeline.students:
-        summary = _finished_run(cfg.out)
+        summary = _finished_run(cfg.out, cfg)
         if summary:
             echo(f"[student {name}] {cfg.out} is finished: skipped")
         else:
