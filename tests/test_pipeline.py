@@ -55,3 +55,14 @@ def test_rerun_skips_and_a_changed_stage_is_refused(tmp_path):
     bad.write_text("[teacher]\nmodel = 'resnet8'\ndata = 'synthetic:20'\nepoch = 3\n")
     result = CliRunner().invoke(cli, ["run", str(bad), "--root", root])
     assert result.exit_code != 0 and "unknown key 'epoch' in [teacher]; valid:" in result.stderr
+
+
+def test_shipped_recipes_load():
+    from pathlib import Path
+    recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
+    assert [r.name for r in recipes] == ["cifar10_resnet56_resnet20.toml", "quickstart.toml"]
+    cifar = load_pipeline(recipes[0])
+    assert cifar.teacher.model == "resnet56" and cifar.dump.views == "all" and cifar.dump.data == "imagefolder:data/cifar10-jpeg"
+    assert [s.student for _, s in cifar.students] == ["resnet20", "resnet20"]
+    quick = load_pipeline(recipes[1])
+    assert quick.teacher.data == "synthetic" and quick.students[1][1].losses == ("kd", "at")
