@@ -21,7 +21,7 @@ from softcache.dump import dump_teacher, teacher_outputs
 from softcache.losses import KDLoss
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import open_cache
-from softcache.train import CacheTargets
+from softcache.batches import CacheTargets
 from softcache.views import Augment, ReplayViews
 
 FORMATS = ["fp32", "fp16", "bf16", "topk:1", "topk:3", "topk:5", "sampled:5"]

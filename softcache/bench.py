@@ -24,7 +24,8 @@ from softcache.dump import autocast, dump_teacher, resolve_image_size
 from softcache.losses import resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import open_cache
-from softcache.train import OnlineTargets, _inputs, build_criterion, distill_step, student_data
+from softcache.batches import OnlineTargets, student_data
+from softcache.train import build_criterion, distill_step, model_inputs
 from softcache.views import Augment
 
 
@@ -96,7 +97,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     tapped_teacher = Tapped(teacher_model, []).to(dev).eval()
     if dev.type == "cuda":
         tapped_teacher = tapped_teacher.to(memory_format=torch.channels_last)
-    fixed = _inputs(next(stream)[0].to(dev), source.mean, source.std, dev)
+    fixed = model_inputs(next(stream)[0].to(dev), source.mean, source.std, dev)
 
     @torch.no_grad()
     def infer() -> int:

@@ -10,124 +10,25 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from softcache.batches import Targets, augmented_batches, student_data
 from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source
-from softcache.dump import autocast, resolve_image_size, teacher_outputs
+from softcache.dump import autocast, resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
-from softcache.store import CacheReader, feature_name, logits_prefix, open_cache
-from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all, padding_for
-from softcache.streaming import StreamingTargets, window_order
-from softcache.views import (Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, normalize,
-                             replay_choice)
+from softcache.store import CacheReader, feature_name, open_cache
+from softcache.views import Augment, AugmentedViews, KeyBatches, normalize
 
 log = logging.getLogger(__name__)
-
-# (views [B, 3, S, S] uint8, index [B], view [B]) -> (KD target, {teacher layer: feature or attention map})
-Targets = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]
-
-
-class CacheTargets:
-    """The cached teacher targets for `(sample, view)` pairs.
-
-    `__call__(views, index [B], view [B]) -> (kd_target, {layer: feature [B, C, H, W] or map [B, H, W]})` on
-    `device`, where `kd_target` is what `KDLoss.from_target` takes. With several cached teachers, `teachers`
-    picks one by name or averages their probabilities at `temperature` ('mean'). Small caches are read into
-    memory once (`resident`); larger ones are read per batch, each needed row once.
-    """
-
-    def __init__(self, cache: CacheReader, layers: Sequence[str], device: torch.device, *, temperature: float = 4.0,
-                 teachers: str = "mean", resident: bool | None = None):
-        manifest = cache.manifest
-        self.format = LogitsFormat.from_json(manifest["storage"]["logits"])
-        names = [t["name"] for t in manifest["teachers"]]
-        if teachers != "mean" and teachers not in names:
-            raise SoftcacheError(f"--teachers '{teachers}' is not in the cache; valid: mean, {', '.join(names)}")
-        self.teachers = names if teachers == "mean" else [teachers]
-        if len(self.teachers) > 1 and self.format.kind in ("topk", "sampled"):
-            raise SoftcacheError(f"--teachers mean needs full logits; this cache stores {self.format.kind} logits: "
-                                 f"pick one teacher with --teachers NAME ({', '.join(names)})")
-        if self.format.kind == "sampled" and temperature != self.format.temperature:
-            raise SoftcacheError(f"this cache's sampled logits were drawn at T={self.format.temperature:g}; "
-                                 f"use --temperature {self.format.temperature:g}")
-        if self.format.kind == "topk" and temperature not in TOPK_TEMPERATURES:
-            raise SoftcacheError(f"top-k caches hold the tail mass at T in {', '.join(f'{t:g}' for t in TOPK_TEMPERATURES)}; "
-                                 f"--temperature {temperature:g} is not among them")
-        self.temperature = temperature
-        self.logit_arrays = {t: {suffix: logits_prefix(manifest, t) + suffix
-                                 for suffix in self.format.arrays(len(manifest["dataset"]["classes"]))}
-                             for t in self.teachers}
-        self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
-        needed = [a for arrays in self.logit_arrays.values() for a in arrays.values()] + list(self.feature_arrays.values())
-        self.needed = needed
-        if resident is None:
-            resident = self.size(cache, needed) <= RESIDENT_BYTES
-        self.cache, self.resident, self.device = cache, resident, device
-        # resident targets live on the device and are gathered there with the batch's index tensors
-        self.data = {a: torch.from_numpy(_signed(cache.read(a))).to(device) for a in needed} if resident else {}
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.data.values())
-
-    def _rows(self, name: str, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        if self.resident:
-            return self.data[name][index.to(self.device), view.to(self.device)]
-        unique, inverse = np.unique(index.cpu().numpy(), return_inverse=True)
-        rows = self.cache.rows(name, unique)[inverse, view.cpu().numpy()]
-        return torch.from_numpy(_signed(np.ascontiguousarray(rows))).to(self.device, non_blocking=True)
-
-    @staticmethod
-    def size(cache: CacheReader, names: Sequence[str]) -> int:
-        return sum(int(np.prod(cache.shape(a), dtype=np.int64)) * cache.dtype(a).itemsize for a in names)
-
-    def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
-        return self.assemble({a: self._rows(a, index, view) for a in self.needed})
-
-    def assemble(self, rows: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Rows of the needed arrays (`[B, ...]` tensors on the device) -> (KD target, features)."""
-        per_teacher = [self.format.decode({suffix: rows[a] for suffix, a in arrays.items()})
-                       for arrays in self.logit_arrays.values()]
-        if len(per_teacher) > 1:  # the ensemble: mean of the teachers' probabilities at T
-            log_p = torch.stack([torch.log_softmax(t["logits"] / self.temperature, dim=1) for t in per_teacher])
-            target = {"log_p": torch.logsumexp(log_p, dim=0) - math.log(len(per_teacher))}
-        else:
-            target = per_teacher[0]
-        if "tail_lse" in target:
-            target["tail_lse"] = target["tail_lse"][:, TOPK_TEMPERATURES.index(self.temperature)]
-        features = {layer: rows[a].float() for layer, a in self.feature_arrays.items()}
-        return target, features
-
-
-def _signed(array: np.ndarray) -> np.ndarray:
-    """uint16 (stored bfloat16 bit patterns) viewed as int16, which torch indexes everywhere."""
-    return array.view(np.int16) if array.dtype == np.uint16 else array
-
-
-class OnlineTargets:
-    """The teacher run on each batch of views (online KD): same contract as `CacheTargets`.
-
-    Used by tests and benchmarks to compare against the cache; train-student never builds one.
-    """
-
-    def __init__(self, teacher: nn.Module, layers: Sequence[str], *, mean: Sequence[float], std: Sequence[float],
-                 device: torch.device):
-        self.teacher = Tapped(teacher, layers).to(device).eval()
-        self.mean, self.std, self.device = mean, std, device
-
-    def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
-        logits, features = teacher_outputs(self.teacher, views, mean=self.mean, std=self.std, device=self.device)
-        return {"logits": logits.float()}, {k: v.float() for k, v in features.items()}
-
 
 def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Path:
     """Create the run folder; refuse a finished one (it has summary.json) unless `overwrite`."""
@@ -158,7 +59,7 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, mean: Seq
     model.eval()
     correct, loss, count = 0, 0.0, 0
     for views, labels in loader:
-        x, labels = _inputs(views, mean, std, device), labels.to(device)
+        x, labels = model_inputs(views, mean, std, device), labels.to(device)
         with autocast(device, torch.bfloat16):
             logits = model(x)
         loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
@@ -167,7 +68,8 @@ def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, mean: Seq
     return 100.0 * correct / max(1, count), loss / max(1, count)
 
 
-def _inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+def model_inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+    """uint8 views `[B, 3, S, S]` -> the normalised float batch on `device` (channels_last on CUDA)."""
     x = normalize(views.to(device, non_blocking=True), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
@@ -239,7 +141,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
 
     def step_loss(batch):
         views, labels = batch[:2]
-        x, labels = _inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
+        x, labels = model_inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
         with autocast(dev, torch.bfloat16):
             logits = model(x)
         return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
@@ -247,36 +149,6 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
     return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
                test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
                optim=optim, mean=mean, std=std, device=dev, out=run)
-
-
-def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed: int, workers: int,
-                      device: torch.device, data_path: str = "auto") -> Any:
-    """Plain-training batches `(views [B, 3, S, S] uint8, labels [B], ...)`: samples in `epoch_order`, sample i
-    taking a fresh view each epoch (AugmentedViews). With resident images (finite crop-only policies that fit,
-    or `data_path='resident'`) the views are gathered on the device; else a DataLoader crops them. Same batches.
-    """
-    n = len(source)
-    fits = n * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES
-    images = decode_all(source, workers) if augment.finite and (data_path == "resident" or (data_path == "auto" and fits)) else None
-    if images is not None:
-        boxes, flips = augment.all_views(*images.shape[-2:])
-        if crop_only(boxes, augment.image_size):
-            def views(epoch: int) -> tuple[np.ndarray, np.ndarray]:
-                k = augment.epoch_choice(n, (seed, epoch))
-                return boxes[k][:, None], flips[k][:, None]
-
-            return ResidentReplay(images, source.labels, *views(0), image_size=augment.image_size,
-                                  batch_size=batch_size, drop_last=True, device=device, refresh=views,
-                                  pad=padding_for(boxes, *images.shape[-2:], augment.image_size),
-                                  order=lambda epoch: (epoch_order(n, seed=seed, epoch=epoch), np.zeros(n, np.int64)))
-    if data_path == "resident":
-        raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
-    batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
-                         key_fn=lambda epoch, order: [(int(i), epoch) for i in order])
-    loader = torch.utils.data.DataLoader(AugmentedViews(source, augment, seed), batch_sampler=batches,
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda")
-    return EpochBatches(loader)
 
 
 def check_data_matches(cache: CacheReader, source: Source) -> None:
@@ -354,121 +226,13 @@ def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, me
     """The forward pass of one student step on a replay batch: `batch -> (loss terms, logits, labels)`."""
     def step_loss(batch):
         views, labels, index, view = batch
-        x, labels = _inputs(views, mean, std, device), labels.to(device, non_blocking=True)
+        x, labels = model_inputs(views, mean, std, device), labels.to(device, non_blocking=True)
         teacher, teacher_features = targets(views, index, view)
         with autocast(device, torch.bfloat16):
             logits, features = tapped(x)
             terms = criterion(logits.float(), labels, features, teacher, teacher_features)
         return terms, logits, labels
     return step_loss
-
-
-def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
-                 teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
-                 data_path: str = "auto", resident: bool | None = None,
-                 targets: Targets | None = None) -> tuple[Any, Targets, str]:
-    """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
-    e.g. 'resident images, stream targets'.
-
-    Every path visits samples in `window_order` over the cache's shards and replays view
-    `replay_choice(...)[i]` of sample i, so all of them yield identical batches and targets for one seed.
-    """
-    boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    n, num_views = boxes.shape[:2]
-    block = reader.shard_samples()
-
-    def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return (window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch),
-                replay_choice(num_views, n, seed=seed, epoch=epoch))
-
-    followers = []
-    if targets is None:
-        cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
-        images, where = choose_data_path(data_path, source, boxes, image_size, CacheTargets.size(reader, cached.needed))
-        if where == "stream":
-            targets = StreamingTargets(reader, cached.needed, block=block, window=STREAM_WINDOW, order=order,
-                                       assemble=cached.assemble, device=device)
-            followers.append(targets)
-        else:
-            targets = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
-                                   resident=True if resident is None else resident)
-    else:
-        images, where = choose_data_path(data_path, source, boxes, image_size, 0)
-    log.info("images: %s, targets: %s", images, where)
-    batches = replay_batches(source, boxes, flips, image_size=image_size, batch_size=batch_size, order=order,
-                             workers=workers, device=device, images=images, followers=followers)
-    return batches, targets, f"{images} images, {where} targets"
-
-
-DATA_PATHS = ("auto", "resident", "loader", "stream")
-STREAM_WINDOW = 4  # shards whose samples are shuffled together (the whole cache, when it has at most 4)
-
-
-def choose_data_path(data_path: str, source: Source, boxes: np.ndarray, image_size: int,
-                     target_bytes: int) -> tuple[str, str]:
-    """Where the images and where the targets come from: ('resident' | 'loader', 'resident' | 'stream').
-
-    Images are 'resident' (decoded once, views gathered on the device; crop-only views) or come from a
-    DataLoader ('loader'); targets are held in memory ('resident') or streamed from the store ('stream').
-    `--data-path` resident = (resident, resident); loader = (loader, resident); stream = (resident images if
-    they fit and the views are crops, else loader; stream); auto = whatever fits in RESIDENT_BYTES.
-    """
-    if data_path not in DATA_PATHS:
-        raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
-    crops = crop_only(boxes, image_size)
-    if data_path == "resident" and not crops:
-        raise SoftcacheError("--data-path resident replays crops only; these views are resized "
-                             f"(box sizes differ from --image-size {image_size}): use --data-path loader")
-    image_bytes = len(source) * 3 * (image_size + 8) ** 2
-    images_fit = crops and image_bytes <= RESIDENT_BYTES
-    if data_path == "resident":
-        return "resident", "resident"
-    if data_path == "loader":
-        return "loader", "resident"
-    if data_path == "stream" or target_bytes > RESIDENT_BYTES:
-        return ("resident" if images_fit else "loader"), "stream"
-    return ("resident" if images_fit and image_bytes + target_bytes <= RESIDENT_BYTES else "loader"), "resident"
-
-
-class EpochBatches:
-    """A DataLoader over `KeyBatches`, with the objects that must follow its epoch (a streaming reader)."""
-
-    def __init__(self, loader: torch.utils.data.DataLoader, followers: Sequence[Any] = ()):
-        self.loader, self.followers = loader, list(followers)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.loader.batch_sampler.set_epoch(epoch)
-        for follower in self.followers:
-            follower.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def replay_batches(source: Source, boxes: np.ndarray, flips: np.ndarray, *, image_size: int, batch_size: int,
-                   order: Callable[[int], tuple[np.ndarray, np.ndarray]], workers: int, device: torch.device,
-                   images: str = "loader", followers: Sequence[Any] = ()) -> Any:
-    """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
-
-    `order(epoch) -> (visiting order [N], view choice [N])`. With `images='resident'` the images are decoded
-    once and the views gathered on the device (softcache.resident); with 'loader' a DataLoader replays each
-    view. Both yield identical batches.
-    """
-    if images == "resident":
-        decoded = decode_all(source, workers)
-        if decoded is not None:
-            return ResidentReplay(decoded, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
-                                  drop_last=True, device=device, order=order, followers=followers)
-        raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
-    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=lambda e: order(e)[0],
-                         key_fn=lambda epoch, visit: list(zip(visit.tolist(), order(epoch)[1][visit].tolist())))
-    loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, image_size), batch_sampler=batches,
-                                         num_workers=workers, persistent_workers=workers > 0,
-                                         pin_memory=device.type == "cuda")
-    return EpochBatches(loader, followers)
 
 
 def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:

@@ -12,7 +12,8 @@ from softcache.dump import dump_teacher, teacher_outputs
 from softcache.losses import resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import open_cache
-from softcache.train import OnlineTargets, train_student
+from softcache.batches import OnlineTargets
+from softcache.train import train_student
 from softcache.views import Augment, DumpViews, ReplayViews, apply_view, normalize
 
 FP16_TOL = dict(rtol=2e-3, atol=2e-3)
@@ -104,7 +105,7 @@ def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_pat
 
 @pytest.mark.parametrize("shard_mb", [64.0, 0.05])  # one shard, and many (windows of shards)
 def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teacher_weights, shard_mb):
-    from softcache.train import student_data
+    from softcache.batches import student_data
     out = tmp_path / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:40", "train"), out,
                  augment=Augment("cifar", image_size=32), views=3, layers=["layer3"], workers=0, shard_mb=shard_mb)
@@ -157,7 +158,7 @@ def test_dump_paths_write_identical_caches(tmp_path, teacher_weights, views):
 
 
 def test_plain_training_batches_are_the_same_resident_or_loaded():
-    from softcache.train import augmented_batches
+    from softcache.batches import augmented_batches
     source = load_source("synthetic:30", "train")
     common = dict(batch_size=7, seed=4, workers=0, device=torch.device("cpu"))
     resident = augmented_batches(source, Augment("cifar", image_size=32), data_path="resident", **common)

@@ -19,7 +19,8 @@ from softcache.losses import KDLoss, resolve_weights
 from softcache.models import build_model
 from softcache.store import open_cache
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.train import CacheTargets, train_student
+from softcache.batches import CacheTargets
+from softcache.train import train_student
 from softcache.views import Augment
 
 SOURCE = "synthetic:20"
