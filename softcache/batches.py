@@ -68,11 +68,14 @@ class CacheTargets:
         self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
         needed = [a for arrays in self.logit_arrays.values() for a in arrays.values()] + list(self.feature_arrays.values())
         self.needed = needed
-        if resident is None:
-            resident = self.size(cache, needed) <= RESIDENT_BYTES
-        self.cache, self.resident, self.device = cache, resident, device
-        # resident targets live on the device and are gathered there with the batch's index tensors
-        self.data = {a: torch.from_numpy(_signed(cache.read(a))).to(device) for a in needed} if resident else {}
+        self.cache, self.device, self.resident, self.data = cache, device, False, {}
+        if resident or (resident is None and self.size(cache, needed) <= RESIDENT_BYTES):
+            self.load()
+
+    def load(self) -> None:
+        """Hold every needed array on the device, to be gathered there with the batch's index tensors."""
+        self.data = {a: torch.from_numpy(_signed(self.cache.read(a))).to(self.device) for a in self.needed}
+        self.resident = True
         self.nbytes = sum(t.numel() * t.element_size() for t in self.data.values())
 
     def _rows(self, name: str, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
@@ -157,8 +160,7 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
 
 def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
-                 data_path: str = "auto", resident: bool | None = None,
-                 targets: Targets | None = None) -> tuple[Any, Targets, str]:
+                 data_path: str = "auto", targets: Targets | None = None) -> tuple[Any, Targets, str]:
     """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
     e.g. 'resident images, stream targets'.
 
@@ -182,8 +184,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
                                        assemble=cached.assemble, device=device)
             followers.append(targets)
         else:
-            targets = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
-                                   resident=True if resident is None else resident)
+            cached.load()
+            targets = cached
     else:
         images, where = choose_data_path(data_path, source, boxes, image_size, 0)
     log.info("images: %s, targets: %s", images, where)

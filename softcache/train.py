@@ -168,15 +168,14 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   pairs: Mapping[str, str] | None = None, image_size: int | None = None,
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
-                  resident: bool | None = None, teachers: str = "mean", data_path: str = "auto",
+                  teachers: str = "mean", data_path: str = "auto",
                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
     At epoch e, sample i replays stored view `replay_choice(V, N, seed, e)[i]`; the student sees exactly the
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
-    teacher outputs (tests compare online KD this way). `data_path` is 'resident' (images decoded once and
-    views replayed on the device, see softcache.resident), 'loader' (a DataLoader replays each view), or
-    'auto': resident when the views are pure crops and the images fit in memory.
+    teacher outputs (tests compare online KD this way). `data_path` (auto, resident, loader, stream) says where
+    images and targets come from; see `softcache.batches.choose_data_path`.
     """
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest, pairs = reader.manifest, dict(pairs or {})
@@ -201,7 +200,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
                                             temperature=temperature, teachers=teachers, image_size=augment.image_size,
                                             batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
-                                            data_path=data_path, resident=resident, targets=targets)
+                                            data_path=data_path, targets=targets)
     criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
                                 image_size=augment.image_size, device=dev)
     mean, std = train_source.mean, train_source.std
