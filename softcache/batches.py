@@ -158,6 +158,28 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
     return EpochBatches(loader)
 
 
+def eval_batches(source: Source, augment: Augment, *, batch_size: int, workers: int, device: torch.device,
+                 data_path: str = "auto") -> Any:
+    """The test split at the policy's evaluation view, in order: `(views [B, 3, S, S] uint8, labels [B], ...)`.
+
+    Resident (decoded once, gathered on the device) when the evaluation view is a crop that fits in memory,
+    unless `data_path` is 'loader'; else a DataLoader. The same batches either way.
+    """
+    n = len(source)
+    fits = n * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES
+    images = decode_all(source, workers) if data_path != "loader" and fits else None
+    if images is not None:
+        boxes = np.broadcast_to(np.asarray(augment.eval_box(*images.shape[-2:]), np.float32), (n, 1, 4)).copy()
+        if crop_only(boxes, augment.image_size):
+            return ResidentReplay(images, source.labels, boxes, np.zeros((n, 1), bool), image_size=augment.image_size,
+                                  batch_size=batch_size, drop_last=False, device=device,
+                                  order=lambda epoch: (np.arange(n), np.zeros(n, np.int64)))
+    batches = KeyBatches(n, batch_size, seed=0, shuffle=False, drop_last=False,
+                         key_fn=lambda epoch, order: [(int(i), -1) for i in order])
+    return torch.utils.data.DataLoader(AugmentedViews(source, augment, seed=0), batch_sampler=batches,
+                                       num_workers=workers, persistent_workers=workers > 0)
+
+
 def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
                  data_path: str = "auto", targets: Targets | None = None) -> tuple[Any, Targets, str]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from softcache.batches import Targets, augmented_batches, student_data
+from softcache.batches import Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source
 from softcache.dump import autocast, resolve_image_size
@@ -26,7 +26,7 @@ from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, open_cache
-from softcache.views import Augment, AugmentedViews, KeyBatches, normalize
+from softcache.views import Augment, normalize
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,14 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) 
     return out
 
 
-def eval_loader(source: Source, augment: Augment, batch_size: int, workers: int) -> torch.utils.data.DataLoader:
-    """The test split at the policy's evaluation view, in order."""
-    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=False, drop_last=False,
-                         key_fn=lambda epoch, order: [(int(i), -1) for i in order])
-    return torch.utils.data.DataLoader(AugmentedViews(source, augment, seed=0), batch_sampler=batches,
-                                       num_workers=workers, persistent_workers=workers > 0)
-
-
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: torch.utils.data.DataLoader, *, mean: Sequence[float], std: Sequence[float],
+def evaluate(model: nn.Module, loader: Iterable, *, mean: Sequence[float], std: Sequence[float],
              device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` over `loader`."""
+    """Top-1 accuracy (%) and mean cross-entropy of `model` over `loader` (batches of views, labels, ...)."""
     model.eval()
     correct, loss, count = 0, 0.0, 0
-    for views, labels in loader:
+    for batch in loader:
+        views, labels = batch[:2]
         x, labels = model_inputs(views, mean, std, device), labels.to(device)
         with autocast(device, torch.bfloat16):
             logits = model(x)
@@ -75,7 +68,7 @@ def model_inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float
 
 
 def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
-        params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: torch.utils.data.DataLoader,
+        params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: Iterable,
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
@@ -147,7 +140,8 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
 
     return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
-               test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
+               test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                        device=dev, data_path=data_path),
                optim=optim, mean=mean, std=std, device=dev, out=run)
 
 
@@ -206,7 +200,9 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     mean, std = train_source.mean, train_source.std
     step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
     return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
-               train_loader=train_loader, test_loader=eval_loader(test_source, augment, optim.batch_size, optim.workers),
+               train_loader=train_loader,
+               test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                        device=dev, data_path="loader" if data_path == "loader" else "auto"),
                optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
 
 

@@ -174,3 +174,19 @@ def test_plain_training_batches_are_the_same_resident_or_loaded():
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
         seen.append(torch.cat([a[0] for a, _ in pairs]))
     assert not torch.equal(seen[0], seen[1])  # fresh views (and order) every epoch
+
+
+def test_evaluation_is_the_same_resident_or_loaded():
+    from softcache.batches import eval_batches
+    from softcache.train import evaluate
+    source = load_source("synthetic:50", "test")
+    torch.manual_seed(0)
+    model = build_model("resnet8", 10)
+    results = {}
+    for path in ("auto", "loader"):
+        batches = eval_batches(source, Augment("cifar", image_size=32), batch_size=4, workers=0,
+                               device=torch.device("cpu"), data_path=path)
+        results[type(batches).__name__] = evaluate(model, batches, mean=source.mean, std=source.std,
+                                                   device=torch.device("cpu"))
+    assert set(results) == {"ResidentReplay", "DataLoader"}
+    assert results["ResidentReplay"] == results["DataLoader"]
