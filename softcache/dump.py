@@ -129,8 +129,13 @@ def _view_batches(dataset: DumpViews, batches: list[list[int]], workers: int, de
         data_path == "auto" and augment.finite and len(source) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
     images = decode_all(source, workers) if resident else None
     if images is not None:
-        table = [dataset.views_of(i, *images.shape[-2:]) for i in range(len(source))]
-        boxes, flips = np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
+        n, (height, width) = len(source), images.shape[-2:]
+        if dataset.all:  # the same table for every sample
+            one_boxes, one_flips = augment.all_views(height, width)
+            boxes, flips = np.broadcast_to(one_boxes, (n, *one_boxes.shape)), np.broadcast_to(one_flips, (n, k))
+        else:
+            table = [dataset.views_of(i, height, width) for i in range(n)]
+            boxes, flips = np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
         if crop_only(boxes, augment.image_size):
             gather = ViewGather(images, boxes, flips, image_size=augment.image_size, device=device)
             labels, views = source.labels, torch.arange(k, device=device)

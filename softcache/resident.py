@@ -62,7 +62,7 @@ class ViewGather:
         assert crop_only(boxes, self.size), "resident replay needs crop-only views"
         assert padding_for(boxes, self.height, self.width, self.size) <= self.pad, "views reach past the padding"
         self.corner = torch.as_tensor(boxes[..., :2] + self.pad, dtype=torch.int64, device=self.device)  # [N, V, 2]
-        self.flips = torch.as_tensor(flips, device=self.device)
+        self.flips = torch.as_tensor(np.ascontiguousarray(flips), device=self.device)
 
     def gather(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """The stored views `view [B]` of samples `index [B]` as uint8 `[B, 3, S, S]`."""
