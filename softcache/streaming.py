@@ -106,5 +106,7 @@ class StreamingTargets:
         while self._buffers and self._buffers[0][0] + len(next(iter(self._buffers[0][1].values()))) <= hi:
             self._buffers.popleft()  # fully consumed
         self._cursor = hi
-        batch = {name: torch.cat(p).to(self.device, non_blocking=True) for name, p in parts.items()}
+        # a batch inside one window is a slice of its pinned buffer: copied without staging
+        batch = {name: (p[0] if len(p) == 1 else torch.cat(p)).to(self.device, non_blocking=True)
+                 for name, p in parts.items()}
         return self.assemble(batch)
