@@ -78,8 +78,8 @@ class ShardWriter:
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         raise NotImplementedError
 
-    def _sync(self) -> None:
-        """Make the blocks written so far durable before they are counted as committed."""
+    def _sync(self, lo: int) -> None:
+        """Make the shard starting at sample `lo` durable before it is counted as committed."""
 
     def _set_manifest(self, manifest: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -124,7 +124,7 @@ class ShardWriter:
         try:
             for name, block in blocks.items():
                 self._write_block(name, lo, hi, block)
-            self._sync()
+            self._sync(lo)
             write_json_atomic(self.progress_path, {"id": self.manifest.get("id"), "shard_samples": self.shard_samples,
                                                    "committed_samples": hi})
             self._failed = False

@@ -43,7 +43,7 @@ class HDF5Writer(ShardWriter):
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.file[name][lo:hi] = block
 
-    def _sync(self) -> None:
+    def _sync(self, lo: int) -> None:
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
 

@@ -52,6 +52,21 @@ class ZarrWriter(ShardWriter):
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.arrays[name][lo:hi] = block
 
+    def _sync(self, lo: int) -> None:
+        """fsync the shard files just written (one per array), so the progress file never counts a shard the
+        disk does not hold."""
+        k = lo // self.shard_samples
+        for name, (shape, _) in self.layout.items():
+            path = self.path / name / "c" / str(k)
+            for _ in shape[1:]:
+                path = path / "0"
+            if path.is_file():  # an all-zero shard may be left unwritten by zarr (fill value)
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+
     def _set_manifest(self, manifest: dict[str, Any]) -> None:
         self.group.attrs[MANIFEST_KEY] = manifest
 
