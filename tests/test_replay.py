@@ -190,3 +190,28 @@ def test_evaluation_is_the_same_resident_or_loaded():
                                                    device=torch.device("cpu"))
     assert set(results) == {"ResidentReplay", "DataLoader"}
     assert results["ResidentReplay"] == results["DataLoader"]
+
+
+def test_streaming_reads_each_shard_whole_once_per_epoch(tmp_path, teacher_weights, monkeypatch):
+    from softcache.batches import student_data
+    out = tmp_path / "cache"
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:40", "train"), out,
+                 augment=Augment("cifar", image_size=32), views=3, layers=["layer3"], workers=0, shard_mb=0.05)
+    cache = open_cache(out)
+    block = cache.shard_samples()
+    assert block < 40
+    loader, targets, path = student_data(cache, load_source("synthetic:40", "train"), teacher_layers=["layer3"],
+                                         temperature=4.0, teachers="mean", image_size=32, batch_size=5, seed=1,
+                                         workers=0, device=torch.device("cpu"), data_path="stream")
+    reads = []
+    real_read = type(cache).read
+    monkeypatch.setattr(type(cache), "read", lambda self, name, lo=0, hi=None: reads.append((name, lo, hi))
+                        or real_read(self, name, lo, hi))
+    loader.set_epoch(0)
+    for batch in loader:
+        targets(*batch[:1], batch[2], batch[3])
+    assert reads and all(lo % block == 0 and hi - lo == min(block, 40 - lo) for _, lo, hi in reads)
+    per_array = {}
+    for name, lo, _ in reads:
+        per_array.setdefault(name, []).append(lo)
+    assert all(sorted(los) == sorted(set(los)) for los in per_array.values())  # no block read twice
