@@ -244,8 +244,6 @@ def _folder_source(root: str, split: str) -> FolderSource:
     raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
 
 
-DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
-
 
 def load_source(spec: str, split: str, *, download: bool = False) -> Source:
     """The `split` ('train' or 'test') of the dataset named by `spec` (see the module docstring)."""

@@ -131,12 +131,15 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     from softcache.dump import dump_from_config
     from softcache.train import train_student_from_config, train_teacher_from_config
 
+    rows = []
     if pipeline.teacher is not None:
-        if _finished_run(pipeline.teacher.out, pipeline.teacher):
+        summary = _finished_run(pipeline.teacher.out, pipeline.teacher)
+        if summary:
             echo(f"[teacher] {pipeline.teacher.out} is finished: skipped")
         else:
             echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}")
-            train_teacher_from_config(pipeline.teacher)
+            summary = train_teacher_from_config(pipeline.teacher)
+        rows.append({"name": "teacher", "student": pipeline.teacher.model, "losses": "ce", **summary})
     if pipeline.dump is not None:
         # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
         result = dump_from_config(pipeline.dump)
@@ -144,7 +147,6 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
             echo(f"[dump] {pipeline.dump.out} holds this cache ({result.manifest['id']}): skipped")
         else:
             echo(f"[dump] {'+'.join(pipeline.dump.teacher)} -> {pipeline.dump.out} ({result.action})")
-    rows = []
     for name, cfg in pipeline.students:
         summary = _finished_run(cfg.out, cfg)
         if summary:
@@ -153,9 +155,6 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
             echo(f"[student {name}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}")
             summary = train_student_from_config(cfg)
         rows.append({"name": name, "student": cfg.student, "losses": "+".join(cfg.losses), **summary})
-    if pipeline.teacher is not None and _finished_run(pipeline.teacher.out):
-        rows.insert(0, {"name": "teacher", "student": pipeline.teacher.model, "losses": "ce",
-                        **_finished_run(pipeline.teacher.out)})
     return rows
 
 
