@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from softcache.data import load_source
-from softcache.dump import dump_teacher, teacher_outputs
+from softcache.device import teacher_outputs
+from softcache.dump import dump_teacher
 from softcache.losses import KDLoss
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import open_cache

@@ -20,14 +20,14 @@ import torch
 from torch import nn
 
 from softcache.data import Source
-from softcache.dump import teacher_outputs
+from softcache.device import prepare_model, teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped
 from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all, padding_for
 from softcache.store import CacheReader, feature_name, logits_prefix
 from softcache.streaming import StreamingTargets, window_order
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
-from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, replay_choice
+from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, replay_slot
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class CacheTargets:
         self.nbytes = sum(t.numel() * t.element_size() for t in self.data.values())
 
     def _rows(self, name: str, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        if self.resident:
-            return self.data[name][index.to(self.device), view.to(self.device)]
+        if self.resident:  # index and view are on the device already, or pinned host tensors from a DataLoader
+            return self.data[name][index.to(self.device, non_blocking=True), view.to(self.device, non_blocking=True)]
         unique, inverse = np.unique(index.cpu().numpy(), return_inverse=True)
         rows = self.cache.rows(name, unique)[inverse, view.cpu().numpy()]
         return torch.from_numpy(_signed(np.ascontiguousarray(rows))).to(self.device, non_blocking=True)
@@ -120,14 +120,17 @@ class OnlineTargets:
 
     def __init__(self, teacher: nn.Module, layers: Sequence[str], *, mean: Sequence[float], std: Sequence[float],
                  device: torch.device):
-        self.teacher = Tapped(teacher, layers).to(device).eval()
-        if device.type == "cuda":  # as fast as the dump runs it, so online-vs-cached comparisons are fair
-            self.teacher = self.teacher.to(memory_format=torch.channels_last)
+        # channels_last on CUDA, as the dump runs it, so online-vs-cached comparisons are fair
+        self.teacher = prepare_model(Tapped(teacher, layers), device).eval()
         self.mean, self.std, self.device = mean, std, device
 
     def __call__(self, views: torch.Tensor, index: torch.Tensor, view: torch.Tensor):
         logits, features = teacher_outputs(self.teacher, views, mean=self.mean, std=self.std, device=self.device)
         return {"logits": logits.float()}, {k: v.float() for k, v in features.items()}
+
+
+def _images_fit(source: Source, image_size: int) -> bool:
+    return len(source) * 3 * (image_size + 8) ** 2 <= RESIDENT_BYTES
 
 
 def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed: int, workers: int,
@@ -137,19 +140,19 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
     or `data_path='resident'`) the views are gathered on the device; else a DataLoader crops them. Same batches.
     """
     n = len(source)
-    fits = n * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES
-    images = decode_all(source, workers) if augment.finite and (data_path == "resident" or (data_path == "auto" and fits)) else None
+    wanted = augment.finite and (data_path == "resident" or (data_path == "auto" and _images_fit(source, augment.image_size)))
+    images = decode_all(source, workers) if wanted else None
     if images is not None:
-        boxes, flips = augment.all_views(*images.shape[-2:])
+        height, width = images.shape[-2:]
+        boxes, flips = augment.all_views(height, width)
         if crop_only(boxes, augment.image_size):
             def views(epoch: int) -> tuple[np.ndarray, np.ndarray]:
                 k = augment.epoch_choice(n, (seed, epoch))
-                return boxes[k][:, None], flips[k][:, None]
+                return boxes[k], flips[k]
 
-            return ResidentReplay(images, source.labels, *views(0), image_size=augment.image_size,
-                                  batch_size=batch_size, drop_last=True, device=device, refresh=views,
-                                  pad=padding_for(boxes, *images.shape[-2:], augment.image_size),
-                                  order=lambda epoch: (epoch_order(n, seed=seed, epoch=epoch), np.zeros(n, np.int64)))
+            return ResidentReplay(images, source.labels, views=views, order=lambda epoch: epoch_order(n, seed=seed, epoch=epoch),
+                                  image_size=augment.image_size, pad=padding_for(boxes, height, width, augment.image_size),
+                                  batch_size=batch_size, drop_last=True, device=device)
     if data_path == "resident":
         raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
     batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
@@ -168,14 +171,15 @@ def eval_batches(source: Source, augment: Augment, *, batch_size: int, workers: 
     unless `data_path` is 'loader'; else a DataLoader. The same batches either way.
     """
     n = len(source)
-    fits = n * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES
-    images = decode_all(source, workers) if data_path != "loader" and fits else None
+    images = decode_all(source, workers) if data_path != "loader" and _images_fit(source, augment.image_size) else None
     if images is not None:
-        boxes = np.broadcast_to(np.asarray(augment.eval_box(*images.shape[-2:]), np.float32), (n, 1, 4)).copy()
+        height, width = images.shape[-2:]
+        boxes = np.broadcast_to(np.asarray(augment.eval_box(height, width), np.float32), (n, 4))
         if crop_only(boxes, augment.image_size):
-            return ResidentReplay(images, source.labels, boxes, np.zeros((n, 1), bool), image_size=augment.image_size,
-                                  batch_size=batch_size, drop_last=False, device=device,
-                                  order=lambda epoch: (np.arange(n), np.zeros(n, np.int64)))
+            return ResidentReplay(images, source.labels, views=lambda epoch: (boxes, np.zeros(n, bool)),
+                                  order=lambda epoch: np.arange(n), image_size=augment.image_size,
+                                  pad=padding_for(boxes, height, width, augment.image_size), batch_size=batch_size,
+                                  drop_last=False, device=device)
     batches = KeyBatches(n, batch_size, seed=0, shuffle=False, drop_last=False,
                          key_fn=lambda epoch, order: [(int(i), -1) for i in order])
     return torch.utils.data.DataLoader(AugmentedViews(source, augment, seed=0), batch_sampler=batches,
@@ -188,33 +192,39 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
     e.g. 'resident images, stream targets'.
 
-    Every path visits samples in `window_order` over the cache's shards and replays view
-    `replay_choice(...)[i]` of sample i, so all of them yield identical batches and targets for one seed.
+    Every path visits samples in `window_order` over the cache's shards and, at epoch e, replays the stored
+    view slot `replay_slot(V, seed, e)` of every sample, so all of them yield identical batches and targets
+    for one seed.
     """
-    boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    n, num_views = boxes.shape[:2]
+    n, num_views = reader.shape("views/flip")
     block = reader.shard_samples()
+    aug = reader.manifest["augment"]
+    augment = Augment(aug["policy"], image_size=image_size, pad=aug["pad"], scale=tuple(aug["scale"]),
+                      ratio=tuple(aug["ratio"]))
 
     def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return (window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch),
-                replay_choice(num_views, n, seed=seed, epoch=epoch))
+        return window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch)
 
+    def slot(epoch: int) -> int:
+        return replay_slot(num_views, seed=seed, epoch=epoch)
+
+    crops = augment.finite and crop_only(reader.read("views/box", slot=0), image_size)  # finite: every slot alike
     followers = []
     if targets is None:
         cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
-        images, where = choose_data_path(data_path, source, boxes, image_size, CacheTargets.size(reader, cached.needed))
+        images, where = choose_data_path(data_path, source, crops, image_size, CacheTargets.size(reader, cached.needed))
         if where == "stream":
-            targets = StreamingTargets(reader, cached.needed, block=block, window=STREAM_WINDOW, order=order,
+            targets = StreamingTargets(reader, cached.needed, block=block, order=order, slot=slot,
                                        assemble=cached.assemble, device=device)
             followers.append(targets)
         else:
             cached.load()
             targets = cached
     else:
-        images, where = choose_data_path(data_path, source, boxes, image_size, 0)
+        images, where = choose_data_path(data_path, source, crops, image_size, 0)
     log.info("images: %s, targets: %s", images, where)
-    batches = replay_batches(source, boxes, flips, image_size=image_size, batch_size=batch_size, order=order,
-                             workers=workers, device=device, images=images, followers=followers)
+    batches = replay_batches(reader, source, augment, order=lambda epoch: order(epoch)[0], slot=slot,
+                             batch_size=batch_size, workers=workers, device=device, images=images, followers=followers)
     return batches, targets, f"{images} images, {where} targets"
 
 
@@ -222,18 +232,17 @@ DATA_PATHS = ("auto", "resident", "loader", "stream")
 STREAM_WINDOW = 4  # shards whose samples are shuffled together (the whole cache, when it has at most 4)
 
 
-def choose_data_path(data_path: str, source: Source, boxes: np.ndarray, image_size: int,
+def choose_data_path(data_path: str, source: Source, crops: bool, image_size: int,
                      target_bytes: int) -> tuple[str, str]:
     """Where the images and where the targets come from: ('resident' | 'loader', 'resident' | 'stream').
 
-    Images are 'resident' (decoded once, views gathered on the device; crop-only views) or come from a
-    DataLoader ('loader'); targets are held in memory ('resident') or streamed from the store ('stream').
-    `--data-path` resident = (resident, resident); loader = (loader, resident); stream = (resident images if
-    they fit and the views are crops, else loader; stream); auto = whatever fits in RESIDENT_BYTES.
+    Images are 'resident' (decoded once, views gathered on the device; needs crop-only views, `crops`) or
+    come from a DataLoader ('loader'); targets are held in memory ('resident') or streamed from the store
+    ('stream'). `--data-path` resident = (resident, resident); loader = (loader, resident); stream = (resident
+    images if they fit and the views are crops, else loader; stream); auto = whatever fits in RESIDENT_BYTES.
     """
     if data_path not in DATA_PATHS:
         raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
-    crops = crop_only(boxes, image_size)
     if data_path == "resident" and not crops:
         raise SoftcacheError("--data-path resident replays crops only; these views are resized "
                              f"(box sizes differ from --image-size {image_size}): use --data-path loader")
@@ -266,24 +275,30 @@ class EpochBatches:
         return iter(self.loader)
 
 
-def replay_batches(source: Source, boxes: np.ndarray, flips: np.ndarray, *, image_size: int, batch_size: int,
-                   order: Callable[[int], tuple[np.ndarray, np.ndarray]], workers: int, device: torch.device,
+def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, order: Callable[[int], np.ndarray],
+                   slot: Callable[[int], int], batch_size: int, workers: int, device: torch.device,
                    images: str = "loader", followers: Sequence[Any] = ()) -> Any:
     """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
 
-    `order(epoch) -> (visiting order [N], view choice [N])`. With `images='resident'` the images are decoded
-    once and the views gathered on the device (softcache.resident); with 'loader' a DataLoader replays each
-    view. Both yield identical batches.
+    Epoch e visits the samples in `order(e)` and replays view slot `slot(e)` of each. With `images='resident'`
+    the images are decoded once and each epoch's views (that slot of `views/box`, `views/flip`: N rows) are
+    gathered on the device (softcache.resident); with 'loader' a DataLoader replays each view. Both yield
+    identical batches.
     """
     if images == "resident":
         decoded = decode_all(source, workers)
-        if decoded is not None:
-            return ResidentReplay(decoded, source.labels, boxes, flips, image_size=image_size, batch_size=batch_size,
-                                  drop_last=True, device=device, order=order, followers=followers)
-        raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
-    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=lambda e: order(e)[0],
-                         key_fn=lambda epoch, visit: list(zip(visit.tolist(), order(epoch)[1][visit].tolist())))
-    loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, image_size), batch_sampler=batches,
+        if decoded is None:
+            raise SoftcacheError("--data-path resident needs images of one size; use --data-path loader")
+        height, width = decoded.shape[-2:]
+        pad = padding_for(augment.all_views(height, width)[0], height, width, augment.image_size)
+        return ResidentReplay(decoded, source.labels, image_size=augment.image_size, pad=pad, batch_size=batch_size,
+                              drop_last=True, device=device, order=order, slot=slot, followers=followers,
+                              views=lambda epoch: (reader.read("views/box", slot=slot(epoch)),
+                                                   reader.read("views/flip", slot=slot(epoch))))
+    boxes, flips = reader.read("views/box"), reader.read("views/flip")
+    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=order,
+                         key_fn=lambda epoch, visit: [(i, slot(epoch)) for i in visit.tolist()])
+    loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, augment.image_size), batch_sampler=batches,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
     return EpochBatches(loader, followers)

@@ -20,12 +20,13 @@ from typing import Any, Callable
 import torch
 
 from softcache.data import load_source
-from softcache.dump import autocast, dump_teacher, resolve_image_size
+from softcache.device import autocast, model_inputs, prepare_model
+from softcache.dump import dump_teacher, resolve_image_size
 from softcache.losses import resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import open_cache
 from softcache.batches import OnlineTargets, student_data
-from softcache.train import build_criterion, distill_step, model_inputs
+from softcache.train import build_criterion, distill_step
 from softcache.views import Augment
 
 

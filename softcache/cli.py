@@ -167,6 +167,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @_option("--format", type=click.Choice(BACKENDS), default=None, help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
 @_option("--shard-mb", type=click.FloatRange(min=0.001), default=DumpConfig.shard_mb,
          help="shard size (the unit written whole and resumed from) of the largest array, in MiB")
+@_option("--writer-threads", type=click.IntRange(min=0), default=DumpConfig.writer_threads,
+         help="shards compressed and written at once (0: every core, up to 8)")
 @image_size
 @_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
 @workers

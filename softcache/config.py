@@ -61,6 +61,7 @@ class DumpConfig:
     temperature: float = 4.0        # sampled logits only: the temperature p_T is drawn at
     format: str | None = None       # zarr | hdf5; None: hdf5 for a .h5/.hdf5 --out, else zarr
     shard_mb: float = 64.0          # target size of one shard (the unit written whole) of the largest array
+    writer_threads: int = 0         # shards compressed and written at once; 0: every core, up to 8
     batch_size: int = 256           # teacher images per forward pass
     workers: int = 2                # DataLoader worker processes
     data_path: str = "auto"         # resident (views gathered on the device) | loader (DataLoader workers) | auto

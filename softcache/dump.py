@@ -7,9 +7,9 @@ uninterrupted one would.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -20,14 +20,15 @@ from torch import nn
 from tqdm import tqdm
 
 from softcache.config import DumpConfig, to_json
+from softcache.device import prepare_model, teacher_outputs, to_host
 from softcache.data import Source, load_source
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
-from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all
+from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache)
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_target
-from softcache.views import Augment, DumpViews, apply_view, normalize
+from softcache.views import Augment, DumpViews, apply_view
 
 log = logging.getLogger(__name__)
 
@@ -47,30 +48,6 @@ def resolve_image_size(policy: str, image_size: int | None, source: Source) -> i
     if policy == "imagenet":
         return 224
     return int(min(source[0][0].shape[-2:]))
-
-
-def autocast(device: torch.device, dtype: torch.dtype = torch.float16):
-    """Mixed precision on CUDA, full precision elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
-
-
-@torch.no_grad()
-def teacher_outputs(teacher: Tapped, views: torch.Tensor, *, mean: Sequence[float], std: Sequence[float],
-                    device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The teacher on uint8 views `[B, 3, S, S]`: logits `[B, K]` and features `{layer: [B, C, H, W]}` in float16."""
-    x = normalize(views.to(device, non_blocking=True), mean, std)
-    if device.type == "cuda":
-        x = x.contiguous(memory_format=torch.channels_last)
-    with autocast(device):
-        logits, features = teacher(x)
-    return logits.half(), {name: f.half() for name, f in features.items()}
-
-
-def _to_host(tensor: torch.Tensor) -> torch.Tensor:
-    """Start a device-to-host copy (asynchronous on CUDA: read it only after the batch's event)."""
-    return tensor.to("cpu", non_blocking=True) if tensor.is_cuda else tensor
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -108,54 +85,64 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
                                 "shard_bytes": int(shard_mb * 2**20)})
 
 
-def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[list[int]]:
-    """Sample indices in batches that never cross a shard boundary (`start` is one)."""
+def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[tuple[int, int]]:
+    """Sample ranges `[a, b)` of at most `per_batch` samples that never cross a shard boundary (`start` is one)."""
     for lo in range(start, stop, shard):
         hi = min(lo + shard, stop)
         for a in range(lo, hi, per_batch):
-            yield list(range(a, min(a + per_batch, hi)))
+            yield a, min(a + per_batch, hi)
 
 
-def _view_batches(dataset: DumpViews, batches: list[list[int]], workers: int, device: torch.device,
-                  data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch of samples: their views `[B * V, 3, S, S]` uint8 (sample-major) with labels, boxes, flips.
+def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int, workers: int,
+                  device: torch.device, data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per batch of samples `[a, b)`: their views `[B * V, 3, S, S]` uint8 (sample-major) with labels, boxes, flips.
 
-    'resident' decodes the images once and gathers the views on the device (crop-only views, one image
-    size); 'loader' crops in DataLoader workers; 'auto' is resident when that applies and fits in memory.
-    Both give the same pixels.
+    'resident' decodes the images left to dump once and gathers the views on the device (crop-only views,
+    one image size), drawing each shard's view table as it starts; 'loader' crops in DataLoader workers;
+    'auto' is resident when that applies and fits in memory. Both give the same pixels.
     """
     source, augment, k = dataset.source, dataset.augment, dataset.k
+    start = batches[0][0] if batches else len(source)
     resident = data_path == "resident" or (
         data_path == "auto" and augment.finite and len(source) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
-    images = decode_all(source, workers) if resident else None
-    if images is not None:
-        n, (height, width) = len(source), images.shape[-2:]
-        if dataset.all:  # the same table for every sample
-            one_boxes, one_flips = augment.all_views(height, width)
-            boxes, flips = np.broadcast_to(one_boxes, (n, *one_boxes.shape)), np.broadcast_to(one_flips, (n, k))
-        else:
-            table = [dataset.views_of(i, height, width) for i in range(n)]
-            boxes, flips = np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
-        if crop_only(boxes, augment.image_size):
-            gather = ViewGather(images, boxes, flips, image_size=augment.image_size, device=device)
-            labels, views = source.labels, torch.arange(k, device=device)
-            for indices in batches:
-                index = torch.as_tensor(indices, device=device)
-                yield (gather.gather(index.repeat_interleave(k), views.repeat(len(indices))), labels[indices],
-                       boxes[indices], flips[indices])
+    images = decode_all(source, workers, indices=range(start, len(source))) if resident and batches else None
+    if images is not None and augment.finite:
+        height, width = images.shape[-2:]
+        every = augment.all_views(height, width)[0]
+        if crop_only(every, augment.image_size):
+            gather = ViewGather(images, image_size=augment.image_size, device=device,
+                                pad=padding_for(every, height, width, augment.image_size))
+            labels, rows = source.labels, torch.arange(len(images), device=device)  # image rows, from `start`
+            table_lo, table = -1, None
+            for a, b in batches:
+                if a // shard != table_lo:  # a new shard: its view table, drawn and copied to the device once
+                    table_lo = a // shard
+                    lo, hi = table_lo * shard, min(table_lo * shard + shard, len(source))
+                    boxes, flips = augment.stored_views(height, width, k, seed=dataset.seed, indices=np.arange(lo, hi))
+                    corner, flip = view_corners(boxes, flips, gather.pad, device)
+                index = rows[a - start:b - start, None].expand(-1, k).reshape(-1)
+                yield (gather.crops(index, corner[a - lo:b - lo].reshape(-1, 2), flip[a - lo:b - lo].reshape(-1)),
+                       labels[a:b], boxes[a - lo:b - lo], flips[a - lo:b - lo])
             return
     if data_path == "resident":
         raise SoftcacheError("--data-path resident needs crop-only views of images of one size; use --data-path loader")
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=workers,
-                                         pin_memory=device.type == "cuda")
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(range(a, b)) for a, b in batches],
+                                         num_workers=workers, pin_memory=device.type == "cuda")
     for stacked, labels, boxes, flips in loader:
         yield stacked.flatten(0, 1), labels.numpy(), boxes.numpy(), flips.numpy()
 
 
+def default_writer_threads() -> int:
+    """Shards compressed at once: every core up to 8 (BENCHMARKS.md: 4 threads absorb a ResNet-56 feature dump
+    at 64k views/s)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
              existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu",
-             data_path: str = "auto") -> DumpResult:
-    """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`."""
+             data_path: str = "auto", writer_threads: int = 0) -> DumpResult:
+    """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`;
+    `writer_threads` shards are compressed at once (0: `default_writer_threads()`)."""
     if existing.action == "reuse":
         return DumpResult(Path(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
@@ -163,9 +150,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
                       ratio=tuple(aug["ratio"]))
     fmt = LogitsFormat.from_json(storage["logits"])
     dev = torch.device(device)
-    tapped = [Tapped(t, layers if k == 0 else []).to(dev).eval() for k, t in enumerate(teachers)]
-    if dev.type == "cuda":
-        tapped = [t.to(memory_format=torch.channels_last) for t in tapped]
+    tapped = [prepare_model(Tapped(t, layers if k == 0 else []), dev).eval() for k, t in enumerate(teachers)]
     dataset = DumpViews(source, augment, aug["views"], aug["seed"])
     num_views, names = dataset.k, [t["name"] for t in manifest["teachers"]]
 
@@ -185,7 +170,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
                 stored = feature_target(storage["targets"], f)
                 target_arrays[feature_name(manifest, layer)] = (tuple(stored.shape[1:]), "float16")
     layout = array_layout(len(source), num_views, target_arrays)
-    writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"])
+    writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"],
+                           threads=writer_threads or default_writer_threads())
     start = writer.written
 
     samples_per_batch = max(1, batch_size // num_views)
@@ -197,35 +183,36 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         for name, teacher in zip(names, tapped):
             logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
             stored = {layer: feature_target(storage["targets"], f) for layer, f in features.items()}
-            outputs.append((name, _to_host(logits), {layer: _to_host(v) for layer, v in stored.items()}))
+            outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
         if dev.type != "cuda":
             return outputs, None
         event = torch.cuda.Event()
         event.record()
         return outputs, event
 
-    def store(indices: list[int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, outputs: list,
+    def store(span: tuple[int, int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, outputs: list,
               event: torch.cuda.Event | None) -> None:
         if event is not None:
             event.synchronize()
-        b = len(indices)
+        b = span[1] - span[0]
         rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
-        generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + indices[0])
+        generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + span[0])
         for name, logits, features in outputs:
             prefix = logits_prefix(manifest, name)
             for suffix, value in fmt.encode(logits, generator).items():
                 rows[prefix + suffix] = value.reshape(b, num_views, *value.shape[1:])
             for layer, value in features.items():
                 rows[feature_name(manifest, layer)] = value.numpy().reshape(b, num_views, *value.shape[1:])
-        writer.write(indices[0], rows)
+        writer.write(span[0], rows)
 
     # One batch in flight: while the device runs batch k, the host encodes batch k - 1 and hands it to the
     # writer thread, which compresses and writes whole shards.
     pending = None
-    for indices, (flat, labels, boxes, flips) in tqdm(zip(batches, _view_batches(dataset, batches, workers, dev, data_path)),
-                                                      total=len(batches), desc="dump-teacher", unit="batch", disable=None):
-        launched = (indices, labels, boxes, flips, *launch(flat))
+    views = _view_batches(dataset, batches, writer.shard_samples, workers, dev, data_path)
+    for span, (flat, labels, boxes, flips) in tqdm(zip(batches, views), total=len(batches), desc="dump-teacher",
+                                                   unit="batch", disable=None):
+        launched = (span, labels, boxes, flips, *launch(flat))
         if pending is not None:
             store(*pending)
         pending = launched
@@ -240,7 +227,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  views: int | str = 1, layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
                  workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
-                 shard_mb: float = 64.0, data_path: str = "auto", teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+                 shard_mb: float = 64.0, data_path: str = "auto", writer_threads: int = 0, teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
@@ -262,7 +249,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                              shard_mb=shard_mb)
     existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
     return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device,
-                    data_path=data_path)
+                    data_path=data_path, writer_threads=writer_threads)
 
 
 def dump_from_config(cfg: DumpConfig) -> DumpResult:
@@ -292,4 +279,4 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
         teachers.append(load_weights(teacher, weights))
     check_layers(teachers[0], cfg.layers)
     return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
-                    device=cfg.device, data_path=cfg.data_path)
+                    device=cfg.device, data_path=cfg.data_path, writer_threads=cfg.writer_threads)

@@ -11,28 +11,62 @@ It applies to views that are pure crops (box height and width equal the output s
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from softcache.data import ArraySource, Source
 
 RESIDENT_BYTES = 4 << 30  # images and targets up to this size are held in memory (on the device)
 
 
-def decode_all(source: Source, workers: int = 0) -> torch.Tensor | None:
-    """Every image of `source` as one uint8 tensor `[N, 3, H, W]`, or None if the images differ in size."""
-    if isinstance(source, ArraySource):  # already decoded
-        return torch.from_numpy(source.images).permute(0, 3, 1, 2).contiguous()
-    loader = torch.utils.data.DataLoader(source, batch_size=None, num_workers=workers)
-    images, shape = [], None
-    for image, _ in loader:
-        if shape is not None and image.shape != shape:
+DECODE_BATCH = 256  # images a worker decodes and hands over in one transfer
+
+
+class _DecodeBatches(torch.utils.data.Dataset):
+    """Worker side of `decode_all`: a list of indices -> their images stacked `[b, 3, H, W]` uint8, or None
+    when they differ in size."""
+
+    def __init__(self, source: Source):
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, indices: list[int]) -> torch.Tensor | None:
+        images = [self.source[i][0] for i in indices]
+        if any(image.shape != images[0].shape for image in images):
             return None
-        shape = image.shape
-        images.append(image)
-    return torch.stack(images)
+        return torch.stack(images)
+
+
+def decode_all(source: Source, workers: int = 0, indices: Sequence[int] | None = None) -> torch.Tensor | None:
+    """The images of `source` (all, or those at `indices`) as one uint8 tensor `[N, 3, H, W]`, or None if they
+    differ in size.
+
+    Workers decode `DECODE_BATCH` images at a time and hand each batch over in one transfer, which is copied
+    into the output at once: the open shared-memory handles stay at a few batches, whatever the dataset size.
+    """
+    if isinstance(source, ArraySource):  # already decoded
+        images = torch.from_numpy(source.images)
+        if indices is not None:
+            images = images[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        return images.permute(0, 3, 1, 2).contiguous()
+    wanted = np.arange(len(source)) if indices is None else np.asarray(indices, dtype=np.int64)
+    batches = [wanted[a:a + DECODE_BATCH].tolist() for a in range(0, len(wanted), DECODE_BATCH)]
+    loader = torch.utils.data.DataLoader(_DecodeBatches(source), sampler=batches, batch_size=None,
+                                         num_workers=min(workers, len(batches)))
+    out, at = None, 0
+    for batch in tqdm(loader, total=len(batches), desc="decode", unit="batch", leave=False, disable=None):
+        if batch is None or (out is not None and batch.shape[1:] != out.shape[1:]):
+            return None
+        if out is None:
+            out = torch.empty((len(wanted), *batch.shape[1:]), dtype=torch.uint8)
+        out[at:at + len(batch)] = batch
+        at += len(batch)
+    return out
 
 
 def padding_for(boxes: np.ndarray, height: int, width: int, size: int) -> int:
@@ -45,28 +79,33 @@ def crop_only(boxes: np.ndarray, image_size: int) -> bool:
     return bool((boxes[..., 2] == image_size).all() and (boxes[..., 3] == image_size).all())
 
 
+def view_corners(boxes: np.ndarray, flips: np.ndarray, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Crop-only views (`boxes [..., 4]`, `flips [...]`) as device tensors: the crops' corners in images padded
+    by `pad` (`[..., 2]` int64) and the flips; copied asynchronously (from pinned memory on CUDA)."""
+    corner = torch.from_numpy(np.ascontiguousarray(boxes[..., :2] + pad).astype(np.int64))
+    flip = torch.from_numpy(np.ascontiguousarray(flips, dtype=bool))
+    if device.type == "cuda":
+        corner, flip = corner.pin_memory(), flip.pin_memory()
+    return corner.to(device, non_blocking=True), flip.to(device, non_blocking=True)
+
+
 class ViewGather:
-    """Images `[N, 3, H, W]` uint8 held on `device`, zero-padded once, and their crop-only views
-    `boxes [N, V, 4]`, `flips [N, V]`: `gather(index, view)` replays views in batch."""
+    """Images `[N, 3, H, W]` uint8 held on `device`, zero-padded by `pad` once: `crops(index, corner, flip)`
+    replays crop-only views of the size `image_size` in batch (the crop and the flip are index arithmetic)."""
 
-    def __init__(self, images: torch.Tensor, boxes: np.ndarray, flips: np.ndarray, *, image_size: int,
-                 device: torch.device, pad: int | None = None):
-        self.size, self.device, self.height, self.width = image_size, device, images.shape[2], images.shape[3]
-        p = self.pad = padding_for(boxes, self.height, self.width, image_size) if pad is None else pad
-        self.images = torch.nn.functional.pad(images, (p, p, p, p)).to(device)  # zeros past the edge, as TF.crop
+    def __init__(self, images: torch.Tensor, *, image_size: int, pad: int, device: torch.device):
+        self.size, self.device, self.pad = image_size, device, pad
+        self.height, self.width = images.shape[2], images.shape[3]
+        self.images = torch.nn.functional.pad(images, (pad, pad, pad, pad)).to(device)  # zeros past the edge, as TF.crop
         self.offsets = torch.arange(image_size, device=device)
-        self.set_views(boxes, flips)
 
-    def set_views(self, boxes: np.ndarray, flips: np.ndarray) -> None:
-        """Replace the views (`boxes [N, V, 4]`, `flips [N, V]`), keeping the images where they are."""
+    def check(self, boxes: np.ndarray) -> None:
         assert crop_only(boxes, self.size), "resident replay needs crop-only views"
         assert padding_for(boxes, self.height, self.width, self.size) <= self.pad, "views reach past the padding"
-        self.corner = torch.as_tensor(boxes[..., :2] + self.pad, dtype=torch.int64, device=self.device)  # [N, V, 2]
-        self.flips = torch.as_tensor(np.ascontiguousarray(flips), device=self.device)
 
-    def gather(self, index: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
-        """The stored views `view [B]` of samples `index [B]` as uint8 `[B, 3, S, S]`."""
-        corner, flip = self.corner[index, view], self.flips[index, view]
+    def crops(self, index: torch.Tensor, corner: torch.Tensor, flip: torch.Tensor) -> torch.Tensor:
+        """Views of samples `index [B]` with corners `corner [B, 2]` (padded coordinates), flipped where
+        `flip [B]`, as uint8 `[B, 3, S, S]`."""
         rows = corner[:, :1] + self.offsets                                    # [B, S]
         cols = corner[:, 1:] + torch.where(flip[:, None], self.offsets.flip(0), self.offsets)
         images = self.images[index]                                            # [B, 3, Hp, Wp]
@@ -78,24 +117,22 @@ class ViewGather:
 class ResidentReplay:
     """Batches of `(views [B, 3, S, S] uint8, labels [B], index [B], view [B])`, replayed on `device`.
 
-    `images [N, 3, H, W]` uint8, `boxes [N, V, 4]`, `flips [N, V]` as stored; `order(epoch) -> (sample order
-    [N], view choice [N])` gives the epoch's visiting order and the view each sample replays.
+    Each epoch, `views(epoch) -> (boxes [N, 4], flips [N])` gives the one crop-only view every sample takes,
+    `order(epoch) -> [N]` the visiting order and `slot(epoch)` the stored view slot those views are (reported
+    as `view`, for the targets; 0 without it). Per epoch the order and the views go to the device once; a
+    step then runs on the device alone.
     """
 
-    def __init__(self, images: torch.Tensor, labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, *,
-                 image_size: int, batch_size: int, drop_last: bool, device: torch.device, order,
-                 followers=(), refresh=None, pad: int | None = None):
-        self.views = ViewGather(images, boxes, flips, image_size=image_size, device=device, pad=pad)
+    def __init__(self, images: torch.Tensor, labels: np.ndarray, *, views, order, image_size: int, pad: int,
+                 batch_size: int, drop_last: bool, device: torch.device, slot=None, followers=()):
+        self.gather = ViewGather(images, image_size=image_size, pad=pad, device=device)
+        self.views, self.order, self.slot = views, order, slot
         self.followers = list(followers)  # e.g. the streaming target reader, which follows the epoch
-        self.refresh = refresh            # epoch -> (boxes, flips): fresh views per epoch (plain training)
-        self.labels = torch.as_tensor(labels, dtype=torch.int64, device=device)
-        self.batch_size, self.drop_last = batch_size, drop_last
-        self.device, self.order, self.epoch = device, order, 0
+        self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
+        self.batch_size, self.drop_last, self.device, self.epoch = batch_size, drop_last, device, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        if self.refresh is not None:
-            self.views.set_views(*self.refresh(epoch))
         for follower in self.followers:
             follower.set_epoch(epoch)
 
@@ -104,10 +141,13 @@ class ResidentReplay:
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        order, choice = self.order(self.epoch)
-        order = torch.as_tensor(order, device=self.device)
-        choice = torch.as_tensor(choice, device=self.device)
+        boxes, flips = self.views(self.epoch)
+        self.gather.check(boxes)
+        corner, flip = view_corners(boxes, flips, self.gather.pad, self.device)
+        order = torch.from_numpy(np.asarray(self.order(self.epoch), dtype=np.int64))
+        order = (order.pin_memory() if self.device.type == "cuda" else order).to(self.device, non_blocking=True)
+        slot = torch.full((self.batch_size,), self.slot(self.epoch) if self.slot else 0, dtype=torch.int64,
+                          device=self.device)
         for k in range(len(self)):
             index = order[k * self.batch_size:(k + 1) * self.batch_size]
-            view = choice[index]
-            yield self.views.gather(index, view), self.labels[index], index, view
+            yield self.gather.crops(index, corner[index], flip[index]), self.labels[index], index, slot[:len(index)]

@@ -21,12 +21,13 @@ from tqdm import tqdm
 from softcache.batches import Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source
-from softcache.dump import autocast, resolve_image_size
+from softcache.device import autocast, model_inputs, prepare_model
+from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, open_cache
-from softcache.views import Augment, normalize
+from softcache.views import Augment
 
 log = logging.getLogger(__name__)
 
@@ -59,12 +60,6 @@ def evaluate(model: nn.Module, loader: Iterable, *, mean: Sequence[float], std: 
         correct += (logits.argmax(1) == labels).sum().item()
         count += len(labels)
     return 100.0 * correct / max(1, count), loss / max(1, count)
-
-
-def model_inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
-    """uint8 views `[B, 3, S, S]` -> the normalised float batch on `device` (channels_last on CUDA)."""
-    x = normalize(views.to(device, non_blocking=True), mean, std)
-    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x
 
 
 def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
@@ -114,11 +109,6 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
     return summary
 
 
-def _prepare_model(model: nn.Module, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if device.type == "cuda" else model
-
-
 def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
@@ -127,7 +117,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
     run = prepare_run(out, config or {}, overwrite=overwrite)
     torch.manual_seed(seed)
     dev = torch.device(device)
-    model = _prepare_model(model, dev)
+    model = prepare_model(model, dev)
     train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                      workers=optim.workers, device=dev, data_path=data_path)
     mean, std = train_source.mean, train_source.std
@@ -166,7 +156,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
-    At epoch e, sample i replays stored view `replay_choice(V, N, seed, e)[i]`; the student sees exactly the
+    At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
     teacher outputs (tests compare online KD this way). `data_path` (auto, resident, loader, stream) says where
     images and targets come from; see `softcache.batches.choose_data_path`.
@@ -190,7 +180,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     aug = manifest["augment"]
     augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
                       scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
-    tapped = _prepare_model(tapped, dev)
+    tapped = prepare_model(tapped, dev)
     train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
                                             temperature=temperature, teachers=teachers, image_size=augment.image_size,
                                             batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,

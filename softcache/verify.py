@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from softcache.data import load_source
-from softcache.dump import teacher_outputs
+from softcache.device import teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, file_sha256, load_weights
 from softcache.store import feature_name, logits_prefix, open_cache

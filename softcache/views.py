@@ -26,6 +26,7 @@ from softcache.data import Source
 from softcache.errors import SoftcacheError
 
 POLICIES = ("cifar", "imagenet", "none")
+VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,33 @@ class Augment:
         epoch, `[n]`, drawn from `key` (e.g. `(seed, epoch)`) in one go."""
         return np.random.default_rng([*key, 0x7EAC]).integers(self.count_all(), size=n)
 
+    def stored_views(self, height: int, width: int, k: int, *, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The `k` views a cache stores for samples `indices [n]` (images of `height x width`), in storage-slot
+        order: `boxes [n, k, 4] float32`, `flips [n, k] bool`, each sample's a pure function of `(seed, index)`.
+
+        Finite policies store k distinct views in a random order (with k = `count_all()`, every view in a random
+        order), drawn for all samples at once: a generator seeded by `(seed, block)` scores every view of the
+        VIEW_BLOCK samples of a block and each sample keeps its k best-scored views. The random slot order is
+        what lets a student replay one slot per epoch (`replay_slot`) and still see a uniform draw.
+        Imagenet draws k RandomResizedCrop boxes per sample (`sample_views`).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if len(indices) == 0:
+            return np.zeros((0, k, 4), np.float32), np.zeros((0, k), bool)
+        if not self.finite:
+            table = [self.sample_views(height, width, k, (seed, int(i))) for i in indices]
+            return np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
+        boxes, flips = self.all_views(height, width)
+        blocks, where = np.unique(indices // VIEW_BLOCK, return_inverse=True)
+        drawn = np.stack([np.random.default_rng([seed, int(b), 0x5107]).random((VIEW_BLOCK, len(boxes))) for b in blocks])
+        scores = drawn[where.reshape(-1), indices % VIEW_BLOCK]
+        if k < len(boxes):  # the k best without sorting them all
+            best = np.argpartition(scores, k - 1, axis=1)[:, :k]
+            pick = np.take_along_axis(best, np.argsort(np.take_along_axis(scores, best, 1), axis=1), 1)
+        else:
+            pick = np.argsort(scores, axis=1)
+        return boxes[pick], flips[pick]
+
     def sample_views(self, height: int, width: int, k: int, key: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """`k` views of one image, a pure function of `key` (e.g. `(seed, index)`).
 
@@ -120,25 +148,17 @@ def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int)
     return TF.horizontal_flip(view) if flip else view
 
 
-def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """uint8 `[B, 3, S, S]` to the float input a model sees: `(x / 255 - mean) / std`."""
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=batch.device).view(1, -1, 1, 1)
-    return (batch.float() / 255.0 - mean_t) / std_t
-
-
 # ---------------------------------------------------------------- datasets over views
 
 class DumpViews(torch.utils.data.Dataset):
     """Sample `i` -> its `k` views for the teacher: `(views [k, 3, S, S] uint8, label, boxes [k, 4], flips [k])`.
 
-    Views are drawn from `(seed, i)` (or enumerated with `views='all'`), so a dump is the same whatever
-    the batch size, worker count or device.
+    Views are drawn from `(seed, i)` (`Augment.stored_views`; with `views='all'` every view, in an order drawn
+    from `(seed, i)`), so a dump is the same whatever the batch size, worker count or device.
     """
 
     def __init__(self, source: Source, augment: Augment, views: int | str, seed: int):
         self.source, self.augment, self.seed = source, augment, seed
-        self.all = views == "all"
         self.k = augment.resolve_views(views)
 
     def __len__(self) -> int:
@@ -146,9 +166,8 @@ class DumpViews(torch.utils.data.Dataset):
 
     def views_of(self, i: int, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """The stored views of sample `i` (an image of `height x width`): `boxes [k, 4]`, `flips [k]`."""
-        if self.all:
-            return self.augment.all_views(height, width)
-        return self.augment.sample_views(height, width, self.k, (self.seed, i))
+        boxes, flips = self.augment.stored_views(height, width, self.k, seed=self.seed, indices=np.asarray([i]))
+        return boxes[0], flips[0]
 
     def __getitem__(self, i: int):
         image, label = self.source[i]
@@ -243,6 +262,12 @@ def epoch_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
-def replay_choice(num_views: int, n: int, *, seed: int, epoch: int) -> np.ndarray:
-    """Which stored view each sample replays at `epoch`: `[n]` ints, a function of `(seed, epoch, index)`."""
-    return np.random.default_rng([seed, epoch, 0x5EED]).integers(num_views, size=n)
+def replay_slot(num_views: int, *, seed: int, epoch: int) -> int:
+    """The stored view slot every sample replays at `epoch`: `(epoch + shift) mod V`, with `shift` drawn from `seed`.
+
+    Each sample's views are stored in a random order (`Augment.stored_views`), so slot `s` holds a uniform
+    draw of its views, and over V consecutive epochs a sample replays every stored view once. All samples
+    share the slot, so an epoch reads one slot of each array: 1/V of the cache.
+    """
+    shift = int(np.random.default_rng([seed, 0x5107]).integers(num_views))
+    return (epoch + shift) % num_views

@@ -7,7 +7,7 @@ import torch
 
 from softcache.data import load_source, render_synthetic
 from softcache.errors import SoftcacheError
-from softcache.views import Augment, apply_view, replay_choice
+from softcache.views import Augment, apply_view, replay_slot
 
 
 def test_synthetic_is_deterministic_balanced_and_varied():
@@ -74,8 +74,28 @@ def test_view_count_rules():
         Augment("cifar").resolve_views("many")
 
 
-def test_replay_choice_depends_on_seed_and_epoch_only():
-    a = replay_choice(5, 100, seed=1, epoch=2)
-    assert np.array_equal(a, replay_choice(5, 100, seed=1, epoch=2))
-    assert not np.array_equal(a, replay_choice(5, 100, seed=1, epoch=3))
-    assert set(a.tolist()) == set(range(5))
+def test_stored_views_are_a_function_of_seed_and_sample_only():
+    aug = Augment("cifar")
+    boxes, flips = aug.stored_views(32, 32, 8, seed=3, indices=np.arange(200))
+    for i in (0, 63, 64, 199):  # alone, or in any company, a sample draws the same views
+        b, f = aug.stored_views(32, 32, 8, seed=3, indices=np.asarray([i]))
+        assert np.array_equal(b[0], boxes[i]) and np.array_equal(f[0], flips[i])
+    assert len({(tuple(b), f) for b, f in zip(boxes[5].tolist(), flips[5].tolist())}) == 8  # distinct views
+    other, _ = aug.stored_views(32, 32, 8, seed=4, indices=np.arange(200))
+    assert not np.array_equal(other, boxes)
+
+
+def test_views_all_are_stored_in_a_random_order_per_sample():
+    aug = Augment("cifar")
+    boxes, flips = aug.stored_views(32, 32, 162, seed=0, indices=np.arange(500))
+    every = {(t, l, f) for t in range(-4, 5) for l in range(-4, 5) for f in (False, True)}
+    for i in (0, 499):
+        assert {(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[i], flips[i])} == every
+    # slot 0 holds a uniform draw of the 162 views: over 500 samples it takes many different ones
+    assert len({(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[:, 0], flips[:, 0])}) > 100
+
+
+def test_replay_slot_cycles_through_every_view_and_depends_on_seed():
+    slots = [replay_slot(5, seed=1, epoch=e) for e in range(10)]
+    assert sorted(slots[:5]) == list(range(5)) and slots[:5] == slots[5:]
+    assert {replay_slot(5, seed=s, epoch=0) for s in range(20)} == set(range(5))

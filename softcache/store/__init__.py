@@ -79,6 +79,9 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
         raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
     if overwrite:
         return Existing("restart")
+    if existing.get("format_version") != FORMAT_VERSION:
+        raise SoftcacheError(f"'{path}' holds a cache in format {existing.get('format_version')} (this softcache writes "
+                             f"format {FORMAT_VERSION}); pass --overwrite to re-dump it, or choose another --out")
     differ = differences(existing.get("identity", {}), manifest["identity"])
     if differ:
         state = "complete" if existing.get("complete") else "incomplete"
@@ -92,13 +95,14 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
 
 
 def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str]], manifest: dict[str, Any], *,
-                  existing: Existing, backend: str) -> ShardWriter:
-    """A writer for a new cache, or for the rest of an interrupted one (`existing.action == 'resume'`)."""
+                  existing: Existing, backend: str, threads: int = 1) -> ShardWriter:
+    """A writer for a new cache, or for the rest of an interrupted one (`existing.action == 'resume'`), that
+    compresses and writes up to `threads` shards at once."""
     path = Path(path)
     writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
     if existing.action == "resume":
         try:
-            return writer_cls(path, layout, manifest, resume_from=existing.committed)
+            return writer_cls(path, layout, manifest, resume_from=existing.committed, threads=threads)
         except (OSError, KeyError, ValueError):  # the interrupted dump left the store unreadable: start over
             pass
     if path.is_dir():
@@ -107,7 +111,7 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
         path.unlink()
     _progress_path(path, backend).unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return writer_cls(path, layout, manifest)
+    return writer_cls(path, layout, manifest, threads=threads)
 
 
 def open_cache(path: str | Path) -> CacheReader:
@@ -118,6 +122,10 @@ def open_cache(path: str | Path) -> CacheReader:
     manifest = read_manifest(path)
     if manifest is None:
         raise SoftcacheError(f"'{path}' is not a softcache cache (no softcache manifest); give the --out of a dump-teacher run")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SoftcacheError(f"cache '{path}' is in format {manifest.get('format_version')}, this softcache reads format "
+                             f"{FORMAT_VERSION} (views are now stored one slot per chunk); re-dump it: rerun its "
+                             "dump-teacher command with --overwrite")
     if not manifest.get("complete"):
         raise SoftcacheError(f"cache '{path}' is incomplete: a dump is in progress or died; "
                              "rerun its dump-teacher command to finish it")

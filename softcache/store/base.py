@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import json
+import math
+import threading
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -22,7 +24,10 @@ from softcache.errors import SoftcacheError
 
 CHUNK_BYTES = 1 << 20
 SHARD_BYTES = 64 << 20
+SHARD_FRACTION = 16          # a shard holds at most 1/16 of the samples, so every dump commits many times ...
+MIN_SHARD_BYTES = 1 << 20    # ... unless that would make shards smaller than this (all arrays together)
 MANIFEST_KEY = "softcache"
+_COUNT_LOCK = threading.Lock()
 
 Layout = dict[str, tuple[tuple[int, ...], str]]
 
@@ -31,15 +36,32 @@ def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(x).bit_length() - 1) if x >= 1 else 1
 
 
-def plan_shards(layout: Layout, shard_bytes: int | None = None) -> tuple[int, dict[str, int]]:
-    """Samples per shard (shared by all arrays; the largest array's shard holds about `shard_bytes`) and samples
-    per inner chunk (per array, about CHUNK_BYTES), powers of two."""
+def _pow2_ceil(x: float) -> int:
+    n = math.ceil(x)
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def plan_shards(layout: Layout, shard_bytes: int | None = None) -> tuple[int, dict[str, tuple[int, ...]]]:
+    """Samples per shard, shared by all arrays, and each array's inner chunk shape.
+
+    A shard (the unit written whole, committed and resumed from) is capped by `shard_bytes` of the largest
+    array and by 1/SHARD_FRACTION of the samples, but not below MIN_SHARD_BYTES of all arrays together.
+    Inner chunks (the unit a reader decompresses) hold one view slot each, `(samples, 1, ...)` for per-view
+    arrays, about CHUNK_BYTES: a reader that replays one slot per epoch decodes that slot only.
+    Sample counts are powers of two.
+    """
     shard_bytes = shard_bytes or SHARD_BYTES
-    per_sample = {name: int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
-                  for name, (shape, dtype) in layout.items()}
+    row_bytes = {name: int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
+                 for name, (shape, dtype) in layout.items()}
     num_samples = next(iter(layout.values()))[0][0]
-    shard = min(_pow2_floor(shard_bytes / max(per_sample.values())), _pow2_floor(max(1, num_samples)) * 2)
-    chunks = {name: min(shard, _pow2_floor(CHUNK_BYTES / b)) for name, b in per_sample.items()}
+    by_count = max(_pow2_floor(max(1, num_samples // SHARD_FRACTION)), _pow2_ceil(MIN_SHARD_BYTES / sum(row_bytes.values())))
+    shard = min(_pow2_floor(shard_bytes / max(row_bytes.values())), by_count, _pow2_ceil(max(1, num_samples)))
+    chunks = {}
+    for name, (shape, _) in layout.items():
+        per_view = shape[2:] if len(shape) > 1 else ()
+        view_bytes = row_bytes[name] // shape[1] if len(shape) > 1 and shape[1] else row_bytes[name]
+        samples = min(shard, _pow2_floor(CHUNK_BYTES / max(1, view_bytes)))
+        chunks[name] = (samples, 1, *per_view) if len(shape) > 1 else (samples,)
     return shard, chunks
 
 
@@ -55,24 +77,29 @@ def write_json_atomic(path: Path, value: Any) -> None:
 class ShardWriter:
     """Buffers consecutive rows and writes whole shards; subclasses store the blocks.
 
-    Full shards are compressed and written by one background thread, in order, while the caller computes the
-    next rows; at most `MAX_IN_FLIGHT` shards wait, which bounds memory. An error in the writer (a full disk)
-    is raised by the next `write`, `wait` or `finish`. `resume_from` is the number of samples already
-    committed by an earlier, interrupted dump.
+    Full shards are compressed and written by a pool of `threads` background threads, several shards at once,
+    while the caller computes the next rows; they are committed in order: the progress file counts a shard
+    only once it and every shard before it are on disk. At most `threads + 1` shards wait, which bounds
+    memory. An error in a writer thread (a full disk) is raised by the next `write`, `wait` or `finish`, and
+    no shard from the failed one on is ever counted. `resume_from` is the number of samples already committed
+    by an earlier, interrupted dump.
     """
 
-    MAX_IN_FLIGHT = 2
-
-    def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int, resume_from: int = 0):
+    def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int, resume_from: int = 0,
+                 threads: int = 1):
         self.path, self.layout, self.manifest = Path(path), layout, manifest
         self.shard_samples = shard_samples
         self.num_samples = layout["labels"][0][0]
         self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
         self.pending_rows = 0
-        self.written = resume_from  # samples handed to the writer thread
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="softcache-writer")
+        self.written = resume_from  # samples handed to the writer threads
+        self.threads = max(1, threads)
+        self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="softcache-writer")
         self._in_flight: deque[Future] = deque()
-        self._failed = False  # once a shard fails, no later shard may be counted as committed
+        self._lock = threading.Lock()
+        self._committed = resume_from       # samples counted in the progress file
+        self._done: dict[int, int] = {}     # shards on disk but not yet committed: lo -> hi
+        self._failed = False                # once a shard fails, no later shard may be counted as committed
 
     # --- backend hooks
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
@@ -106,9 +133,9 @@ class ShardWriter:
             block = np.concatenate(parts) if len(parts) > 1 else parts[0]
             blocks[name] = block[:count]
             self.pending[name] = [block[count:]] if len(block) > count else []
-        while len(self._in_flight) >= self.MAX_IN_FLIGHT:
+        while len(self._in_flight) > self.threads:
             self._in_flight.popleft().result()
-        self._in_flight.append(self._pool.submit(self._commit, lo, hi, blocks))
+        self._in_flight.append(self._pool.submit(self._store, lo, hi, blocks))
         self.written, self.pending_rows = hi, self.pending_rows - count
 
     def wait(self) -> None:
@@ -116,23 +143,30 @@ class ShardWriter:
         while self._in_flight:
             self._in_flight.popleft().result()
 
-    def _commit(self, lo: int, hi: int, blocks: dict[str, np.ndarray]) -> None:
-        """Write one shard of every array, make it durable, then count it in the progress file."""
+    def _store(self, lo: int, hi: int, blocks: dict[str, np.ndarray]) -> None:
+        """Write one shard of every array and make it durable (in any thread), then commit what is now in order."""
         if self._failed:
             return
-        self._failed = True  # until this shard is committed
         try:
             for name, block in blocks.items():
                 self._write_block(name, lo, hi, block)
             self._sync(lo)
-            write_json_atomic(self.progress_path, {"id": self.manifest.get("id"), "shard_samples": self.shard_samples,
-                                                   "committed_samples": hi})
-            self._failed = False
+            with self._lock:
+                self._done[lo] = hi
+                while self._committed in self._done and not self._failed:
+                    self._committed = self._done.pop(self._committed)
+                    write_json_atomic(self.progress_path, {"id": self.manifest.get("id"),
+                                                           "shard_samples": self.shard_samples,
+                                                           "committed_samples": self._committed})
         except OSError as err:
+            self._failed = True
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise SoftcacheError(f"out of disk space writing cache '{self.path}' (samples {lo}-{hi}): the cache "
-                                     f"stays incomplete with {lo} samples committed; free space and rerun the same "
-                                     "command to resume") from None
+                                     f"stays incomplete with {self._committed} samples committed; free space and rerun "
+                                     "the same command to resume") from None
+            raise
+        except BaseException:
+            self._failed = True
             raise
 
     def finish(self) -> dict[str, Any]:
@@ -140,6 +174,7 @@ class ShardWriter:
         assert self.written == self.num_samples and not self.pending_rows, f"{self.written} of {self.num_samples} samples written"
         self.wait()
         self._pool.shutdown()
+        assert self._committed == self.num_samples, f"{self._committed} of {self.num_samples} samples committed"
         final = {**self.manifest, "complete": True}
         self._set_manifest(final)
         self.progress_path.unlink(missing_ok=True)
@@ -162,6 +197,7 @@ class CacheReader:
 
     path: Path
     manifest: dict[str, Any]
+    decoded_bytes: int = 0  # bytes of the chunks decoded so far (whole chunks: what a read really costs)
 
     def names(self) -> list[str]:
         raise NotImplementedError
@@ -173,6 +209,10 @@ class CacheReader:
         raise NotImplementedError
 
     def chunk_samples(self, name: str) -> int:
+        raise NotImplementedError
+
+    def view_chunks(self, name: str) -> int:
+        """How many view slots one inner chunk of a per-view array `[N, V, ...]` holds (1 from format 3 on)."""
         raise NotImplementedError
 
     def shard_samples(self) -> int:
@@ -188,17 +228,27 @@ class CacheReader:
         return SoftcacheError(f"cache '{self.path}' is damaged: array '{name}' samples {lo}-{hi} fail their checksum "
                               f"({type(err).__name__}); run 'softcache verify {self.path}' and re-dump")
 
-    def read(self, name: str, lo: int = 0, hi: int | None = None) -> np.ndarray:
-        """Rows `[lo, hi)` of array `name`, read chunk by chunk so damage is located."""
-        hi = self.shape(name)[0] if hi is None else hi
+    def read(self, name: str, lo: int = 0, hi: int | None = None, slot: int | None = None) -> np.ndarray:
+        """Rows `[lo, hi)` of array `name` (`[hi - lo, ...]`), or only their view slot `slot` of a per-view array
+        (`[hi - lo, ...]` without the view axis, reading that slot's chunks only); read chunk by chunk so damage
+        is located."""
+        n = self.shape(name)[0]
+        hi = n if hi is None else hi
         step = self.chunk_samples(name)
+        row_bytes = int(np.prod(self.shape(name)[1:], dtype=np.int64)) * self.dtype(name).itemsize
+        if slot is not None:
+            row_bytes = row_bytes // self.shape(name)[1] * self.view_chunks(name)
         parts = []
         for a in range(lo - lo % step, hi, step):
-            b = min(a + step, self.shape(name)[0])
+            b = min(a + step, n)
             try:
-                parts.append(self._raw(name, slice(a, b)))
+                parts.append(self._raw(name, slice(a, b) if slot is None else (slice(a, b), slot)))
             except (ValueError, OSError, RuntimeError) as err:
                 raise self.damage(name, a, b, err) from None
+            with _COUNT_LOCK:  # reads run on several threads
+                self.decoded_bytes += (b - a) * row_bytes
+        if not parts:
+            return self._raw(name, slice(lo, hi) if slot is None else (slice(lo, hi), slot))
         block = np.concatenate(parts) if len(parts) > 1 else parts[0]
         start = lo - (lo - lo % step)
         return block[start:start + (hi - lo)]

@@ -21,7 +21,8 @@ SUFFIXES = (".h5", ".hdf5")
 
 
 class HDF5Writer(ShardWriter):
-    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0):
+    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0,
+                 threads: int = 1):  # h5py serialises every call behind one lock: more threads would only wait
         shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"))
         super().__init__(Path(path), layout, manifest, shard, resume_from)
         if resume_from:
@@ -31,7 +32,7 @@ class HDF5Writer(ShardWriter):
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
         self.file.attrs["softcache_shard_samples"] = shard
         for name, (shape, dtype) in layout.items():
-            self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=(min(chunks[name], shape[0]) or 1, *shape[1:]),
+            self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=(min(chunks[name][0], shape[0]) or 1, *chunks[name][1:]),
                                      compression="gzip", compression_opts=4, shuffle=np.dtype(dtype).itemsize > 1,
                                      fletcher32=True, fillvalue=0)
         self.file.flush()
@@ -66,11 +67,11 @@ class HDF5Reader(CacheReader):
         self.path, self.manifest = Path(path), manifest
         self._file: h5py.File | None = None
         self._pid = -1
-        self._meta: dict[str, tuple[tuple[int, ...], np.dtype, int]] = {}
+        self._meta: dict[str, tuple[tuple[int, ...], np.dtype, tuple[int, ...]]] = {}
 
         def collect(name: str, node: h5py.HLObject) -> None:  # returning a value would stop visititems
             if isinstance(node, h5py.Dataset):
-                self._meta[name] = (node.shape, node.dtype, node.chunks[0])
+                self._meta[name] = (node.shape, node.dtype, node.chunks)
 
         with h5py.File(self.path, "r") as f:
             f.visititems(collect)
@@ -95,7 +96,10 @@ class HDF5Reader(CacheReader):
         return np.dtype(self._meta[name][1])
 
     def chunk_samples(self, name: str) -> int:
-        return int(self._meta[name][2])
+        return int(self._meta[name][2][0])
+
+    def view_chunks(self, name: str) -> int:
+        return int(self._meta[name][2][1])
 
     def shard_samples(self) -> int:
         return self._shard
