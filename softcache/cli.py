@@ -293,7 +293,8 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @_option("--layer", default="layer3", help="the feature layer for (b) and the AT/FitNets rows")
 @_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
 @_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
-@_option("--steps", type=click.IntRange(min=1), default=50, help="timed steps per measurement (after 5 warm-up steps)")
+@_option("--steps", type=click.IntRange(min=1), default=50, help="timed steps per measurement and round (after 5 warm-up steps)")
+@_option("--rounds", type=click.IntRange(min=1), default=3, help="interleaved rounds over all rows; medians and per-round ratios are reported")
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default="auto",
          help="the student rows' data path (one row is always streamed)")
 @workers
