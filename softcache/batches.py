@@ -197,7 +197,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     for one seed.
     """
     n, num_views = reader.shape("views/flip")
-    block = reader.shard_samples()
+    block = reader.chunk_samples("labels")  # the same samples in every array's chunks
     aug = reader.manifest["augment"]
     augment = Augment(aug["policy"], image_size=image_size, pad=aug["pad"], scale=tuple(aug["scale"]),
                       ratio=tuple(aug["ratio"]))
@@ -229,7 +229,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
 
 
 DATA_PATHS = ("auto", "resident", "loader", "stream")
-STREAM_WINDOW = 4  # shards whose samples are shuffled together (the whole cache, when it has at most 4)
+STREAM_WINDOW = 64  # chunks of samples, from all over the cache, shuffled together (all of it, up to 64 chunks)
 
 
 def choose_data_path(data_path: str, source: Source, crops: bool, image_size: int,

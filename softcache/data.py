@@ -53,6 +53,10 @@ class Source(torch.utils.data.Dataset):
         """All labels, `[N]` int64, without decoding images."""
         raise NotImplementedError
 
+    def images(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """The images at `indices`, uint8 `[3, H, W]` each: what `source[i][0]` gives, possibly decoded in one call."""
+        return [self[i][0] for i in indices]
+
     def content_hash(self) -> str:
         """sha256 over what identifies the split's content (file names and sizes, or the arrays)."""
         raise NotImplementedError
@@ -104,8 +108,30 @@ class FolderSource(Source):
         return len(self.folder.samples)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        image, label = self.folder[i]
-        return TF.pil_to_tensor(image), label
+        return self.images([i])[0], self.folder.samples[i][1]
+
+    def images(self, indices: Sequence[int]) -> list[torch.Tensor]:
+        """Decoded with torchvision (libjpeg-turbo; the same pixels as PIL), JPEGs in one batched call; formats
+        torchvision does not read go through PIL, as ImageFolder's own loader does."""
+        paths = [self.folder.samples[i][0] for i in indices]
+        raw = []
+        for path in paths:
+            with open(path, "rb") as f:
+                raw.append(f.read())
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
+        jpeg = [k for k, b in enumerate(raw) if b[:2] == b"\xff\xd8"]
+        out: list[torch.Tensor | None] = [None] * len(paths)
+        if jpeg:
+            decoded = torchvision.io.decode_jpeg([data[k] for k in jpeg], mode=torchvision.io.ImageReadMode.RGB)
+            for k, image in zip(jpeg, decoded):
+                out[k] = image
+        for k, image in enumerate(out):
+            if image is None:
+                try:
+                    out[k] = torchvision.io.decode_image(data[k], mode=torchvision.io.ImageReadMode.RGB)
+                except RuntimeError:  # e.g. BMP, TIFF
+                    out[k] = TF.pil_to_tensor(self.folder.loader(paths[k]))
+        return out
 
     @property
     def labels(self) -> np.ndarray:

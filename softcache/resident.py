@@ -36,7 +36,7 @@ class _DecodeBatches(torch.utils.data.Dataset):
         return len(self.source)
 
     def __getitem__(self, indices: list[int]) -> torch.Tensor | None:
-        images = [self.source[i][0] for i in indices]
+        images = self.source.images(indices)
         if any(image.shape != images[0].shape for image in images):
             return None
         return torch.stack(images)

@@ -2,8 +2,9 @@
 
 Reading a shuffled batch row by row from a chunked store pulls a whole chunk per sample. Instead, an epoch
 visits samples in a quasi-random order (as FFCV's quasi-random order and WebDataset's shuffle buffer do):
-blocks of consecutive samples, one shard each, are taken in shuffled order, `window` blocks at a time, and
-the samples of a window are shuffled among themselves. Every sample replays the same stored view slot in an
+blocks of consecutive samples, one inner chunk each, are taken in shuffled order, `window` blocks at a time,
+and the samples of a window are shuffled among themselves. A window gathers its blocks from all over the
+cache, so a dataset stored class by class (an ImageFolder) still gives batches of every class. Every sample replays the same stored view slot in an
 epoch (`views.replay_slot`), and the cache stores each view slot in chunks of its own, so the reader fetches
 exactly the epoch's slot of each block it visits: an epoch reads 1/V of the cache.
 

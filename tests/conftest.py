@@ -31,6 +31,17 @@ def cifar_subset(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def cifar_full(tmp_path_factory) -> Path:
+    """The whole CIFAR-10 JPEG set (50,000 training and 10,000 test images) in ImageFolder layout."""
+    if not CIFAR_TARBALL.exists():
+        pytest.fail(f"real data missing: {CIFAR_TARBALL} (the shared datasets folder sits beside the checkout)")
+    root = tmp_path_factory.mktemp("cifar10-full")
+    with tarfile.open(CIFAR_TARBALL, "r:gz") as tar:
+        tar.extractall(root, filter="data")
+    return root
+
+
+@pytest.fixture(scope="session")
 def teacher_weights(tmp_path_factory) -> Path:
     """A resnet8 teacher for 10 classes (random init, BN statistics made non-trivial), saved as a state_dict."""
     torch.manual_seed(0)

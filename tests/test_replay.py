@@ -104,9 +104,11 @@ def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_pat
             assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), term
 
 
-@pytest.mark.parametrize("shard_mb", [64.0, 0.05])  # one shard, and many (windows of shards)
-def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teacher_weights, shard_mb):
+@pytest.mark.parametrize("shard_mb", [64.0, 0.05])  # one shard, and many (windows of chunks)
+def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teacher_weights, shard_mb, monkeypatch):
+    from softcache import batches as batches_module
     from softcache.batches import student_data
+    monkeypatch.setattr(batches_module, "STREAM_WINDOW", 4)
     out = tmp_path / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:40", "train"), out,
                  augment=Augment("cifar", image_size=32), views=3, layers=["layer3"], workers=0, shard_mb=shard_mb)
@@ -193,11 +195,13 @@ def test_evaluation_is_the_same_resident_or_loaded():
     assert results["ResidentReplay"] == results["DataLoader"]
 
 
-def test_streaming_reads_only_the_view_slot_an_epoch_uses(tmp_path, teacher_weights):
+def test_streaming_reads_only_the_view_slot_an_epoch_uses(tmp_path, teacher_weights, monkeypatch):
+    from softcache import batches as batches_module
     from softcache.batches import student_data
+    monkeypatch.setattr(batches_module, "STREAM_WINDOW", 4)  # windows of 4 chunks: 8 windows
     out = tmp_path / "cache"
-    # 1000 samples in shards of 32 (1/16 of the samples, rounded down to a power of two): the short last shard
-    # (8 samples) falls inside the visiting order
+    # 1000 samples in shards and chunks of 32 (1/16 of the samples, rounded down to a power of two): the short
+    # last chunk (8 samples) falls inside the visiting order, and every later window is shifted by it
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:1000", "train"), out,
                  augment=Augment("cifar", image_size=32), views=8, layers=["layer3"], workers=0)
     cache = open_cache(out)
@@ -221,3 +225,14 @@ def test_streaming_reads_only_the_view_slot_an_epoch_uses(tmp_path, teacher_weig
     # over 8 epochs every view slot was replayed once: the bytes fetched from disk are the arrays' bytes once
     # (plus shard indexes; box and flip slots for the resident image path; the next epoch's read-ahead)
     assert cache.fetched_bytes - fetched <= 1.1 * on_disk * 9 / 8
+
+
+def test_windows_mix_a_dataset_stored_class_by_class():
+    # an ImageFolder is stored class by class: 10 classes of 5,000; chunks of 128 samples, windows of 64 chunks
+    from softcache.batches import STREAM_WINDOW
+    from softcache.streaming import window_order
+    labels = np.repeat(np.arange(10), 5000)
+    order, bounds = window_order(50000, block=128, window=STREAM_WINDOW, seed=0, epoch=0)
+    assert sorted(order.tolist()) == list(range(50000)) and bounds[0] == 0 and bounds[-1] == 50000
+    classes_per_batch = [len(set(labels[order[a:a + 128]].tolist())) for a in range(0, 49920, 128)]
+    assert min(classes_per_batch) >= 8, min(classes_per_batch)

@@ -1,0 +1,93 @@
+"""The flow at the size users run it: all 50,000 CIFAR-10 training images, in an ordinary shell.
+
+Each command runs as a user would run it, through the installed console script with default options, under
+the open-file limit of an ordinary shell (1024); bugs of scale (one shared-memory handle per image, one shard
+for the whole dataset) fail here and nowhere else. The model is a tiny CNN loaded as `module:callable`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from softcache.store import open_cache
+
+SCRIPT = shutil.which("softcache")
+TESTS = Path(__file__).resolve().parent
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+
+
+def ordinary_shell() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def softcache(*args, cwd: Path) -> subprocess.CompletedProcess:
+    result = subprocess.run([SCRIPT, *map(str, args)], cwd=cwd, env=ENV, preexec_fn=ordinary_shell,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def flow(cifar_full, tmp_path_factory) -> dict[str, Path]:
+    """train-teacher (1 epoch), dump-teacher (2 views + layer3), train-student (1 epoch, KD+AT) on the full set."""
+    assert SCRIPT, "the softcache console script is not installed: pip install -e '.[dev]'"
+    work = tmp_path_factory.mktemp("full")
+    data = f"imagefolder:{cifar_full}"
+    softcache("train-teacher", "--model", "tinynet:tiny", "--data", data, "--epochs", "1", "--out", "teacher", cwd=work)
+    softcache("dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,
+              "--views", "2", "--layers", "layer3", "--out", "cache", cwd=work)
+    softcache("train-student", "--cache", "cache", "--student", "tinynet:tiny", "--loss", "kd,at", "--pair",
+              "layer3=layer3", "--epochs", "1", "--out", "student", cwd=work)
+    return {"work": work, "data": data}
+
+
+@pytest.mark.slow
+def test_full_cifar10_flow_in_an_ordinary_shell(flow):
+    work = flow["work"]
+    for run, terms in (("teacher", {"train_loss"}), ("student", {"train_kd", "train_at", "train_ce"})):
+        metrics = [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
+        assert len(metrics) == 1 and terms <= set(metrics[0]) and 10.0 < metrics[0]["test_acc"] <= 100.0, (run, metrics)
+        assert metrics[0]["images_per_s"] > 0 and (work / run / "model.pt").is_file()
+    cache = open_cache(work / "cache")
+    assert cache.shape("logits") == (50000, 2, 10) and cache.shape("features/layer3") == (50000, 2, 32, 8, 8)
+    assert cache.shard_samples() <= 50000 // 16  # the dump committed many times
+    labels = cache.read("labels")
+    assert np.bincount(labels).tolist() == [5000] * 10
+
+
+@pytest.mark.slow
+def test_killed_logits_only_dump_resumes_past_the_start(flow):
+    work, data = flow["work"], flow["data"]
+    args = ["dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,
+            "--views", "2", "--out", "logits"]
+    proc = subprocess.Popen([SCRIPT, *args], cwd=work, env=ENV, preexec_fn=ordinary_shell,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    progress = work / "logits" / "progress.json"
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:  # kill once a few shards are committed
+        try:
+            if json.loads(progress.read_text())["committed_samples"] >= 3 * 4096:
+                break
+        except (OSError, ValueError, KeyError):
+            pass
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
+    committed = json.loads(progress.read_text())["committed_samples"]
+    assert 0 < committed < 50000
+    out = softcache(*args, cwd=work).stdout
+    assert f"resumed from sample {committed}" in out, out
+    # the resumed cache is intact and holds what the teacher computes, on samples from both sides of the kill
+    check = softcache("verify", "logits", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt",
+                      "--samples", "64", cwd=work).stdout
+    assert check.rstrip().endswith("ok"), check
