@@ -31,7 +31,8 @@ READ_THREADS = 4   # blocks read (and decompressed) at once
 
 
 def window_order(n: int, *, block: int, window: int, seed: int, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-    """Quasi-random order `[n]`: shuffled blocks of `block` samples, shuffled within windows of `window` blocks;
+    """Quasi-random order `[n]`: shuffled blocks of `block` samples, shuffled within windows of at most `window`
+    blocks (as many windows as that needs, holding equal numbers of blocks, so that no window is a small rest);
     and the windows' bounds `[W + 1]` (positions in the order where each window starts, then n).
 
     Windows are cut at block boundaries, so a window never reads part of a block another window reads too
@@ -43,8 +44,8 @@ def window_order(n: int, *, block: int, window: int, seed: int, epoch: int) -> t
         return rng.permutation(n), np.asarray([0, n], dtype=np.int64)
     blocks = rng.permutation(-(-n // block))
     parts, bounds = [], [0]
-    for w in range(0, len(blocks), window):
-        members = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in blocks[w:w + window]])
+    for members_blocks in np.array_split(blocks, -(-len(blocks) // window)):  # windows of equal block counts
+        members = np.concatenate([np.arange(b * block, min((b + 1) * block, n)) for b in members_blocks])
         parts.append(rng.permutation(members))
         bounds.append(bounds[-1] + len(members))
     return np.concatenate(parts), np.asarray(bounds, dtype=np.int64)
