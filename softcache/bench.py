@@ -73,7 +73,8 @@ def _cycle(batches):
         epoch += 1
 
 
-def _time(m: Measurement, device: torch.device) -> float:
+def timed_rate(m: Measurement, device: torch.device) -> float:
+    """The rate of `m` (its unit) over `m.repeat` units of work, synchronised on CUDA."""
     _sync(device)
     started, amount = time.perf_counter(), 0.0
     for _ in range(m.repeat):
@@ -99,7 +100,7 @@ def summarise(per_round: dict[str, list[float]], refs: dict[str, str | None]) ->
     return rows
 
 
-def _writer_measurement(name: str, per_view: np.ndarray, views: int, threads: int, scratch: Path) -> Measurement:
+def writer_measurement(name: str, per_view: np.ndarray, views: int, threads: int, scratch: Path) -> Measurement:
     """Write `per_view [M, ...]` (real teacher outputs, tiled) as a cache array of `views` views, about
     WRITER_BYTES raw, with `threads` writer threads; returns the raw bytes written (labels included)."""
     row_bytes = per_view[0].nbytes * views
@@ -190,7 +191,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     for kind, per_view in outputs.items():
         for threads in sorted({1, cores}):
             label = "1 thread" if threads == 1 else f"{threads} threads"
-            measurements.append(_writer_measurement(f"writer: {kind}, {label}", per_view, views, threads, scratch))
+            measurements.append(writer_measurement(f"writer: {kind}, {label}", per_view, views, threads, scratch))
 
     # (c)-(e) student training steps
     def student_measurement(name: str, terms: list[str], targets_kind: str) -> Measurement:
@@ -231,7 +232,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     per_round: dict[str, list[float]] = {m.name: [] for m in measurements}
     for r in range(rounds):
         for m in measurements:
-            per_round[m.name].append(_time(m, dev))
+            per_round[m.name].append(timed_rate(m, dev))
         log.info("bench round %d of %d done", r + 1, rounds)
     shutil.rmtree(scratch, ignore_errors=True)
     rows = summarise(per_round, {m.name: m.ref for m in measurements})

@@ -212,6 +212,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     views = _view_batches(dataset, batches, writer.shard_samples, workers, dev, data_path)
     for span, (flat, labels, boxes, flips) in tqdm(zip(batches, views), total=len(batches), desc="dump-teacher",
                                                    unit="batch", disable=None):
+        if pending is None:
+            log.info("first batch: samples %d-%d of %d", span[0], span[1], len(source))
         launched = (span, labels, boxes, flips, *launch(flat))
         if pending is not None:
             store(*pending)
