@@ -99,3 +99,42 @@ def test_replay_slot_cycles_through_every_view_and_depends_on_seed():
     slots = [replay_slot(5, seed=1, epoch=e) for e in range(10)]
     assert sorted(slots[:5]) == list(range(5)) and slots[:5] == slots[5:]
     assert {replay_slot(5, seed=s, epoch=0) for s in range(20)} == set(range(5))
+
+
+def test_folder_images_decode_to_the_pixels_pil_gives(cifar_subset):
+    from torchvision.transforms.v2 import functional as TF
+    train = load_source(f"imagefolder:{cifar_subset}", "train")
+    batch = train.images(range(len(train)))
+    for i in range(len(train)):
+        pil = TF.pil_to_tensor(train.folder.loader(train.folder.samples[i][0]))
+        assert torch.equal(batch[i], pil) and torch.equal(train[i][0], pil), i
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_all_hands_images_over_in_batches(cifar_subset, monkeypatch, workers):
+    from softcache import resident
+    monkeypatch.setattr(resident, "DECODE_BATCH", 32)
+    calls = []
+    real = resident._DecodeBatches.__getitem__
+    monkeypatch.setattr(resident._DecodeBatches, "__getitem__", lambda self, idx: calls.append(len(idx)) or real(self, idx))
+    train = load_source(f"imagefolder:{cifar_subset}", "train")
+    images = resident.decode_all(train, workers)
+    assert torch.equal(images, torch.stack([train[i][0] for i in range(len(train))]))
+    if workers == 0:  # in workers the calls happen in other processes; there the output shows the same
+        assert calls == [32, 32, 32, 24]  # 120 images in 4 transfers, not 120
+    some = resident.decode_all(train, workers, indices=range(50, 120))
+    assert torch.equal(some, images[50:])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_decode_all_reports_images_of_mixed_sizes(tmp_path, workers):
+    from PIL import Image
+    from softcache.resident import decode_all
+    for split in ("train", "test"):
+        for k, size in enumerate([(32, 32), (32, 32), (40, 24)]):
+            folder = tmp_path / split / f"class{k % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, (k * 60, 10, 200)).save(folder / f"{k}.png")
+    source = load_source(f"imagefolder:{tmp_path}", "train")
+    assert [tuple(source[i][0].shape) for i in range(3)] == [(3, 32, 32), (3, 24, 40), (3, 32, 32)]
+    assert decode_all(source, workers) is None
