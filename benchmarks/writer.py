@@ -10,7 +10,6 @@ Reports the median MB/s (raw bytes in) and the compression ratio.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 
 from softcache.bench import timed_rate, writer_measurement
+from softcache.dump import usable_cores
 from softcache.losses import attention_map
 from softcache.store import Existing, array_layout, open_cache, prepare_cache, zarr_store
 
@@ -41,13 +41,14 @@ def main() -> None:
     arrays = {"logits": cache.read("logits", 0, args.samples).reshape(m * v, -1),
               f"features {args.layer}": flat.numpy(),
               f"attention {args.layer}": attention_map(flat).view(m * v, *flat.shape[2:]).half().numpy()}
-    cores = os.cpu_count() or 1
+    cores = usable_cores()
     scratch = Path(tempfile.mkdtemp())
     rows, ratios = {}, {}
     for setting, blosc in CANDIDATES.items():
         for kind, per_view in arrays.items():
             for threads in sorted({1, cores}):
-                rows[(setting, kind, threads)] = (blosc, writer_measurement(kind, per_view, v, threads, scratch))
+                rows[(setting, kind, threads)] = (blosc, writer_measurement(kind, per_view, v, threads, scratch,
+                                                                            cache.shape("labels")[0]))
     rates: dict = {key: [] for key in rows}
     for _ in range(args.rounds):
         for key, (blosc, measurement) in rows.items():

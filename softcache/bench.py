@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import statistics
 import tempfile
@@ -35,10 +34,11 @@ import torch
 from softcache.batches import OnlineTargets, student_data
 from softcache.data import load_source
 from softcache.device import autocast, model_inputs, prepare_model, teacher_outputs
-from softcache.dump import dump_teacher, resolve_image_size
+from softcache.dump import dump_teacher, resolve_image_size, usable_cores
 from softcache.losses import attention_map, resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import Existing, array_layout, open_cache, prepare_cache
+from softcache.store.base import plan_shards
 from softcache.train import build_criterion, distill_step
 from softcache.views import Augment
 
@@ -100,16 +100,20 @@ def summarise(per_round: dict[str, list[float]], refs: dict[str, str | None]) ->
     return rows
 
 
-def writer_measurement(name: str, per_view: np.ndarray, views: int, threads: int, scratch: Path) -> Measurement:
-    """Write `per_view [M, ...]` (real teacher outputs, tiled) as a cache array of `views` views, about
-    WRITER_BYTES raw, with `threads` writer threads; returns the raw bytes written (labels included)."""
+def writer_measurement(name: str, per_view: np.ndarray, views: int, threads: int, scratch: Path,
+                       num_samples: int) -> Measurement:
+    """Write `per_view [M, ...]` (real teacher outputs, tiled) as a cache array of `views` views with `threads`
+    writer threads, in the shards a dump of `num_samples` samples would use: 4 shards per thread (at least
+    WRITER_BYTES raw, at most the whole dataset). Returns the raw bytes written (labels included)."""
     row_bytes = per_view[0].nbytes * views
-    n = max(16, WRITER_BYTES // row_bytes)
+    full = array_layout(num_samples, views, {"target": (per_view.shape[1:], str(per_view.dtype))})
+    del full["views/box"], full["views/flip"]
+    shard, _ = plan_shards(full)
+    n = min(num_samples, max(4 * threads * shard, WRITER_BYTES // row_bytes))
     tiled = per_view[np.arange(n * views) % len(per_view)].reshape(n, views, *per_view.shape[1:])
-    layout = array_layout(n, views, {"target": (per_view.shape[1:], str(per_view.dtype))})
-    del layout["views/box"], layout["views/flip"]
+    layout = {"labels": ((n,), "int64"), "target": ((n, *full["target"][0][1:]), full["target"][1])}
     labels = np.zeros(n, np.int64)
-    manifest = {"id": "bench", "storage": {"shard_bytes": 64 << 20}}
+    manifest = {"id": "bench", "storage": {"planned_samples": num_samples}}
 
     def run() -> float:
         path = Path(tempfile.mkdtemp(dir=scratch))
@@ -187,11 +191,12 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     outputs = {"logits": logits.cpu().numpy(), f"features {layer}": features[layer].cpu().numpy(),
                f"attention {layer}": attention_map(features[layer]).view(len(logits), *features[layer].shape[2:]).half().cpu().numpy()}
     scratch = Path(tempfile.mkdtemp(dir=out, prefix="writer-"))
-    cores = max(1, os.cpu_count() or 1)
+    cores = usable_cores()
     for kind, per_view in outputs.items():
         for threads in sorted({1, cores}):
             label = "1 thread" if threads == 1 else f"{threads} threads"
-            measurements.append(writer_measurement(f"writer: {kind}, {label}", per_view, views, threads, scratch))
+            measurements.append(writer_measurement(f"writer: {kind}, {label}", per_view, views, threads, scratch,
+                                                   len(source)))
 
     # (c)-(e) student training steps
     def student_measurement(name: str, terms: list[str], targets_kind: str) -> Measurement:

@@ -135,7 +135,12 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
 def default_writer_threads() -> int:
     """Shards compressed at once: every core up to 8 (BENCHMARKS.md: 4 threads absorb a ResNet-56 feature dump
     at 64k views/s)."""
-    return max(1, min(8, os.cpu_count() or 1))
+    return max(1, min(8, usable_cores()))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],

@@ -41,7 +41,8 @@ def _pow2_ceil(x: float) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def plan_shards(layout: Layout, shard_bytes: int | None = None) -> tuple[int, dict[str, tuple[int, ...]]]:
+def plan_shards(layout: Layout, shard_bytes: int | None = None,
+                planned_samples: int | None = None) -> tuple[int, dict[str, tuple[int, ...]]]:
     """Samples per shard and per inner chunk, both shared by all arrays, and each array's inner chunk shape.
 
     A shard (the unit written whole, committed and resumed from) is capped by `shard_bytes` of the largest
@@ -49,13 +50,15 @@ def plan_shards(layout: Layout, shard_bytes: int | None = None) -> tuple[int, di
     Inner chunks (the unit a reader decompresses) hold one view slot each, `(samples, 1, ...)` for per-view
     arrays, about CHUNK_BYTES of the largest array, and the same samples in every array: a reader that replays
     one slot per epoch decodes exactly that slot of the samples it visits. Sample counts are powers of two.
+    `planned_samples` replaces the layout's sample count in the 1/SHARD_FRACTION cap (benchmarks write part
+    of a dataset with the shards the whole would get).
     """
     shard_bytes = shard_bytes or SHARD_BYTES
     row_bytes = {name: int(np.prod(shape[1:], dtype=np.int64)) * np.dtype(dtype).itemsize
                  for name, (shape, dtype) in layout.items()}
     view_bytes = {name: row_bytes[name] // max(1, shape[1]) if len(shape) > 1 else row_bytes[name]
                   for name, (shape, _) in layout.items()}
-    num_samples = next(iter(layout.values()))[0][0]
+    num_samples = planned_samples or next(iter(layout.values()))[0][0]
     by_count = max(_pow2_floor(max(1, num_samples // SHARD_FRACTION)), _pow2_ceil(MIN_SHARD_BYTES / sum(row_bytes.values())))
     shard = min(_pow2_floor(shard_bytes / max(row_bytes.values())), by_count, _pow2_ceil(max(1, num_samples)))
     chunk = min(shard, _pow2_floor(CHUNK_BYTES / max(1, max(view_bytes.values()))))

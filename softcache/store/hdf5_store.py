@@ -23,7 +23,8 @@ SUFFIXES = (".h5", ".hdf5")
 class HDF5Writer(ShardWriter):
     def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0,
                  threads: int = 1):  # h5py serialises every call behind one lock: more threads would only wait
-        shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"))
+        shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"),
+                                    manifest["storage"].get("planned_samples"))
         super().__init__(Path(path), layout, manifest, shard, resume_from)
         if resume_from:
             self.file = h5py.File(self.path, "r+")
