@@ -27,6 +27,7 @@ from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, open_cache
+from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
 log = logging.getLogger(__name__)
@@ -189,11 +190,15 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                                 image_size=augment.image_size, device=dev)
     mean, std = train_source.mean, train_source.std
     step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
-    return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
-               train_loader=train_loader,
-               test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                        device=dev, data_path="loader" if data_path == "loader" else "auto"),
-               optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+    try:
+        return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+                   train_loader=train_loader,
+                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                            device=dev, data_path="loader" if data_path == "loader" else "auto"),
+                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+    finally:
+        if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
+            targets.close()
 
 
 def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,
