@@ -1,9 +1,10 @@
 """Streaming target reader: targets/s with 1 and with N read threads, and what an epoch reads against what it
 uses, on an existing cache (the reader alone: no student, no images).
 
-For each epoch it counts the bytes of the chunks decoded (whole chunks, raw), the bytes fetched from storage
-(compressed, shard indexes included) and the bytes delivered (the rows handed to training), and compares the
-fetched bytes with 1/V of the arrays' bytes on disk.
+It counts the bytes of the chunks decoded (whole chunks, raw), the bytes fetched from storage (compressed,
+shard indexes included) and the bytes delivered (the rows handed to training), and compares the fetched bytes
+per epoch's worth of rows read (the reader runs ahead into the next epoch) with 1/V of the arrays' bytes on
+disk.
 
     python benchmarks/streaming.py --cache runs/bench/cache8 --layers layer3 --epochs 2
 """
@@ -41,8 +42,9 @@ def run(path: str, layers: list[str], epochs: int, threads: int, batch_size: int
     delivered = reader.delivered_bytes
     return {"targets_per_s": epochs * (n // batch_size) * batch_size / elapsed, "views": views,
             "decoded/delivered": cache.decoded_bytes / delivered,
-            "fetched/(on disk / V)": cache.fetched_bytes / (epochs * on_disk / views),
-            "fetched MB/epoch": cache.fetched_bytes / epochs / 2**20, "on disk MB": on_disk / 2**20}
+            # per epoch's worth of rows read (the reader reads ahead into the next epoch)
+            "fetched/(on disk / V)": cache.fetched_bytes / (reader.read_rows / n * on_disk / views),
+            "fetched MB/epoch": cache.fetched_bytes / (reader.read_rows / n) / 2**20, "on disk MB": on_disk / 2**20}
 
 
 def main() -> None:

@@ -66,6 +66,7 @@ class StreamingTargets:
         self.order, self.slot, self.assemble, self.device = order, slot, assemble, device
         self.threads = threads
         self.delivered_bytes = 0  # bytes of the rows handed to training (what an epoch uses)
+        self.read_rows = 0        # samples whose rows were read, read-ahead included
         self._queue: queue.Queue | None = None
         self._stop: threading.Event | None = None
         self._next_epoch = -1     # the epoch whose first window the running reader delivers next
@@ -139,6 +140,7 @@ class StreamingTargets:
                 data = np.concatenate([f.result() for f in reads[name]])[positions]
                 tensor = torch.from_numpy(data.view(np.int16) if data.dtype == np.uint16 else data)
                 rows[name] = tensor.pin_memory() if self.device.type == "cuda" else tensor
+            self.read_rows += len(members)
             while not stop.is_set():
                 try:
                     out.put((epoch, int(lo), rows), timeout=0.1)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.abc.store import SuffixByteRequest
 from zarr.storage import LocalStore, WrapperStore
 
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
@@ -93,15 +94,28 @@ def read_zarr_manifest(path: Path) -> dict[str, Any] | None:
 
 
 class CountingStore(WrapperStore):
-    """A read-only store that counts the bytes it hands to zarr (what a reader really fetched from storage)."""
+    """The read-only store a reader opens a complete cache with: it counts the bytes it hands to zarr (what the
+    reader really fetched from storage) and keeps every shard index it reads.
+
+    zarr reads a shard's index (16 bytes per inner chunk, at the shard's end) before every partial read of the
+    shard; a streaming reader reads one view slot of each shard per epoch, and with all 162 CIFAR views the
+    index of a logits shard is as large as the slot it locates. A complete cache never changes, so the
+    indexes are read once.
+    """
 
     def __init__(self, store: Any):
         super().__init__(store)
         self.fetched_bytes = 0
+        self._indexes: dict[tuple[str, int], Any] = {}
 
     async def get(self, key: str, prototype: Any, byte_range: Any = None) -> Any:
+        index = (key, byte_range.suffix) if isinstance(byte_range, SuffixByteRequest) else None
+        if index in self._indexes:
+            return self._indexes[index]
         buffer = await self._store.get(key, prototype, byte_range)
         self._count([buffer])
+        if index is not None and buffer is not None:
+            self._indexes[index] = buffer
         return buffer
 
     async def get_partial_values(self, prototype: Any, key_ranges: Any) -> list:
