@@ -23,6 +23,7 @@ from softcache.config import DumpConfig, to_json
 from softcache.device import prepare_model, teacher_outputs, to_host
 from softcache.data import Source, load_source
 from softcache.errors import SoftcacheError
+from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
@@ -254,9 +255,10 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
                              logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
                              shard_mb=shard_mb)
-    existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
-    return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers, device=device,
-                    data_path=data_path, writer_threads=writer_threads)
+    with WriterLock(cache_lock_path(out), f"cache '{out}'"):
+        existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
+        return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers,
+                        device=device, data_path=data_path, writer_threads=writer_threads)
 
 
 def dump_from_config(cfg: DumpConfig) -> DumpResult:
@@ -277,13 +279,14 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
                              targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb)
-    existing = check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend)
-    if existing.action == "reuse":
-        return DumpResult(Path(cfg.out), "reuse", manifest)
-    teachers = []
-    for arch, weights in zip(cfg.teacher, cfg.weights):
-        teacher = build_model(arch, num_classes=len(source.classes))
-        teachers.append(load_weights(teacher, weights))
-    check_layers(teachers[0], cfg.layers)
-    return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
-                    device=cfg.device, data_path=cfg.data_path, writer_threads=cfg.writer_threads)
+    with WriterLock(cache_lock_path(cfg.out), f"cache '{cfg.out}'"):  # held from the first look at --out
+        existing = check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend)
+        if existing.action == "reuse":
+            return DumpResult(Path(cfg.out), "reuse", manifest)
+        teachers = []
+        for arch, weights in zip(cfg.teacher, cfg.weights):
+            teacher = build_model(arch, num_classes=len(source.classes))
+            teachers.append(load_weights(teacher, weights))
+        check_layers(teachers[0], cfg.layers)
+        return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
+                        device=cfg.device, data_path=cfg.data_path, writer_threads=cfg.writer_threads)

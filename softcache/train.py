@@ -8,11 +8,12 @@ Run folder layout, for both:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,7 @@ from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
+from softcache.locks import WriterLock, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, feature_name, open_cache
@@ -32,18 +34,22 @@ from softcache.views import Augment
 
 log = logging.getLogger(__name__)
 
-def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Path:
-    """Create the run folder; refuse a finished one (it has summary.json) unless `overwrite`."""
+@contextlib.contextmanager
+def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Iterator[Path]:
+    """`with prepare_run(...) as run:` creates the run folder and holds its writer lock (`RUN/.lock`) while the
+    run writes; refuses a finished run (it has summary.json) unless `overwrite`, and a folder another process
+    is writing to."""
     out = Path(out)
     if (out / "summary.json").exists() and not overwrite:
         raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
         raise SoftcacheError(f"--out '{out}' is a file; give a folder for the run")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").unlink(missing_ok=True)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
-    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out
+    with WriterLock(run_lock_path(out), f"run folder '{out}'"):
+        (out / "summary.json").unlink(missing_ok=True)
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        yield out
 
 
 @torch.no_grad()
@@ -115,25 +121,25 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
                      data_path: str = "auto") -> dict[str, Any]:
     """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`)."""
-    run = prepare_run(out, config or {}, overwrite=overwrite)
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    model = prepare_model(model, dev)
-    train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
-                                     workers=optim.workers, device=dev, data_path=data_path)
-    mean, std = train_source.mean, train_source.std
+    with prepare_run(out, config or {}, overwrite=overwrite) as run:
+        torch.manual_seed(seed)
+        dev = torch.device(device)
+        model = prepare_model(model, dev)
+        train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
+                                         workers=optim.workers, device=dev, data_path=data_path)
+        mean, std = train_source.mean, train_source.std
 
-    def step_loss(batch):
-        views, labels = batch[:2]
-        x, labels = model_inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
-        with autocast(dev, torch.bfloat16):
-            logits = model(x)
-        return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
+        def step_loss(batch):
+            views, labels = batch[:2]
+            x, labels = model_inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
+            with autocast(dev, torch.bfloat16):
+                logits = model(x)
+            return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
 
-    return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
-               test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                        device=dev, data_path=data_path),
-               optim=optim, mean=mean, std=std, device=dev, out=run)
+        return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
+                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                            device=dev, data_path=data_path),
+                   optim=optim, mean=mean, std=std, device=dev, out=run)
 
 
 def check_data_matches(cache: CacheReader, source: Source) -> None:
@@ -175,30 +181,30 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
     tapped = Tapped(student, list(pairs))  # refuses an unknown student layer before anything is written
-    run = prepare_run(out, config or {}, overwrite=overwrite)
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    aug = manifest["augment"]
-    augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
-                      scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
-    tapped = prepare_model(tapped, dev)
-    train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
-                                            temperature=temperature, teachers=teachers, image_size=augment.image_size,
-                                            batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
-                                            data_path=data_path, targets=targets)
-    criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
-                                image_size=augment.image_size, device=dev)
-    mean, std = train_source.mean, train_source.std
-    step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
-    try:
-        return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
-                   train_loader=train_loader,
-                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                            device=dev, data_path="loader" if data_path == "loader" else "auto"),
-                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
-    finally:
-        if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
-            targets.close()
+    with prepare_run(out, config or {}, overwrite=overwrite) as run:
+        torch.manual_seed(seed)
+        dev = torch.device(device)
+        aug = manifest["augment"]
+        augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
+                          scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+        tapped = prepare_model(tapped, dev)
+        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
+                                                temperature=temperature, teachers=teachers, image_size=augment.image_size,
+                                                batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
+                                                data_path=data_path, targets=targets)
+        criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
+                                    image_size=augment.image_size, device=dev)
+        mean, std = train_source.mean, train_source.std
+        step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
+        try:
+            return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+                       train_loader=train_loader,
+                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                                device=dev, data_path="loader" if data_path == "loader" else "auto"),
+                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+        finally:
+            if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
+                targets.close()
 
 
 def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,

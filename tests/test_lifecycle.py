@@ -161,3 +161,38 @@ def test_concurrent_students_match_solo_runs(tmp_path, reference):
         assert p.wait(timeout=300) == 0, p.stderr.read()
     expected = metrics(tmp_path / "solo")
     assert len(expected) == 2 and all(metrics(tmp_path / f"side{k}") == expected for k in range(2))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("second", [(), ("--overwrite",)])
+def test_a_second_writer_is_refused_while_a_dump_runs(tmp_path, teacher_weights, reference, second):
+    out = tmp_path / "cache"
+    proc = subprocess.Popen([SCRIPT, *dump_args(teacher_weights, out)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (out / "progress.json").exists():  # the first dump is writing
+        time.sleep(0.002)
+    assert proc.poll() is None, "the first dump finished before a second could try"
+    started = time.perf_counter()
+    refused = invoke(*dump_args(teacher_weights, out, *second))
+    assert time.perf_counter() - started < 10
+    assert refused.exit_code != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert f"being written by another softcache process (pid {proc.pid})" in refused.stderr
+    busy = invoke("train-student", "--cache", out, "--student", "resnet8", "--out", tmp_path / "run", "--epochs", "1")
+    assert busy.exit_code != 0 and f"a dump is writing it now (pid {proc.pid})" in busy.stderr
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    assert arrays(out) == arrays(reference)  # the first dump went on untouched
+
+
+def test_a_second_training_run_on_one_folder_is_refused(tmp_path, reference):
+    from softcache.locks import WriterLock, run_lock_path
+    run = tmp_path / "run"
+    with WriterLock(run_lock_path(run), "run folder"):  # as a train-student process holds it while it trains
+        (run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        refused = invoke("train-student", "--cache", reference, "--student", "resnet8", "--out", run, "--epochs", "1")
+        assert refused.exit_code != 0 and len(refused.stderr.strip().splitlines()) == 1
+        assert f"run folder '{run}' is being written by another softcache process (pid {os.getpid()})" in refused.stderr
+        assert (run / "metrics.jsonl").read_text() == '{"epoch": 1}\n'  # nothing was changed
+    done = invoke("train-student", "--cache", reference, "--student", "resnet8", "--out", run, "--epochs", "1",
+                  "--batch-size", "64", "--workers", "0")
+    assert done.exit_code == 0, done.output

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from softcache.errors import SoftcacheError
+from softcache.locks import cache_lock_path, holder
 from softcache.store.base import CacheReader, ShardWriter, read_progress
 from softcache.store.hdf5_store import SUFFIXES, HDF5Reader, HDF5Writer, read_hdf5_manifest
 from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manifest, differences, feature_name,
@@ -127,8 +128,12 @@ def open_cache(path: str | Path) -> CacheReader:
                              f"{FORMAT_VERSION} (views are now stored one slot per chunk); re-dump it: rerun its "
                              "dump-teacher command with --overwrite")
     if not manifest.get("complete"):
-        raise SoftcacheError(f"cache '{path}' is incomplete: a dump is in progress or died; "
-                             "rerun its dump-teacher command to finish it")
+        pid = holder(cache_lock_path(path))
+        if pid is not None:
+            raise SoftcacheError(f"cache '{path}' is incomplete: a dump is writing it now (pid {pid}); "
+                                 "wait for it to finish")
+        raise SoftcacheError(f"cache '{path}' is incomplete: its dump died; rerun its dump-teacher command to "
+                             "resume it")
     return ZarrReader(path, manifest) if path.is_dir() else HDF5Reader(path, manifest)
 
 

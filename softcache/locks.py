@@ -1,0 +1,71 @@
+"""One writer at a time: an exclusive OS lock (`fcntl.flock`) on a lock file, held while a dump or a training
+run writes.
+
+A cache's lock file sits beside it (`CACHE.lock`, `CACHE.h5.lock`), so replacing the cache never removes the
+lock; a run folder's is `RUN/.lock`. Each holds the pid of the process that holds the lock. The OS releases the
+lock when that process ends, however it ends, so a lock file left behind by a killed process locks nothing.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from softcache.errors import SoftcacheError
+
+
+def cache_lock_path(cache: str | Path) -> Path:
+    cache = Path(cache)
+    return cache.with_name(cache.name + ".lock")
+
+
+def run_lock_path(run: str | Path) -> Path:
+    return Path(run) / ".lock"
+
+
+def _pid(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+
+
+class WriterLock:
+    """`with WriterLock(path, what):` holds the exclusive lock on `path`, or refuses at once, naming the pid
+    of the process that holds it; `what` names the thing written, e.g. "cache 'c'"."""
+
+    def __init__(self, path: Path, what: str):
+        self.path, self.what, self.fd = Path(path), what, -1
+
+    def __enter__(self) -> "WriterLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = _pid(fd)
+            os.close(fd)
+            raise SoftcacheError(f"{self.what} is being written by another softcache process (pid {pid}); wait for it "
+                                 "to finish or stop it, or choose another --out (nothing was changed)") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+        self.fd = -1
+
+
+def holder(path: Path) -> str | None:
+    """The pid holding the lock at `path`, or None when nobody does (no file, or its process ended)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _pid(fd)
+    finally:
+        os.close(fd)
+    return None
