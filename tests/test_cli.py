@@ -99,7 +99,7 @@ def test_train_student_bad_input(tmp_path, small_cache, cifar_subset):
     meta["attributes"]["softcache"]["complete"] = False
     (incomplete / "zarr.json").write_text(json.dumps(meta))
     assert_fails(invoke(*STUDENT, "--cache", incomplete, "--out", run),
-                 r"cache .* is incomplete: a dump is in progress or died; rerun its dump-teacher command")
+                 r"cache .* is incomplete: its dump died; rerun its dump-teacher command to resume it")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--data", "synthetic:30"),
                  r"--data synthetic:30 is not the dataset the cache was dumped from \(synthetic:20, 20 samples\)")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at", "--pair", "layer3=layer1"),

@@ -109,7 +109,7 @@ def test_incomplete_cache_is_refused_then_resumed(tmp_path, small_shards, backen
     committed = writer.written
     assert 0 < committed < 21
     del writer
-    with pytest.raises(SoftcacheError, match="incomplete: a dump is in progress or died"):
+    with pytest.raises(SoftcacheError, match="incomplete: its dump died; rerun its dump-teacher command"):
         open_cache(tmp_path / name)
     existing = check_existing(tmp_path / name, manifest, overwrite=False, backend=backend)
     assert existing == Existing("resume", committed)
