@@ -94,13 +94,33 @@ class ArraySource(Source):
         return h.hexdigest()
 
 
+class _KnownClasses(torchvision.datasets.ImageFolder):
+    """An ImageFolder whose labels follow a given class list (the training split's), by class name."""
+
+    def __init__(self, root: str, classes: Sequence[str]):
+        self._known = list(classes)
+        super().__init__(root, allow_empty=True)  # a split may lack some classes
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = sorted(e.name for e in os.scandir(directory) if e.is_dir())
+        unknown = [c for c in present if c not in self._known]
+        if unknown:
+            raise SoftcacheError(f"'{directory}' has class folder '{unknown[0]}', which the training split does not "
+                                 f"have; its classes are: {', '.join(self._known)}")
+        return self._known, {c: k for k, c in enumerate(self._known)}
+
+
 class FolderSource(Source):
-    """A split in torchvision's ImageFolder layout (`ROOT/<class>/<file>`), decoded per access."""
+    """A split in torchvision's ImageFolder layout (`ROOT/<class>/<file>`), decoded per access.
+
+    `classes` (the training split's class list) makes the labels follow it by class name, so a test split
+    that lacks a class keeps the training split's label numbers."""
 
     def __init__(self, root: Path, spec: str, mean: Sequence[float] = IMAGENET_STATS[0],
-                 std: Sequence[float] = IMAGENET_STATS[1]):
+                 std: Sequence[float] = IMAGENET_STATS[1], classes: Sequence[str] | None = None):
         self.root = Path(root)
-        self.folder = torchvision.datasets.ImageFolder(str(self.root))  # PIL loader, converted to RGB
+        self.folder = (torchvision.datasets.ImageFolder(str(self.root)) if classes is None
+                       else _KnownClasses(str(self.root), classes))
         self.classes, self.spec = list(self.folder.classes), spec
         self.mean, self.std = tuple(mean), tuple(std)
 
@@ -261,10 +281,13 @@ def _folder_source(root: str, split: str) -> FolderSource:
     if not base.is_dir():
         raise SoftcacheError(f"dataset folder '{root}' does not exist; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
     names = ["train"] if split == "train" else ["test", "val"]
+    classes = None
+    if split != "train" and (base / "train").is_dir():  # test labels follow the training split's classes
+        classes = sorted(e.name for e in os.scandir(base / "train") if e.is_dir())
     for name in names:
         if (base / name).is_dir():
             try:
-                return FolderSource(base / name, spec=f"imagefolder:{root}")
+                return FolderSource(base / name, spec=f"imagefolder:{root}", classes=classes)
             except (FileNotFoundError, OSError) as err:
                 raise SoftcacheError(f"'{base / name}' is not an ImageFolder tree ({err}); expected {name}/<class>/<image>") from None
     raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")

@@ -138,3 +138,30 @@ def test_decode_all_reports_images_of_mixed_sizes(tmp_path, workers):
     source = load_source(f"imagefolder:{tmp_path}", "train")
     assert [tuple(source[i][0].shape) for i in range(3)] == [(3, 32, 32), (3, 24, 40), (3, 32, 32)]
     assert decode_all(source, workers) is None
+
+
+def test_test_labels_follow_the_training_classes_by_name(tmp_path):
+    from PIL import Image
+    from softcache.batches import eval_batches
+    from softcache.train import evaluate
+    layout = {"train": {"ant": 2, "bee": 2, "cat": 2}, "test": {"bee": 3, "cat": 1}}  # the test split has no ants
+    for split, counts in layout.items():
+        for name, count in counts.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for k in range(count):
+                Image.new("RGB", (8, 8), (k, 0, 0)).save(tmp_path / split / name / f"{k}.png")
+    train, test = load_source(f"imagefolder:{tmp_path}", "train"), load_source(f"imagefolder:{tmp_path}", "test")
+    assert test.classes == train.classes == ["ant", "bee", "cat"]
+    assert test.labels.tolist() == [1, 1, 1, 2]  # bee and cat keep the training split's numbers
+
+    class Says(torch.nn.Module):  # a known model: always answers "bee"
+        def forward(self, x):
+            return torch.tensor([0.0, 1.0, 0.0]).expand(len(x), 3)
+
+    batches = eval_batches(test, Augment("none", image_size=8), batch_size=2, workers=0, device=torch.device("cpu"))
+    accuracy, _ = evaluate(Says(), batches, mean=test.mean, std=test.std, device=torch.device("cpu"))
+    assert accuracy == 75.0  # 3 bees of 4 (numbering the test split's own folders would give 0%)
+    (tmp_path / "test" / "dog").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "test" / "dog" / "0.png")
+    with pytest.raises(SoftcacheError, match="class folder 'dog', which the training split does not have"):
+        load_source(f"imagefolder:{tmp_path}", "test")
