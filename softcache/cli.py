@@ -49,12 +49,21 @@ def _option(*names: str, **kwargs: Any) -> Callable:
     return click.option(*names, show_default=True, **kwargs)
 
 
-def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip()) if value else ()
+def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
+    """A comma-separated list with no empty and no repeated entry."""
+    if not value:
+        return ()
+    items = [v.strip() for v in value.split(",")]
+    if "" in items:
+        raise click.BadParameter(f"'{value}' has an empty entry; give names separated by single commas (e.g. layer2,layer3)")
+    repeated = sorted({v for v in items if items.count(v) > 1})
+    if repeated:
+        raise click.BadParameter(f"'{repeated[0]}' is given twice in '{value}'; give each once")
+    return tuple(items)
 
 
 def _losses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
-    terms = _comma_list(ctx, param, value)
+    terms = _names(ctx, param, value)
     unknown = [t for t in terms if t not in LOSSES]
     if unknown or not terms:
         raise click.BadParameter(f"unknown loss '{unknown[0] if unknown else value}'; valid: {', '.join(sorted(LOSSES))}")
@@ -81,10 +90,26 @@ def _weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
             raise click.BadParameter(f"'{item}' is not TERM=WEIGHT (e.g. kd=0.9)") from None
         if not sep:
             raise click.BadParameter(f"'{item}' is not TERM=WEIGHT (e.g. kd=0.9)")
+        if term not in LOSSES:
+            raise click.BadParameter(f"unknown loss '{term}' in '{item}'; valid: {', '.join(sorted(LOSSES))}")
+        if out[-1][1] < 0:
+            raise click.BadParameter(f"'{item}': a loss weight must be >= 0")
     return tuple(out)
 
 
-device = _option("--device", default=default_device(), help="torch device: cuda when available, else cpu")
+def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    import torch
+    try:
+        kind = torch.device(value).type
+    except (RuntimeError, ValueError):
+        raise click.BadParameter(f"'{value}' is not a torch device; e.g. cpu, cuda, cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise click.BadParameter(f"'{value}' asks for CUDA, which this machine does not have; use --device cpu")
+    return value
+
+
+device = _option("--device", default=default_device(), callback=_device,
+                 help="torch device: cuda when available, else cpu")
 seed = _option("--seed", type=int, default=0, help="seed for views, order and initialisation")
 data = _option("--data", required=True, metavar="SPEC",
                help="cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT or synthetic[:N]")
@@ -102,7 +127,7 @@ def optim_options(f: Callable) -> Callable:
     for opt in reversed([
         _option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="passes over the training set"),
         _option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, help="images per step"),
-        _option("--lr", type=float, default=d.lr, help="peak learning rate (cosine schedule)"),
+        _option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="peak learning rate (cosine schedule)"),
         _option("--momentum", type=float, default=d.momentum, help="SGD momentum"),
         _option("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay"),
         workers,
@@ -159,11 +184,12 @@ def train_teacher_cmd(**kw: Any) -> None:
 @data
 @augment
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
-@_option("--layers", default="", callback=_comma_list, help="comma-separated feature layers to store [default: logits only]")
+@_option("--layers", default="", callback=_names, help="comma-separated feature layers to store [default: logits only]")
 @_option("--logits", default=DumpConfig.logits, metavar="FORMAT", help="fp16, bf16, fp32, topk:K or sampled:K[:TAU]")
 @_option("--targets", type=click.Choice(TARGET_KINDS), default=DumpConfig.targets,
          help="per layer: the feature map, or only its attention map (for at)")
-@_option("--temperature", type=float, default=DumpConfig.temperature, help="sampled logits: the temperature they are drawn at")
+@_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DumpConfig.temperature,
+         help="sampled logits: the temperature they are drawn at")
 @_option("--format", type=click.Choice(BACKENDS), default=None, help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
 @_option("--shard-mb", type=click.FloatRange(min=0.001), default=DumpConfig.shard_mb,
          help="shard size (the unit written whole and resumed from) of the largest array, in MiB")
@@ -199,10 +225,10 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}")
 @_option("--pair", "pairs", multiple=True, callback=_pairs, metavar="S_LAYER=T_LAYER",
          help="student layer distilled from a cached teacher layer (fitnets, at); repeatable")
-@_option("--alpha", type=float, default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha")
-@_option("--temperature", type=float, default=StudentConfig.temperature, help="kd temperature T")
-@_option("--beta", type=float, default=StudentConfig.beta, help="at weight")
-@_option("--hint-weight", type=float, default=StudentConfig.hint_weight, help="fitnets weight")
+@_option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha")
+@_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature, help="kd temperature T")
+@_option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight")
+@_option("--hint-weight", type=click.FloatRange(min=0), default=StudentConfig.hint_weight, help="fitnets weight")
 @_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
 @_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
@@ -265,7 +291,7 @@ def ls_cmd(root: str) -> None:
 @_option("--teacher", default=None, help="the cache's (first) teacher model name, to recompute targets")
 @_option("--weights", default=None, help="its state_dict file")
 @_option("--samples", type=click.IntRange(min=1), default=16, help="random (sample, view) pairs to recompute")
-@_option("--tolerance", type=float, default=1e-2, help="largest acceptable |recomputed - cached|")
+@_option("--tolerance", type=click.FloatRange(min=0), default=1e-2, help="largest acceptable |recomputed - cached|")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
 @device
 @seed

@@ -23,6 +23,11 @@ def run_lock_path(run: str | Path) -> Path:
     return Path(run) / ".lock"
 
 
+def file_in_the_way(path: Path) -> Path | None:
+    """The first folder on the way to `path` that exists as a file, if any."""
+    return next((p for p in reversed(Path(path).parents) if p.exists() and not p.is_dir()), None)
+
+
 def _pid(fd: int) -> str:
     os.lseek(fd, 0, os.SEEK_SET)
     return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
@@ -36,8 +41,14 @@ class WriterLock:
         self.path, self.what, self.fd = Path(path), what, -1
 
     def __enter__(self) -> "WriterLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            blocker = file_in_the_way(self.path)
+            reason = f"'{blocker}' is a file, not a folder" if blocker else f"{err.strerror}: {err.filename}"
+            raise SoftcacheError(f"cannot write {self.what} ({reason}); give --out a path in a folder that can be "
+                                 "written") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

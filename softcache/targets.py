@@ -49,6 +49,8 @@ class LogitsFormat:
                 return cls(kind, k=_positive(rest))
             if kind == "sampled":
                 k, _, tau = rest.partition(":")
+                if tau and not float(tau) > 0:
+                    raise SoftcacheError(f"bad --logits '{text}': the proposal exponent TAU must be > 0 (e.g. sampled:5:1)")
                 return cls(kind, k=_positive(k), tau=float(tau) if tau else 1.0, temperature=temperature)
         except ValueError:
             pass

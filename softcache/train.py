@@ -25,10 +25,10 @@ from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
-from softcache.locks import WriterLock, run_lock_path
+from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
-from softcache.store import CacheReader, feature_name, open_cache
+from softcache.store import CacheReader, feature_name, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
@@ -44,7 +44,15 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) 
         raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():
         raise SoftcacheError(f"--out '{out}' is a file; give a folder for the run")
-    out.mkdir(parents=True, exist_ok=True)
+    if read_manifest(out) is not None:
+        raise SoftcacheError(f"--out '{out}' is a softcache cache; give a folder for the run, not the cache")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = file_in_the_way(out)
+        reason = f"'{blocker}' is a file, not a folder" if blocker else err.strerror
+        raise SoftcacheError(f"cannot create the run folder '{out}' ({reason}); give --out a folder that can be "
+                             "written") from None
     with WriterLock(run_lock_path(out), f"run folder '{out}'"):
         (out / "summary.json").unlink(missing_ok=True)
         (out / "metrics.jsonl").unlink(missing_ok=True)
@@ -175,6 +183,9 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     if missing:
         raise SoftcacheError(f"the cache has no features for teacher layer '{missing[0]}'; cached layers: "
                              f"{', '.join(manifest['layers']) or 'none (logits only)'}")
+    if pairs and not any(t in weights for t in FEATURE_LOSSES):
+        raise SoftcacheError(f"--pair is given, but no loss uses it; add at or fitnets to --loss "
+                             f"(now: {', '.join(weights)})")
     if any(t in weights for t in FEATURE_LOSSES) and not pairs:
         raise SoftcacheError("fitnets and at need at least one --pair STUDENT_LAYER=TEACHER_LAYER")
     if "fitnets" in weights and manifest["storage"]["targets"] == "attention":

@@ -160,3 +160,40 @@ def test_inspect_shows_arrays_and_bytes(small_cache):
     on_disk = int(row.split()[-3].replace(",", ""))
     per_sample = float(row.split()[-2])
     assert on_disk > 0 and per_sample == pytest.approx(on_disk / 20, abs=0.1)
+
+
+def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weights):
+    run = tmp_path / "run"
+    student = [*STUDENT, "--cache", small_cache, "--out", run]
+    for args, pattern in [
+        (["--lr", "0"], r"Invalid value for '--lr'"),
+        (["--temperature", "-1"], r"Invalid value for '--temperature'"),
+        (["--alpha", "1.5"], r"Invalid value for '--alpha'"),
+        (["--beta", "-3"], r"Invalid value for '--beta'"),
+        (["--hint-weight", "-1"], r"Invalid value for '--hint-weight'"),
+        (["--weight", "kd=-0.5"], r"'kd=-0.5': a loss weight must be >= 0"),
+        (["--weight", "dark=1"], r"unknown loss 'dark' in 'dark=1'"),
+        (["--loss", "kd,kd"], r"'kd' is given twice in 'kd,kd'"),
+        (["--loss", "kd,,at"], r"'kd,,at' has an empty entry"),
+        (["--loss", "kd", "--pair", "layer3=layer3"], r"--pair is given, but no loss uses it; add at or fitnets"),
+        (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"],
+         r"Invalid value for '--device'"),
+    ]:
+        assert_fails(invoke(*student, *args), pattern)
+    assert not run.exists()
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", a_file / "run"), r"cannot create the run folder .*'.*a_file' is a file, not a folder")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", small_cache), r"is a softcache cache; give a folder")
+    assert a_file.read_text() == "x" and open_cache_ok(small_cache)
+    dump = ["dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", "synthetic:20"]
+    assert_fails(invoke(*dump, "--out", tmp_path / "c", "--layers", "layer3,layer3"), r"'layer3' is given twice")
+    assert_fails(invoke(*dump, "--out", tmp_path / "c", "--layers", "layer2,"), r"has an empty entry")
+    assert_fails(invoke(*dump, "--out", tmp_path / "c", "--logits", "sampled:5:0"), r"TAU must be > 0")
+    assert_fails(invoke(*dump, "--out", a_file / "c"), r"cannot write cache .*'.*a_file' is a file, not a folder")
+    assert_fails(invoke("verify", small_cache, "--tolerance", "-1"), r"Invalid value for '--tolerance'")
+
+
+def open_cache_ok(path) -> bool:
+    from softcache.store import open_cache
+    return open_cache(path).manifest["complete"]
