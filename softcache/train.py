@@ -129,6 +129,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
                      data_path: str = "auto") -> dict[str, Any]:
     """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`)."""
+    check_batch_fits(train_source, optim.batch_size)
     with prepare_run(out, config or {}, overwrite=overwrite) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
@@ -148,6 +149,14 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                             device=dev, data_path=data_path),
                    optim=optim, mean=mean, std=std, device=dev, out=run)
+
+
+def check_batch_fits(source: Source, batch_size: int) -> None:
+    """Epochs train on full batches only (the last partial one is dropped): refuse a training split smaller than
+    one batch rather than report a run of zero steps as finished."""
+    if len(source) < batch_size:
+        raise SoftcacheError(f"the training split has {len(source)} samples, fewer than --batch-size {batch_size}: "
+                             f"no full batch to train on; give --batch-size {len(source)} or less")
 
 
 def check_data_matches(cache: CacheReader, source: Source) -> None:
@@ -191,6 +200,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     if "fitnets" in weights and manifest["storage"]["targets"] == "attention":
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
+    check_batch_fits(train_source, optim.batch_size)
     tapped = Tapped(student, list(pairs))  # refuses an unknown student layer before anything is written
     with prepare_run(out, config or {}, overwrite=overwrite) as run:
         torch.manual_seed(seed)

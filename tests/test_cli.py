@@ -192,6 +192,11 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
     assert_fails(invoke(*dump, "--out", tmp_path / "c", "--logits", "sampled:5:0"), r"TAU must be > 0")
     assert_fails(invoke(*dump, "--out", a_file / "c"), r"cannot write cache .*'.*a_file' is a file, not a folder")
     assert_fails(invoke("verify", small_cache, "--tolerance", "-1"), r"Invalid value for '--tolerance'")
+    assert_fails(invoke(*STUDENT[:-1], "64", "--cache", small_cache, "--out", run),
+                 r"the training split has 20 samples, fewer than --batch-size 64: no full batch to train on")
+    assert_fails(invoke("train-teacher", "--model", "resnet8", "--data", "synthetic:20", "--batch-size", "32",
+                        "--out", run), r"has 20 samples, fewer than --batch-size 32")
+    assert not run.exists()
 
 
 def open_cache_ok(path) -> bool:
