@@ -26,9 +26,11 @@ class VerifyReport:
 
 
 def check_chunks(path: str | Path) -> VerifyReport:
-    """Read every chunk of every array; checksum failures are collected, not raised."""
-    reader = open_cache(path)
+    """Check the cache against the shard record written at commit (every shard present, its size and crc32c,
+    every array, the manifest), then read every chunk of every array; problems are collected, not raised."""
+    reader = open_cache(path, check=False)
     report = VerifyReport(Path(path))
+    report.damaged += reader.problems(checksums=True)
     for name in reader.names():
         report.arrays += 1
         for lo, hi in reader.chunk_ranges(name):
@@ -36,7 +38,7 @@ def check_chunks(path: str | Path) -> VerifyReport:
             try:
                 reader.read(name, lo, hi)
             except SoftcacheError:
-                report.damaged.append(f"array '{name}' samples {lo}-{hi}")
+                report.damaged.append(f"array '{name}' samples {lo}-{hi}: a chunk fails its checksum")
     return report
 
 
@@ -77,7 +79,8 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
 
 
 def format_report(report: VerifyReport) -> list[str]:
-    lines = [f"{report.path}: complete, {report.arrays} arrays, {report.chunks} chunks read"]
+    lines = [f"{report.path}: complete, {report.arrays} arrays, {report.chunks} chunks read, every shard's "
+             "size and crc32c checked against its record"]
     lines += [f"DAMAGED {d}" for d in report.damaged]
     if report.samples_checked:
         lines.append(f"recomputed {report.samples_checked} (sample, view) pairs with the teacher:")
@@ -98,7 +101,7 @@ def verdict(report: VerifyReport, tolerance: float) -> str | None:
     """The one-line failure, or None if the cache passed."""
     if report.damaged:
         more = f" (and {len(report.damaged) - 1} more)" if len(report.damaged) > 1 else ""
-        return f"cache '{report.path}' is damaged: {report.damaged[0]} fail their checksum{more}; re-dump it"
+        return f"cache '{report.path}' is damaged: {report.damaged[0]}{more}; re-dump it"
     worst = [(e, n) for n, e in report.max_error.items() if e > tolerance]
     if worst:
         err, name = max(worst)

@@ -114,12 +114,65 @@ def test_flipped_bytes_are_named_by_verify_and_train_student(tmp_path, teacher_w
         _flip_bytes(cache, info.byte_offset + info.size // 3)
     result = invoke("verify", cache)
     assert result.exit_code != 0
-    assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+ fail their checksum", result.stderr)
-    assert "DAMAGED array 'features/layer3'" in result.stdout
+    assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+: its shard fails the crc32c recorded at "
+                     r"commit \(and 1 more\)", result.stderr)  # the record's crc32c, then the chunk's own
+    assert re.search(r"DAMAGED array 'features/layer3' samples \d+-\d+: a chunk fails its checksum", result.stdout)
     run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair", "layer3=layer3",
                  "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
     assert run.exit_code != 0 and isinstance(run.exception, SystemExit)
     assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+ fail their checksum", run.stderr)
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def _delete_shard(cache: Path) -> None:
+    (cache / "logits" / "c" / "2" / "0" / "0").unlink()  # samples 16-24
+
+
+def _delete_array_metadata(cache: Path) -> None:
+    (cache / "features" / "layer3" / "zarr.json").unlink()
+
+
+def _edit_zarr_manifest(cache: Path) -> None:
+    meta = json.loads((cache / "zarr.json").read_text())
+    meta["attributes"]["softcache"]["augment"]["seed"] = 1  # as if the views were drawn with another seed
+    (cache / "zarr.json").write_text(json.dumps(meta))
+
+
+def _delete_hdf5_array(cache: Path) -> None:
+    with h5py.File(cache, "r+") as f:
+        del f["features/layer3"]
+
+
+def _edit_hdf5_manifest(cache: Path) -> None:
+    with h5py.File(cache, "r+") as f:
+        manifest = json.loads(f.attrs["softcache"])
+        manifest["dataset"]["num_samples"] = 399
+        f.attrs["softcache"] = json.dumps(manifest)
+
+
+@pytest.mark.parametrize("name, damage, named", [
+    ("cache", _delete_shard, r"array 'logits' samples 16-24: its shard is missing"),
+    ("cache", _delete_array_metadata, r"array 'features/layer3' is missing"),
+    ("cache", _edit_zarr_manifest, r"its manifest was changed after the dump"),
+    ("cache.h5", _delete_hdf5_array, r"array 'features/layer3' is missing"),
+    ("cache.h5", _edit_hdf5_manifest, r"its manifest was changed after the dump"),
+])
+def test_a_missing_or_changed_part_is_named_by_verify_and_train_student(tmp_path, teacher_weights, reference, name,
+                                                                        damage, named):
+    cache = tmp_path / name
+    if name == "cache":
+        shutil.copytree(reference, cache)
+    else:
+        assert invoke(*dump_args(teacher_weights, cache)).exit_code == 0
+    assert invoke("verify", cache).exit_code == 0
+    damage(cache)
+    result = invoke("verify", cache)
+    assert result.exit_code != 0 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert re.search(f"cache '{re.escape(str(cache))}' is damaged: {named}", result.stderr), result.stderr
+    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair", "layer3=layer3",
+                 "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
+    assert run.exit_code != 0 and isinstance(run.exception, SystemExit) and len(run.stderr.strip().splitlines()) == 1
+    assert re.search(named, run.stderr), run.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
 
 

@@ -91,7 +91,7 @@ def test_zarr_arrays_are_sharded_compressed_and_checksummed(small_cache):
 
 def test_manifest_records_what_made_the_cache(small_cache):
     m = open_cache(small_cache).manifest
-    assert m["format_version"] == 3 and m["layers"] == ["layer2", "layer3"] and len(m["id"]) == 16
+    assert m["format_version"] == 4 and m["layers"] == ["layer2", "layer3"] and len(m["id"]) == 16
     assert m["dataset"]["spec"] == "synthetic:20" and m["dataset"]["num_samples"] == 20
     assert m["dataset"]["fingerprint"]["num_samples"] == 20 and len(m["dataset"]["fingerprint"]["sha256"]) == 64
     assert m["augment"]["policy"] == "cifar" and m["augment"]["num_views"] == 5 and m["augment"]["seed"] == 7

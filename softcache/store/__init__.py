@@ -115,8 +115,9 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
     return writer_cls(path, layout, manifest, threads=threads)
 
 
-def open_cache(path: str | Path) -> CacheReader:
-    """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which."""
+def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
+    """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which,
+    and (`check`) one with a shard, an array or the manifest missing or changed since the dump committed it."""
     path = Path(path)
     if not path.exists():
         raise SoftcacheError(f"cache '{path}' does not exist; give the --out of a dump-teacher run")
@@ -125,8 +126,8 @@ def open_cache(path: str | Path) -> CacheReader:
         raise SoftcacheError(f"'{path}' is not a softcache cache (no softcache manifest); give the --out of a dump-teacher run")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise SoftcacheError(f"cache '{path}' is in format {manifest.get('format_version')}, this softcache reads format "
-                             f"{FORMAT_VERSION} (views are now stored one slot per chunk); re-dump it: rerun its "
-                             "dump-teacher command with --overwrite")
+                             f"{FORMAT_VERSION} (format 4 records every shard's size and checksum); re-dump it: rerun "
+                             "its dump-teacher command with --overwrite")
     if not manifest.get("complete"):
         pid = holder(cache_lock_path(path))
         if pid is not None:
@@ -134,7 +135,8 @@ def open_cache(path: str | Path) -> CacheReader:
                                  "wait for it to finish")
         raise SoftcacheError(f"cache '{path}' is incomplete: its dump died; rerun its dump-teacher command to "
                              "resume it")
-    return ZarrReader(path, manifest) if path.is_dir() else HDF5Reader(path, manifest)
+    reader = ZarrReader(path, manifest) if path.is_dir() else HDF5Reader(path, manifest)
+    return reader.check() if check else reader
 
 
 def find_caches(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:

@@ -21,6 +21,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from softcache.errors import SoftcacheError
+from softcache.store.integrity import build_record, problems
 
 CHUNK_BYTES = 1 << 20
 SHARD_BYTES = 64 << 20
@@ -99,8 +100,14 @@ class ShardWriter:
         self._in_flight: deque[Future] = deque()
         self._lock = threading.Lock()
         self._committed = resume_from       # samples counted in the progress file
-        self._done: dict[int, int] = {}     # shards on disk but not yet committed: lo -> hi
+        self._done: dict[int, tuple[int, dict]] = {}  # shards on disk, not yet committed: lo -> (hi, sums)
         self._failed = False                # once a shard fails, no later shard may be counted as committed
+        self._shards: dict[str, list[list[int]]] = {name: [] for name in layout}  # committed: [size, crc32c]
+        if resume_from:  # the sums of the shards already committed; a progress file without them: start over
+            shards = read_progress(self.progress_path)["shards"]
+            if any(len(shards[name]) != -(-resume_from // shard_samples) for name in layout):
+                raise KeyError("progress file does not account for every committed shard")
+            self._shards = shards
 
     # --- backend hooks
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
@@ -109,7 +116,12 @@ class ShardWriter:
     def _sync(self, lo: int) -> None:
         """Make the shard starting at sample `lo` durable before it is counted as committed."""
 
-    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+    def _checksums(self, lo: int, hi: int) -> dict[str, list[int]]:
+        """Per array, `[stored size, crc32c]` of the shard `[lo, hi)` just written."""
+        raise NotImplementedError
+
+    def _set_manifest(self, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+        """Write the final manifest and the shard record (integrity.py) together, as the very last write."""
         raise NotImplementedError
 
     @property
@@ -152,13 +164,17 @@ class ShardWriter:
             for name, block in blocks.items():
                 self._write_block(name, lo, hi, block)
             self._sync(lo)
+            sums = self._checksums(lo, hi)
             with self._lock:
-                self._done[lo] = hi
+                self._done[lo] = (hi, sums)
                 while self._committed in self._done and not self._failed:
-                    self._committed = self._done.pop(self._committed)
+                    self._committed, sums = self._done.pop(self._committed)
+                    for name, value in sums.items():
+                        self._shards[name].append(value)
                     write_json_atomic(self.progress_path, {"id": self.manifest.get("id"),
                                                            "shard_samples": self.shard_samples,
-                                                           "committed_samples": self._committed})
+                                                           "committed_samples": self._committed,
+                                                           "shards": self._shards})
         except OSError as err:
             self._failed = True
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -177,7 +193,7 @@ class ShardWriter:
         self._pool.shutdown()
         assert self._committed == self.num_samples, f"{self._committed} of {self.num_samples} samples committed"
         final = {**self.manifest, "complete": True}
-        self._set_manifest(final)
+        self._set_manifest(final, build_record(final, self.layout, self.shard_samples, self._shards))
         self.progress_path.unlink(missing_ok=True)
         return final
 
@@ -198,7 +214,37 @@ class CacheReader:
 
     path: Path
     manifest: dict[str, Any]
+    record: dict[str, Any] | None = None  # the shard record written at commit (integrity.py)
     decoded_bytes: int = 0  # bytes of the chunks decoded so far (whole chunks: what a read really costs)
+
+    # --- what the integrity checks need
+    def array_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
+        """Shape and dtype of array `name`, or None when it is missing."""
+        return (self.shape(name), self.dtype(name)) if name in self.names() else None
+
+    def shard_sizes(self, name: str, count: int) -> list[int | None] | None:
+        """Stored bytes of each of the array's `count` shards (None: missing); None if only `stored_size` is known."""
+        return None
+
+    def stored_size(self, name: str) -> int:
+        return self.bytes_on_disk(name)
+
+    def shard_bytes(self, name: str, k: int) -> Any:
+        """The stored (compressed) bytes of shard `k` of array `name`, as the writer checksummed them."""
+        raise NotImplementedError
+
+    def problems(self, checksums: bool = False) -> list[str]:
+        """Every missing or changed part, named (array, sample range); `checksums` also recomputes every crc32c."""
+        return problems(self, self.record, checksums=checksums)
+
+    def check(self) -> "CacheReader":
+        """Refuse a cache with any part missing or changed (the cheap checks), naming the first."""
+        found = self.problems()
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise SoftcacheError(f"cache '{self.path}' is damaged: {found[0]}{more}; run 'softcache verify {self.path}' "
+                                 "and re-dump it")
+        return self
 
     def names(self) -> list[str]:
         raise NotImplementedError

@@ -7,17 +7,28 @@ handed to DataLoader workers.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
+import google_crc32c
 import h5py
 import numpy as np
 
 from softcache.store.base import MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
+from softcache.store.integrity import SHARDS_KEY
 
 SUFFIXES = (".h5", ".hdf5")
+
+
+def stored_chunks(dataset: h5py.Dataset, lo: int, hi: int) -> Iterator[bytes]:
+    """The stored (filtered) bytes of every chunk holding samples `[lo, hi)`, in chunk order."""
+    chunks, shape = dataset.chunks, dataset.shape
+    grid = [range(lo, hi, chunks[0])] + [range(0, s, c) for s, c in zip(shape[1:], chunks[1:])]
+    for offset in itertools.product(*grid):
+        yield dataset.id.read_direct_chunk(offset)[1]
 
 
 class HDF5Writer(ShardWriter):
@@ -49,7 +60,17 @@ class HDF5Writer(ShardWriter):
         self.file.flush()
         os.fsync(self.file.id.get_vfd_handle())
 
-    def _set_manifest(self, manifest: dict[str, Any]) -> None:
+    def _checksums(self, lo: int, hi: int) -> dict[str, list[int]]:
+        sums = {}
+        for name in self.layout:
+            size, crc = 0, 0
+            for data in stored_chunks(self.file[name], lo, hi):
+                size, crc = size + len(data), google_crc32c.extend(crc, data)
+            sums[name] = [size, int(crc)]
+        return sums
+
+    def _set_manifest(self, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+        self.file.attrs[SHARDS_KEY] = json.dumps(record)
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
         self.file.close()
 
@@ -77,6 +98,8 @@ class HDF5Reader(CacheReader):
         with h5py.File(self.path, "r") as f:
             f.visititems(collect)
             self._shard = int(f.attrs["softcache_shard_samples"])
+            record = f.attrs.get(SHARDS_KEY)
+        self.record = json.loads(record) if record is not None else None
 
     @property
     def file(self) -> h5py.File:
@@ -107,6 +130,10 @@ class HDF5Reader(CacheReader):
 
     def bytes_on_disk(self, name: str) -> int:
         return int(self.file[name].id.get_storage_size())
+
+    def shard_bytes(self, name: str, k: int) -> bytes:
+        lo = k * self._shard
+        return b"".join(stored_chunks(self.file[name], lo, min(lo + self._shard, self.shape(name)[0])))
 
     def _raw(self, name: str, selection: Any) -> np.ndarray:
         return self.file[name][selection]

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from softcache import __version__
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 
 
 def array_layout(num_samples: int, num_views: int,

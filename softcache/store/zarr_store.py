@@ -7,6 +7,7 @@ compressed with Blosc/zstd and checksummed with crc32c (zarr's `Crc32cCodec`); s
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from zarr.abc.store import SuffixByteRequest
 from zarr.storage import LocalStore, WrapperStore
 
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
+from softcache.store.integrity import SHARDS_KEY, crc32c
 
 PROGRESS_FILE = "progress.json"
 
@@ -32,6 +34,31 @@ def _compressors(dtype: str) -> list:
             Crc32cCodec()]
 
 
+def shard_key(name: str, k: int, ndim: int) -> str:
+    """The store key (and relative file path) of shard `k` of an array of `ndim` dimensions."""
+    return f"{name}/c/{k}" + "/0" * (ndim - 1)
+
+
+class RecordingStore(WrapperStore):
+    """The store a writer writes through: it notes the size and crc32c of every value as zarr hands it over,
+    so the shard record holds the bytes as written (one `set` per whole shard: the writer writes whole shards)."""
+
+    def __init__(self, store: Any):
+        super().__init__(store)
+        self.sums: dict[str, list[int]] = {}
+        self._sums_lock = threading.Lock()
+
+    async def set(self, key: str, value: Any) -> None:
+        await self._store.set(key, value)
+        data = value.as_numpy_array()
+        with self._sums_lock:
+            self.sums[key] = [int(data.nbytes), crc32c(data)]
+
+    def take(self, key: str) -> list[int]:
+        with self._sums_lock:
+            return self.sums.pop(key)
+
+
 class ZarrWriter(ShardWriter):
     """Creates (or, to resume, reopens) the group and its arrays and writes whole shards."""
 
@@ -40,11 +67,12 @@ class ZarrWriter(ShardWriter):
         shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"),
                                     manifest["storage"].get("planned_samples"))
         super().__init__(Path(path), layout, manifest, shard, resume_from, threads=threads)
+        self.store = RecordingStore(LocalStore(str(self.path)))
         if resume_from:
-            self.group = zarr.open_group(str(self.path), mode="r+")
+            self.group = zarr.open_group(store=self.store, mode="r+")
             self.arrays = {name: self.group[name] for name in layout}
             return
-        self.group = zarr.open_group(str(self.path), mode="w")
+        self.group = zarr.open_group(store=self.store, mode="w")
         self.group.attrs[MANIFEST_KEY] = manifest
         self.arrays: dict[str, zarr.Array] = {}
         for name, (shape, dtype) in layout.items():
@@ -69,9 +97,7 @@ class ZarrWriter(ShardWriter):
         disk does not hold."""
         k = lo // self.shard_samples
         for name, (shape, _) in self.layout.items():
-            path = self.path / name / "c" / str(k)
-            for _ in shape[1:]:
-                path = path / "0"
+            path = self.path / shard_key(name, k, len(shape))
             if path.is_file():
                 fd = os.open(path, os.O_RDONLY)
                 try:
@@ -79,8 +105,12 @@ class ZarrWriter(ShardWriter):
                 finally:
                     os.close(fd)
 
-    def _set_manifest(self, manifest: dict[str, Any]) -> None:
-        self.group.attrs[MANIFEST_KEY] = manifest
+    def _checksums(self, lo: int, hi: int) -> dict[str, list[int]]:
+        k = lo // self.shard_samples
+        return {name: self.store.take(shard_key(name, k, len(shape))) for name, (shape, _) in self.layout.items()}
+
+    def _set_manifest(self, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+        self.group.attrs.update({MANIFEST_KEY: manifest, SHARDS_KEY: record})
 
 
 def read_zarr_manifest(path: Path) -> dict[str, Any] | None:
@@ -133,6 +163,7 @@ class ZarrReader(CacheReader):
         self.path, self.manifest = Path(path), manifest
         self.store = CountingStore(LocalStore(str(self.path), read_only=True))
         self.group = zarr.open_group(store=self.store, mode="r")
+        self.record = self.group.attrs.get(SHARDS_KEY)
         self.arrays: dict[str, zarr.Array] = {name: node for name, node in self.group.members(max_depth=None)
                                               if isinstance(node, zarr.Array)}
 
@@ -162,6 +193,19 @@ class ZarrReader(CacheReader):
     def bytes_on_disk(self, name: str) -> int:
         folder = self.path / name
         return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+    def shard_sizes(self, name: str, count: int) -> list[int | None]:
+        ndim = len(self.shape(name))
+        sizes = []
+        for k in range(count):
+            try:
+                sizes.append((self.path / shard_key(name, k, ndim)).stat().st_size)
+            except FileNotFoundError:
+                sizes.append(None)
+        return sizes
+
+    def shard_bytes(self, name: str, k: int) -> bytes:
+        return (self.path / shard_key(name, k, len(self.shape(name)))).read_bytes()
 
     def _raw(self, name: str, selection: Any) -> np.ndarray:
         arr = self.arrays[name]
