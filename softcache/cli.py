@@ -204,7 +204,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @device
 @seed
 @download
-@_option("--overwrite", is_flag=True, help="replace a cache made with other options")
+@_option("--overwrite", is_flag=True, help="replace the cache at --out; the new one is built beside it (CACHE.new) "
+                                           "and swapped in only when complete")
 def dump_teacher_cmd(**kw: Any) -> None:
     """Run the teacher once over replayable views and write its outputs to a cache (reused or resumed when it can be)."""
     from softcache.dump import dump_from_config
@@ -213,7 +214,9 @@ def dump_teacher_cmd(**kw: Any) -> None:
     reader = open_cache(result.path)
     total = sum(row["bytes"] for row in reader.describe())
     n, v = reader.shape("views/flip")
-    said = {"reuse": "reused (same cache id, no teacher run)", "resume": f"resumed from sample {result.resumed_from}"}
+    said = {"reuse": "reused (same cache id, no teacher run)", "resume": f"resumed from sample {result.resumed_from}",
+            "replace": "complete, replacing the old cache" + (f" (resumed from sample {result.resumed_from})"
+                                                              if result.resumed_from else "")}
     click.echo(f"cache {reader.manifest['id']} {said.get(result.action, 'complete')}: {result.path} "
                f"({n} samples x {v} views, {total / 2**20:.1f} MiB)")
 

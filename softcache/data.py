@@ -138,20 +138,31 @@ class FolderSource(Source):
         for path in paths:
             with open(path, "rb") as f:
                 raw.append(f.read())
-        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in raw]
+        data = [torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else torch.empty(0, dtype=torch.uint8)
+                for b in raw]
         jpeg = [k for k, b in enumerate(raw) if b[:2] == b"\xff\xd8"]
         out: list[torch.Tensor | None] = [None] * len(paths)
         if jpeg:
-            decoded = torchvision.io.decode_jpeg([data[k] for k in jpeg], mode=torchvision.io.ImageReadMode.RGB)
+            try:
+                decoded = torchvision.io.decode_jpeg([data[k] for k in jpeg], mode=torchvision.io.ImageReadMode.RGB)
+            except RuntimeError:  # one of them is damaged: decode them one by one below, to name it
+                decoded = [None] * len(jpeg)
             for k, image in zip(jpeg, decoded):
                 out[k] = image
-        for k, image in enumerate(out):
-            if image is None:
-                try:
-                    out[k] = torchvision.io.decode_image(data[k], mode=torchvision.io.ImageReadMode.RGB)
-                except RuntimeError:  # e.g. BMP, TIFF
-                    out[k] = TF.pil_to_tensor(self.folder.loader(paths[k]))
-        return out
+        return [image if image is not None else self._decode_one(path, raw_data)
+                for image, path, raw_data in zip(out, paths, data)]
+
+    def _decode_one(self, path: str, data: torch.Tensor) -> torch.Tensor:
+        """One image through torchvision, else PIL (BMP, TIFF, ...); one that neither reads is named."""
+        try:
+            return torchvision.io.decode_image(data, mode=torchvision.io.ImageReadMode.RGB)
+        except RuntimeError:
+            pass
+        try:
+            return TF.pil_to_tensor(self.folder.loader(path))
+        except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
+            what = "it is empty" if data.numel() == 0 else f"{type(err).__name__}: {str(err).splitlines()[0]}"
+            raise SoftcacheError(f"image '{path}' cannot be read ({what}); replace or remove it and rerun") from None
 
     @property
     def labels(self) -> np.ndarray:
@@ -292,6 +303,25 @@ def _folder_source(root: str, split: str) -> FolderSource:
                 raise SoftcacheError(f"'{base / name}' is not an ImageFolder tree ({err}); expected {name}/<class>/<image>") from None
     raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
 
+
+
+def absolute_spec(spec: str) -> str:
+    """`spec` with its folder made absolute (cifar10, cifar100, imagefolder), so it reads from any directory."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("cifar10", "cifar100", "imagefolder") and (arg or kind != "imagefolder"):
+        return f"{kind}:{Path(arg or DEFAULT_ROOT).resolve()}"
+    return spec
+
+
+def recorded_source(dataset: dict[str, Any], split: str, *, download: bool = False) -> Source:
+    """The `split` of the dataset a cache records (`manifest["dataset"]`): its absolute spec, else the spec as
+    typed; a dataset no longer there is refused saying where the spec came from and that --data overrides it."""
+    spec = dataset.get("resolved", dataset["spec"])
+    try:
+        return load_source(spec, split, download=download)
+    except SoftcacheError as err:
+        raise SoftcacheError(f"the dataset recorded in the cache ('{dataset['spec']}', at {spec}) cannot be read: {err}; "
+                             "pass --data SPEC to give where it is now") from None
 
 
 def load_source(spec: str, split: str, *, download: bool = False) -> Source:

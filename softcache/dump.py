@@ -21,13 +21,13 @@ from tqdm import tqdm
 
 from softcache.config import DumpConfig, to_json
 from softcache.device import prepare_model, teacher_outputs, to_host
-from softcache.data import Source, load_source
+from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
-                             logits_prefix, prepare_cache)
+                             logits_prefix, prepare_cache, swap_in)
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_target
 from softcache.views import Augment, DumpViews, apply_view
 
@@ -77,7 +77,7 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
     num_views = augment.resolve_views(views)
     return build_manifest(
         teachers=teachers,
-        dataset={"spec": source.spec, "fingerprint": source.fingerprint(), "num_samples": len(source),
+        dataset={"spec": source.spec, "resolved": absolute_spec(source.spec), "fingerprint": source.fingerprint(), "num_samples": len(source),
                  "classes": list(source.classes)},
         augment={"policy": augment.policy, "views": views if views == "all" else int(views), "num_views": num_views,
                  "seed": seed, "image_size": augment.image_size, "pad": augment.pad, "scale": list(augment.scale),
@@ -227,6 +227,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     if pending is not None:
         store(*pending)
     final = writer.finish()
+    if writer.path != Path(out):  # --overwrite: the complete new cache replaces the old one only now
+        swap_in(writer.path, Path(out))
     log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
     return DumpResult(Path(out), existing.action, final, start)
 

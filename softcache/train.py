@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from softcache.batches import Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
-from softcache.data import Source, load_source
+from softcache.data import Source, load_source, recorded_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
@@ -267,9 +267,12 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     """The train-student command: the cache names the dataset unless `cfg.data` overrides it."""
     reader = open_cache(cfg.cache)
-    spec = cfg.data or reader.manifest["dataset"]["spec"]
-    train_source = load_source(spec, "train", download=cfg.download)
-    test_source = load_source(spec, "test", download=cfg.download)
+    if cfg.data:
+        train_source = load_source(cfg.data, "train", download=cfg.download)
+        test_source = load_source(cfg.data, "test", download=cfg.download)
+    else:
+        train_source = recorded_source(reader.manifest["dataset"], "train", download=cfg.download)
+        test_source = recorded_source(reader.manifest["dataset"], "test", download=cfg.download)
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes

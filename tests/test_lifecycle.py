@@ -249,3 +249,73 @@ def test_a_second_training_run_on_one_folder_is_refused(tmp_path, reference):
     done = invoke("train-student", "--cache", reference, "--student", "resnet8", "--out", run, "--epochs", "1",
                   "--batch-size", "64", "--workers", "0")
     assert done.exit_code == 0, done.output
+
+
+def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, teacher_weights, cifar_subset):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_subset, data)
+    base = ["dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", f"imagefolder:{data}",
+            "--workers", "0", "--batch-size", "32"]
+    # resnet8 layer1 at 4 views is 128 KiB a sample: shards of 8 samples, 15 in all
+    new_options = ["--views", "4", "--layers", "layer1", "--data-path", "loader", "--overwrite"]
+    cache = tmp_path / "cache"
+    assert invoke(*base, "--out", cache).exit_code == 0
+    before = arrays(cache)
+    bad = sorted((data / "train" / "truck").iterdir())[5]  # sample 113 of 120
+    good = bad.read_bytes()
+    bad.write_bytes(good[:200])
+    failed = invoke(*base, *new_options, "--out", cache)
+    assert failed.exit_code != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.output
+    assert f"image '{bad}' cannot be read" in failed.stderr
+    committed = json.loads((tmp_path / "cache.new" / "progress.json").read_text())["committed_samples"]
+    assert 80 <= committed < 113  # the new cache, beside the old one, got as far as the bad image
+    assert arrays(cache) == before and invoke("verify", cache).exit_code == 0  # the old cache, untouched
+
+    bad.write_bytes(good)
+    done = invoke(*base, *new_options, "--out", cache)
+    assert done.exit_code == 0, done.output
+    assert "complete, replacing the old cache" in done.stdout  # started over: the image's size is in the fingerprint
+    assert not (tmp_path / "cache.new").exists() and not (tmp_path / "cache.old").exists()
+    fresh = tmp_path / "fresh"
+    assert invoke(*base, *new_options, "--out", fresh).exit_code == 0
+    assert arrays(cache) == arrays(fresh) and invoke("verify", cache).exit_code == 0
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "text"])
+def test_an_unreadable_image_is_one_line_naming_it(tmp_path, teacher_weights, cifar_subset, kind):
+    data = tmp_path / "data"
+    shutil.copytree(cifar_subset, data)
+    bad = sorted((data / "train" / "cat").iterdir())[3]
+    bad.write_bytes({"empty": b"", "truncated": bad.read_bytes()[:300], "text": b"not an image\n"}[kind])
+    result = invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data",
+                    f"imagefolder:{data}", "--out", tmp_path / "cache")  # default options: 2 decode workers
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert re.fullmatch(rf"Error: image '{re.escape(str(bad))}' cannot be read \(.+\); replace or remove it and "
+                        r"rerun", result.stderr.strip()), result.stderr
+    teacher = invoke("train-teacher", "--model", "resnet8", "--data", f"imagefolder:{data}", "--epochs", "1",
+                     "--batch-size", "32", "--out", tmp_path / "run")
+    assert teacher.exit_code != 0 and f"image '{bad}' cannot be read" in teacher.stderr
+    assert len(teacher.stderr.strip().splitlines()) == 1, teacher.stderr
+
+
+def test_the_dataset_path_recorded_in_a_cache_works_from_any_folder(tmp_path, teacher_weights, cifar_subset,
+                                                                   monkeypatch):
+    shutil.copytree(cifar_subset, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", "imagefolder:data",
+                  "--workers", "0", "--out", "cache").exit_code == 0
+    dataset = open_cache(tmp_path / "cache").manifest["dataset"]
+    assert dataset["spec"] == "imagefolder:data" and dataset["resolved"] == f"imagefolder:{tmp_path / 'data'}"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    student = ["train-student", "--cache", tmp_path / "cache", "--student", "resnet8", "--epochs", "1", "--workers",
+               "0", "--batch-size", "32"]
+    assert invoke(*student, "--out", "run").exit_code == 0
+    (tmp_path / "data").rename(tmp_path / "moved")
+    gone = invoke(*student, "--out", "run2")
+    assert gone.exit_code != 0 and len(gone.stderr.strip().splitlines()) == 1
+    assert (f"the dataset recorded in the cache ('imagefolder:data', at imagefolder:{tmp_path / 'data'}) cannot be "
+            "read") in gone.stderr and "pass --data SPEC" in gone.stderr
+    assert invoke(*student, "--data", f"imagefolder:{tmp_path / 'moved'}", "--out", "run3").exit_code == 0

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +27,7 @@ from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manife
 from softcache.store.zarr_store import PROGRESS_FILE, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
 
 __all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend_of", "build_manifest", "check_existing",
-           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest"]
+           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest", "swap_in"]
 
 BACKENDS = ("zarr", "hdf5")
 
@@ -58,8 +59,45 @@ def read_manifest(path: str | Path) -> dict[str, Any] | None:
 class Existing:
     """What `prepare_cache` found at the output path."""
 
-    action: str                    # new | reuse | resume | restart
-    committed: int = 0             # resume: samples already committed
+    action: str                    # new | reuse | resume | restart | replace
+    committed: int = 0             # resume, replace: samples already committed (replace: in the staging cache)
+
+
+def staging_path(path: str | Path) -> Path:
+    """Where `--overwrite` builds the new cache, beside the old one, until it is complete: `CACHE.new`."""
+    path = Path(path)
+    return path.with_name(path.name + ".new")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+
+
+def swap_in(new: Path, path: Path) -> None:
+    """Put the complete cache `new` in the place of `path` (renames; the old cache is removed last). A file is
+    replaced atomically; a folder is moved aside to `CACHE.old` first, and a dump that dies between the two
+    renames is finished by the next dump-teacher (`recover_swap`)."""
+    new, path = Path(new), Path(path)
+    if new.is_file() or not path.exists():
+        os.replace(new, path)
+        return
+    old = path.with_name(path.name + ".old")
+    _remove(old)
+    os.rename(path, old)
+    os.rename(new, path)
+    _remove(old)
+
+
+def recover_swap(path: Path) -> None:
+    """Finish a swap that a killed dump left half done: the complete new cache goes in, the old one goes."""
+    old, new = path.with_name(path.name + ".old"), staging_path(path)
+    if not path.exists() and new.exists() and (read_manifest(new) or {}).get("complete"):
+        os.rename(new, path)
+    if path.exists() and old.exists():
+        _remove(old)
 
 
 def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: bool, backend: str) -> Existing:
@@ -70,6 +108,7 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
     that is not a cache is never touched.
     """
     path = Path(path)
+    recover_swap(path)
     if not path.exists() or is_empty_dir(path):
         return Existing("new")
     existing = read_manifest(path)
@@ -78,8 +117,12 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
         if progress is not None:  # our own dump died before its file became readable
             return Existing("restart")
         raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
-    if overwrite:
-        return Existing("restart")
+    if overwrite:  # the new cache is built beside the old one; an interrupted --overwrite dump resumes there
+        staged = read_progress(_progress_path(staging_path(path), backend))
+        if (staged and staged.get("id") == manifest["id"] and staged.get("committed_samples", 0) > 0
+                and (read_manifest(staging_path(path)) or {}).get("id") == manifest["id"]):
+            return Existing("replace", int(staged["committed_samples"]))
+        return Existing("replace")
     if existing.get("format_version") != FORMAT_VERSION:
         raise SoftcacheError(f"'{path}' holds a cache in format {existing.get('format_version')} (this softcache writes "
                              f"format {FORMAT_VERSION}); pass --overwrite to re-dump it, or choose another --out")
@@ -101,15 +144,14 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
     compresses and writes up to `threads` shards at once."""
     path = Path(path)
     writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
-    if existing.action == "resume":
+    if existing.action == "replace":  # built beside, swapped in by the dump when complete (`swap_in`)
+        path = staging_path(path)
+    if existing.committed:
         try:
             return writer_cls(path, layout, manifest, resume_from=existing.committed, threads=threads)
         except (OSError, KeyError, ValueError):  # the interrupted dump left the store unreadable: start over
             pass
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
+    _remove(path)
     _progress_path(path, backend).unlink(missing_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     return writer_cls(path, layout, manifest, threads=threads)
