@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import json
 import tomllib
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,55 @@ class Pipeline:
     students: tuple[tuple[str, StudentConfig], ...]
 
 
+# Recipe keys whose TOML form differs from the config field's type; the rest take the field's type.
+_RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]"},
+              DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
+                           "views": "int | str"}}
+_EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]', "dict[str, str]": 'a table of strings, e.g. '
+             '{ layer3 = "layer3" }', "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
+             "str | list[str]": 'a string or a list of strings', "int | str": 'an integer or "all"',
+             "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+             "int | None": "an integer", "str | None": "a string"}
+
+
+def _fits(value: Any, kind: str) -> bool:
+    if " | " in kind:
+        return any(_fits(value, k) for k in kind.split(" | "))
+    if kind == "None":
+        return value is None
+    if kind.startswith("list["):
+        return isinstance(value, list) and all(_fits(v, kind[5:-1]) for v in value)
+    if kind.startswith("dict[str, "):
+        return isinstance(value, dict) and all(_fits(v, kind[10:-1]) for v in value.values())
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, {"str": str, "bool": bool}.get(kind, object))
+
+
+def _kind_of(cls: type, key: str) -> str | None:
+    """The TOML type a recipe key must have in a section built as `cls` (None: not a key of it)."""
+    if key in _RAW_TYPES.get(cls, {}):
+        return _RAW_TYPES[cls][key]
+    hints = {**(typing.get_type_hints(OptimConfig) if cls is not DumpConfig else {}), **typing.get_type_hints(cls)}
+    hint = hints.get(key)
+    return None if hint is None else str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
+def _check_types(table: Any, section: str, classes: tuple[type, ...]) -> None:
+    """Refuse a recipe value of the wrong TOML type, naming the key and the type expected."""
+    if not isinstance(table, dict):
+        raise SoftcacheError(f"[{section}] must be a table of keys, got {type(table).__name__} {table!r}")
+    for key, value in table.items():
+        kind = next((k for k in (_kind_of(c, key) for c in classes) if k is not None), None)
+        if kind is not None and not _fits(value, kind):
+            got = {str: "a string", bool: "a boolean", list: "a list", dict: "a table", float: "a number",
+                   int: "an integer"}.get(type(value), type(value).__name__)
+            raise SoftcacheError(f"[{section}] {key} = {json.dumps(value)} is {got}; expected "
+                                 f"{_EXAMPLES.get(kind, kind)}")
+
+
 def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     """A config dataclass from a TOML table; optimisation keys go to its `optim`, unknown keys are refused."""
     valid = {f.name for f in fields(cls)} - {"optim"}
@@ -45,10 +95,16 @@ def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     kwargs = {k: v for k, v in table.items() if k in valid}
     if has_optim:
         kwargs["optim"] = OptimConfig(**{k: v for k, v in table.items() if k in _OPTIM_KEYS})
-    try:
-        return cls(**kwargs)
-    except TypeError as err:
-        raise SoftcacheError(f"[{section}] is incomplete: {err}") from None
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING
+               and f.name not in kwargs]
+    if missing:
+        kind = _kind_of(cls, missing[0])
+        raise SoftcacheError(f"[{section}] needs '{missing[0]}' ({_EXAMPLES.get(kind, kind)}){_WHERE.get(missing[0], '')}")
+    return cls(**kwargs)
+
+
+_WHERE = {"weights": ", or a [teacher] section whose model.pt it takes", "cache": ", or a [dump] section whose cache "
+          "it takes", "data": ", here or in [defaults]", "teacher": ", or a [teacher] section"}
 
 
 def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None,
@@ -61,6 +117,17 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     unknown = sorted(set(doc) - {"defaults", "teacher", "dump", "student"})
     if unknown:
         raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: defaults, teacher, dump, student")
+    if not {"teacher", "dump", "student"} & set(doc):
+        raise SoftcacheError(f"'{path}' has no stage; add a [teacher], a [dump] or a [[student]] section")
+    if "student" in doc and not isinstance(doc["student"], list):
+        raise SoftcacheError("[student] must be an array of tables: write each student as [[student]]")
+    _check_types(doc.get("defaults", {}), "defaults", (TeacherConfig, DumpConfig, StudentConfig))
+    for section, cls in (("teacher", TeacherConfig), ("dump", DumpConfig)):
+        if section in doc:
+            _check_types(doc[section], section, (cls,))
+    for k, entry in enumerate(doc.get("student", [])):
+        _check_types(entry, f"student {entry.get('name', f'student{k}') if isinstance(entry, dict) else k}",
+                     (StudentConfig,))
     defaults = dict(doc.get("defaults", {}))
     base = Path(root or defaults.pop("root", "runs"))
     defaults.pop("root", None)
@@ -125,6 +192,11 @@ def _finished_run(out: str, config: Any = None) -> dict[str, Any] | None:
     return json.loads(summary.read_text())
 
 
+def _resuming(out: str) -> str:
+    """' (resuming an unfinished run)' when `out` holds a training checkpoint: the stage continues from it."""
+    return " (resuming an unfinished run)" if (Path(out) / "checkpoint.pt").exists() else ""
+
+
 def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     """Run every stage not already complete; return one row per student for the comparison table."""
     # Imported here so that reading a recipe stays cheap (and tests can patch the stages).
@@ -137,7 +209,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
         if summary:
             echo(f"[teacher] {pipeline.teacher.out} is finished: skipped")
         else:
-            echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}")
+            echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}{_resuming(pipeline.teacher.out)}")
             summary = train_teacher_from_config(pipeline.teacher)
         rows.append({"name": "teacher", "student": pipeline.teacher.model, "losses": "ce", **summary})
     if pipeline.dump is not None:
@@ -152,7 +224,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
         if summary:
             echo(f"[student {name}] {cfg.out} is finished: skipped")
         else:
-            echo(f"[student {name}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}")
+            echo(f"[student {name}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}{_resuming(cfg.out)}")
             summary = train_student_from_config(cfg)
         rows.append({"name": name, "student": cfg.student, "losses": "+".join(cfg.losses), **summary})
     return rows

@@ -5,12 +5,20 @@ Run folder layout, for both:
     metrics.jsonl   one line per epoch: each loss term, train and test accuracy, lr, images/s
     model.pt        the trained model's state_dict
     summary.json    written last: test_acc (top-1, %), best_test_acc, epochs, wall_s
+    checkpoint.pt   while the run is unfinished: everything needed to continue after the last finished epoch
+                    (model, regressors, optimizer, schedule, epoch, step, random state, metrics); replaced
+                    atomically each epoch, removed when summary.json is written
+
+Rerunning the same command on an unfinished run continues from its checkpoint and ends with the model an
+uninterrupted run would have (bit-identical on CPU): every batch, view and target is a function of (seed,
+epoch), and the checkpoint holds the rest of the state.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
@@ -28,7 +36,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
 from softcache.models import Tapped, build_model
-from softcache.store import CacheReader, feature_name, open_cache, read_manifest
+from softcache.store import CacheReader, differences, feature_name, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
@@ -54,10 +62,45 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) 
         raise SoftcacheError(f"cannot create the run folder '{out}' ({reason}); give --out a folder that can be "
                              "written") from None
     with WriterLock(run_lock_path(out), f"run folder '{out}'"):
+        config = json.loads(json.dumps(config))
+        checkpoint = out / CHECKPOINT
+        if checkpoint.exists() and not overwrite:  # an unfinished run: continue it, if it is this one
+            try:
+                recorded = json.loads((out / "config.json").read_text())
+            except (OSError, ValueError):
+                recorded = None
+            differ = differences({k: v for k, v in (recorded or {}).items() if k not in HOW_KEYS},
+                                 {k: v for k, v in config.items() if k not in HOW_KEYS})
+            if recorded is None or differ:
+                raise SoftcacheError(f"'{out}' holds an unfinished run made with other settings "
+                                     f"({', '.join(differ) or 'config.json unreadable'} differ); rerun it with its own "
+                                     "settings to continue it, pass --overwrite to start over, or choose another --out")
+        else:
+            checkpoint.unlink(missing_ok=True)
+            (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "summary.json").unlink(missing_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)
         (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         yield out
+
+
+CHECKPOINT = "checkpoint.pt"
+HOW_KEYS = ("workers", "data_path", "download", "overwrite")  # settings that do not change what a run computes
+
+
+def _save_atomic(value: Any, path: Path) -> None:
+    """torch.save to a temporary file, fsync, rename: a kill leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+    os.replace(tmp, path)
 
 
 @torch.no_grad()
@@ -80,17 +123,35 @@ def evaluate(model: nn.Module, loader: Iterable, *, mean: Sequence[float], std: 
 def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
         params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: Iterable,
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
-        on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+        on_step: Callable[[int, dict[str, float]], None] | None = None,
+        modules: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
 
     `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
     `train_loader` is an `EpochBatches` or anything else with `set_epoch` and `__len__` (ResidentReplay).
+    After every epoch `out/checkpoint.pt` holds `modules` (default: the model; add regressors), the optimizer,
+    the schedule and the random state; a run folder holding one continues from it.
     """
+    modules = dict(modules or {"model": model})
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
-    started, best, step = time.perf_counter(), 0.0, 0
+    started, best, step, first, records, earlier_s = time.perf_counter(), 0.0, 0, 0, [], 0.0
     test_acc = 0.0
-    for epoch in range(optim.epochs):
+    if (out / CHECKPOINT).exists():
+        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["rng"])
+        if device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
+        first, step, best, records, earlier_s = (state["epoch"], state["step"], state["best"], state["records"],
+                                                 state["wall_s"])
+        test_acc = records[-1]["test_acc"] if records else 0.0
+        _write_metrics(out / "metrics.jsonl", records)  # drops a line written after the last checkpoint
+        log.info("resuming %s after epoch %d of %d", out, first, optim.epochs)
+    for epoch in range(first, optim.epochs):
         train_loader.set_epoch(epoch)
         model.train()
         sums: dict[str, torch.Tensor] = {}
@@ -114,13 +175,21 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in sums.items()},
                   "train_acc": 100.0 * correct.item() / max(1, seen), "test_acc": test_acc, "test_loss": test_loss,
                   "epoch_s": round(train_s, 3), "images_per_s": round(seen / train_s, 1)}
+        records.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        _save_atomic({"epoch": epoch + 1, "step": step, "best": best, "records": records,
+                      "wall_s": earlier_s + time.perf_counter() - started,
+                      "modules": {name: module.state_dict() for name, module in modules.items()},
+                      "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                     out / CHECKPOINT)
         log.info("epoch %d: test_acc %.2f%%", epoch + 1, test_acc)
-    torch.save(model.state_dict(), out / "model.pt")
+    _save_atomic(model.state_dict(), out / "model.pt")
     summary = {"test_acc": test_acc, "best_test_acc": best, "epochs": optim.epochs,
-               "wall_s": round(time.perf_counter() - started, 2)}
+               "wall_s": round(earlier_s + time.perf_counter() - started, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / CHECKPOINT).unlink(missing_ok=True)
     return summary
 
 
@@ -219,6 +288,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
         try:
             return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+                       modules={"model": student, "criterion": criterion},
                        train_loader=train_loader,
                        test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                                 device=dev, data_path="loader" if data_path == "loader" else "auto"),

@@ -191,6 +191,19 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
     assert_fails(invoke(*dump, "--out", tmp_path / "c", "--layers", "layer2,"), r"has an empty entry")
     assert_fails(invoke(*dump, "--out", tmp_path / "c", "--logits", "sampled:5:0"), r"TAU must be > 0")
     assert_fails(invoke(*dump, "--out", a_file / "c"), r"cannot write cache .*'.*a_file' is a file, not a folder")
+    # /proc takes no new folders, even from root (chmod would not stop a root test run)
+    assert_fails(invoke(*dump, "--out", "/proc/softcache/c"), r"cannot write cache '/proc/softcache/c' \(.*\); give "
+                 "--out a path in a folder that can be written")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", "/proc/softcache/run"),
+                 r"cannot create the run folder '/proc/softcache/run' \(.*\); give --out a folder that can be written")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / "checkpoint.pt").write_bytes(b"")  # the other run died after an epoch: it is never restarted
+    (unfinished / "config.json").write_text(json.dumps({"student": "resnet20", "seed": 0}))
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", unfinished),
+                 r"'.*unfinished' holds an unfinished run made with other settings \(.*student.*\); rerun it with "
+                 r"its own settings to continue it, pass --overwrite to start over")
+    assert (unfinished / "checkpoint.pt").exists()
     assert_fails(invoke("verify", small_cache, "--tolerance", "-1"), r"Invalid value for '--tolerance'")
     assert_fails(invoke(*STUDENT[:-1], "64", "--cache", small_cache, "--out", run),
                  r"the training split has 20 samples, fewer than --batch-size 64: no full batch to train on")

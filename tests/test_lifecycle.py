@@ -12,6 +12,7 @@ from pathlib import Path
 
 import h5py
 import pytest
+import torch
 from click.testing import CliRunner
 
 from softcache import dump as dump_module
@@ -319,3 +320,51 @@ def test_the_dataset_path_recorded_in_a_cache_works_from_any_folder(tmp_path, te
     assert (f"the dataset recorded in the cache ('imagefolder:data', at imagefolder:{tmp_path / 'data'}) cannot be "
             "read") in gone.stderr and "pass --data SPEC" in gone.stderr
     assert invoke(*student, "--data", f"imagefolder:{tmp_path / 'moved'}", "--out", "run3").exit_code == 0
+
+
+def _kill_after_epochs(cmd: list[str], run: Path, epochs: int) -> None:
+    """Start `cmd` and SIGKILL it as soon as `epochs` epochs are in its metrics.jsonl."""
+    proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if len((run / "metrics.jsonl").read_text().splitlines()) >= epochs:
+                break
+        except OSError:
+            pass
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train-student", "train-teacher"])
+def test_a_killed_training_run_resumes_to_the_same_model(tmp_path, reference, stage):
+    def command(out: Path) -> list[str]:
+        common = ["--epochs", "4", "--batch-size", "64", "--workers", "0", "--out", str(out)]
+        if stage == "train-student":  # fitnets: the checkpoint must carry its regressor too
+            return [SCRIPT, stage, "--cache", str(reference), "--student", "resnet8", "--loss", "kd,fitnets",
+                    "--pair", "layer3=layer3", *common]
+        return [SCRIPT, stage, "--model", "resnet8", "--data", "synthetic:400", *common]
+
+    def epochs(out: Path) -> list[dict]:
+        timing = {"epoch_s", "images_per_s"}
+        return [{k: v for k, v in json.loads(line).items() if k not in timing}
+                for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+    whole = subprocess.run(command(tmp_path / "whole"), env=ENV, capture_output=True, text=True)
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "killed"
+    _kill_after_epochs(command(run), run, 2)
+    assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists()
+    first_epoch = (run / "metrics.jsonl").read_text().splitlines()[0]
+    again = subprocess.run(command(run), env=ENV, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    # resumed, not restarted: epoch 1 was not trained again (its line, timings included, is the killed run's)
+    assert (run / "metrics.jsonl").read_text().splitlines()[0] == first_epoch
+    expected = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    resumed = torch.load(run / "model.pt", weights_only=True)
+    assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert epochs(run) == epochs(tmp_path / "whole") and [r["epoch"] for r in epochs(run)] == [1, 2, 3, 4]
+    assert not (run / "checkpoint.pt").exists()  # removed once the run finished

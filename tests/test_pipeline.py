@@ -1,6 +1,9 @@
 """`softcache run`: recipes load into the stage configs; finished stages are skipped, changed ones refused."""
 from __future__ import annotations
 
+import re
+
+import pytest
 from click.testing import CliRunner
 
 from softcache.cli import cli
@@ -66,3 +69,63 @@ def test_shipped_recipes_load():
     assert [s.student for _, s in cifar.students] == ["resnet20", "resnet20"]
     quick = load_pipeline(recipes[1])
     assert quick.teacher.data == "synthetic" and quick.students[1][1].losses == ("kd", "at")
+
+
+def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
+    import torch
+    from softcache import train
+    recipe = tmp_path / "r.toml"
+    head, _, tail = RECIPE.format(epochs=1).rpartition("epochs = 1\n")
+    recipe.write_text(head + "epochs = 3\n" + tail)  # the teacher trains 1 epoch, the student 3
+    whole = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+
+    evaluate, calls = train.evaluate, []
+
+    def interrupted(*args, **kwargs):  # Ctrl-C during the student's second epoch (the teacher evaluates once)
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    root = tmp_path / "runs"
+    stopped = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(root)])
+    assert stopped.exit_code != 0 and len(calls) == 3
+    student = root / "students" / "kd_at"
+    assert (student / "checkpoint.pt").exists() and len((student / "metrics.jsonl").read_text().splitlines()) == 1
+    monkeypatch.setattr(train, "evaluate", evaluate)
+    again = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(root)])
+    assert again.exit_code == 0, again.output
+    assert again.output.count("skipped") == 2 and "(resuming an unfinished run)" in again.output
+    expected = torch.load(tmp_path / "whole" / "students" / "kd_at" / "model.pt", weights_only=True)
+    resumed = torch.load(student / "model.pt", weights_only=True)
+    assert all(torch.equal(expected[k], resumed[k]) for k in expected)
+    assert [line.count('"epoch"') for line in (student / "metrics.jsonl").read_text().splitlines()] == [1, 1, 1]
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[[student]]\nstudent = "resnet8"\ncache = "c"\nloss = "kd,at"\n',
+     r'\[student student0\] loss = "kd,at" is a string; expected a list of strings, e.g. \["kd", "at"\]'),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\nepochs = "3"\n',
+     r'\[teacher\] epochs = "3" is a string; expected an integer'),
+    ('[defaults]\nlr = true\n[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n',
+     r"\[defaults\] lr = true is a boolean; expected a number"),
+    ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\npairs = ["layer3"]\n',
+     r"\[student a\] pairs = \[\"layer3\"\] is a list; expected a table of strings"),
+    ('[dump]\nteacher = "resnet8"\nweights = "w.pt"\ndata = "synthetic"\nviews = 2.5\n',
+     r'\[dump\] views = 2.5 is a number; expected an integer or "all"'),
+    ('[teacher]\nmodel = "resnet8"\n', r"\[teacher\] needs 'data' \(a string\), here or in \[defaults\]"),
+    ('[[student]]\nstudent = "resnet8"\n', r"\[student student0\] needs 'cache' \(a string\), or a \[dump\]"),
+    ('[dump]\nteacher = "resnet8"\ndata = "synthetic"\n', r"\[dump\] needs 'weights' \(a string or a list"),
+    ('[defaults]\nseed = 1\n', r"has no stage; add a \[teacher\], a \[dump\] or a \[\[student\]\] section"),
+    ('[student]\nstudent = "resnet8"\n', r"\[student\] must be an array of tables: write each student as"),
+])
+def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "runs").exists()
