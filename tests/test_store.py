@@ -128,7 +128,7 @@ def test_other_options_are_refused_naming_the_difference(tmp_path):
     with pytest.raises(SoftcacheError, match=r"made with other options \(augment.views differ\)"):
         check_existing(tmp_path / "c", _manifest(views=5), overwrite=False, backend="zarr")
     assert open_cache(tmp_path / "c").read("logits").tobytes() == before.tobytes()
-    assert check_existing(tmp_path / "c", _manifest(views=5), overwrite=True, backend="zarr").action == "restart"
+    assert check_existing(tmp_path / "c", _manifest(views=5), overwrite=True, backend="zarr").action == "replace"
 
 
 def test_a_folder_that_is_not_a_cache_is_never_touched(tmp_path):
