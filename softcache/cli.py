@@ -74,8 +74,11 @@ def _pairs(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -
     out = []
     for item in value:
         student, sep, teacher = item.partition("=")
-        if not sep or not student or not teacher:
-            raise click.BadParameter(f"'{item}' is not S_LAYER=T_LAYER (e.g. layer3=layer3)")
+        if not sep or not student.rpartition(":")[2] or not teacher:
+            raise click.BadParameter(f"'{item}' is not [TERM:]S_LAYER=T_LAYER (e.g. layer3=layer3, at:layer2=layer2)")
+        term, colon, _ = student.partition(":")
+        if colon and term not in LOSSES:
+            raise click.BadParameter(f"'{item}' names loss '{term}'; valid: {', '.join(sorted(LOSSES))}")
         out.append((student, teacher))
     return tuple(out)
 
@@ -226,8 +229,11 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--student", required=True, help="student model name")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
 @_option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}")
-@_option("--pair", "pairs", multiple=True, callback=_pairs, metavar="S_LAYER=T_LAYER",
-         help="student layer distilled from a cached teacher layer (fitnets, at); repeatable")
+@_option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
+         help="student layer distilled from a cached teacher layer, for every pair loss it fits (feature maps: "
+              "fitnets, at, sp, nst; embeddings: rkd, pkt) or, with TERM:, that loss only; repeatable")
+@_option("--pair-reduce", type=click.Choice(["sum", "mean"]), default=StudentConfig.pair_reduce,
+         help="a loss over several pairs: their sum (RepDistiller) or their mean")
 @_option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha")
 @_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature, help="kd temperature T")
 @_option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight")

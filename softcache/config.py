@@ -80,7 +80,8 @@ class StudentConfig:
     out: str                        # run folder
     data: str | None = None         # dataset spec; None: the one recorded in the cache
     losses: tuple[str, ...] = ("kd",)                 # active terms: ce, kd, fitnets, at
-    pairs: tuple[tuple[str, str], ...] = ()           # (student layer, teacher layer) for fitnets/at
+    pairs: tuple[tuple[str, str], ...] = ()           # (student layer or TERM:layer, teacher layer), pair losses
+    pair_reduce: str = "sum"        # a term over several pairs: their sum (RepDistiller) or mean
     alpha: float = 0.9              # kd: weight of the soft term; the hard-label ce gets 1 - alpha
     temperature: float = 4.0        # kd: softmax temperature T (the loss carries T^2)
     beta: float = 1000.0            # at: weight of the attention-transfer term

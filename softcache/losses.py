@@ -147,15 +147,124 @@ class ATLoss(nn.Module):
         return (attention_map(student_feature) - t).pow(2).mean()
 
 
-LOSSES = {"ce": CELoss, "kd": KDLoss, "fitnets": FitNetsLoss, "at": ATLoss}
-FEATURE_LOSSES = ("fitnets", "at")
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.float().flatten(1)
+
+
+def pairwise_distances(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Euclidean distances `[B, B]` between the rows of `x [B, D]`, zero on the diagonal (finite gradients)."""
+    sq = x.pow(2).sum(1)
+    d = (sq[:, None] + sq[None, :] - 2 * x @ x.t()).clamp(min=eps).sqrt()
+    return d * (1 - torch.eye(len(x), device=x.device, dtype=d.dtype))
+
+
+class RKDLoss(nn.Module):
+    """Park et al., "Relational Knowledge Distillation" (CVPR 2019): distance and angle potentials.
+
+    On embeddings `s [B, Ds]`, `t [B, Dt]` (flattened; the dimensions may differ):
+        psi_D(x)_ij  = ||x_i - x_j|| / mu,   mu = mean of ||x_i - x_j|| over the B (B - 1) pairs i != j
+        psi_A(x)_ijk = <e_ij, e_kj>,         e_ij = (x_i - x_j) / ||x_i - x_j||   (the cosine of the angle at j)
+        loss = w_d * huber(psi_D(s), psi_D(t)) + w_a * huber(psi_A(s), psi_A(t))
+    with huber the smooth L1 (delta 1) averaged over all entries, w_d = 25 and w_a = 50 (RepDistiller's CIFAR
+    benchmark; the term's own weight then defaults to 1). The value depends on the whole batch.
+    """
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0):
+        super().__init__()
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+
+    @staticmethod
+    def distance(x: torch.Tensor) -> torch.Tensor:
+        d = pairwise_distances(x)
+        return d / (d.sum() / max(1, len(x) * (len(x) - 1)))
+
+    @staticmethod
+    def angle(x: torch.Tensor) -> torch.Tensor:
+        e = F.normalize(x[None, :, :] - x[:, None, :], dim=2)   # e[j, i] = unit(x_i - x_j)
+        return torch.bmm(e, e.transpose(1, 2)).flatten()         # [j, i, k] -> <e_ij, e_kj>
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = _flat(student), _flat(teacher)
+        with torch.no_grad():
+            t_d, t_a = self.distance(t), self.angle(t)
+        return (self.distance_weight * F.smooth_l1_loss(self.distance(s), t_d)
+                + self.angle_weight * F.smooth_l1_loss(self.angle(s), t_a))
+
+
+class PKTLoss(nn.Module):
+    """Passalis & Tefas, "Learning Deep Representations with Probabilistic Knowledge Transfer" (ECCV 2018).
+
+    Cosine similarities of the L2-normalised embeddings, shifted to [0, 1] and normalised per row into
+    conditional probabilities p_{j|i} = K_ij / sum_j K_ij, K_ij = (cos(x_i, x_j) + 1) / 2; the loss is the mean
+    over all (i, j) of p^t_{j|i} log((p^t_{j|i} + eps) / (p^s_{j|i} + eps)), eps = 1e-7. Weight 30000 in the
+    CRD benchmark. `forward(s [B, Ds], t [B, Dt]) -> []`; the value depends on the whole batch.
+    """
+
+    eps = 1e-7
+
+    @classmethod
+    def conditional(cls, x: torch.Tensor) -> torch.Tensor:
+        x = F.normalize(_flat(x), dim=1, eps=cls.eps)
+        k = (x @ x.t() + 1) / 2
+        return k / k.sum(1, keepdim=True)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        p_s, p_t = self.conditional(student), self.conditional(teacher).detach()
+        return (p_t * torch.log((p_t + self.eps) / (p_s + self.eps))).mean()
+
+
+class SPLoss(nn.Module):
+    """Tung & Mori, "Similarity-Preserving Knowledge Distillation" (ICCV 2019).
+
+    G = normalize_rows(f f^T) for the batch's flattened feature maps f [B, C*H*W] (rows scaled to unit L2
+    norm); the loss is ||G_s - G_t||_F^2 / B^2. Student and teacher maps may differ in every size but B.
+    Weight 3000 in the CRD benchmark. `forward(s [B, ...], t [B, ...]) -> []`; depends on the whole batch.
+    """
+
+    @staticmethod
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        f = _flat(f)
+        return F.normalize(f @ f.t(), dim=1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        diff = self.gram(student) - self.gram(teacher).detach()
+        return diff.pow(2).sum() / len(student) ** 2
+
+
+class NSTLoss(nn.Module):
+    """Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer" (2017).
+
+    Each channel's map, flattened and L2-normalised over positions, is a sample of that network's neuron
+    selectivity distribution; the loss is the squared MMD with the polynomial kernel k(a, b) = (a . b)^2:
+        mean_{i,i'} k(t_i, t_i') + mean_{j,j'} k(s_j, s_j') - 2 mean_{j,i} k(s_j, t_i)
+    per sample, averaged over the batch (channel counts may differ; the larger spatial size is average-pooled
+    to the smaller). Weight 50 in the CRD benchmark. `forward(s [B, Cs, H, W], t [B, Ct, H', W']) -> []`.
+    """
+
+    @staticmethod
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b.transpose(1, 2)).pow(2)   # [B, Ca, Cb]
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(student.float(), teacher.float())
+        s, t = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2).detach()
+        return self.kernel(t, t).mean() + self.kernel(s, s).mean() - 2 * self.kernel(s, t).mean()
+
+
+LOSSES = {"ce": CELoss, "kd": KDLoss, "fitnets": FitNetsLoss, "at": ATLoss, "rkd": RKDLoss, "pkt": PKTLoss,
+          "sp": SPLoss, "nst": NSTLoss}
+MAP_LOSSES = ("fitnets", "at", "sp", "nst")   # pair feature maps [B, C, H, W] (at also takes attention maps)
+VECTOR_LOSSES = ("rkd", "pkt")                # pair embeddings [B, D]
+FEATURE_LOSSES = MAP_LOSSES + VECTOR_LOSSES   # every term that needs --pair
+DEFAULT_WEIGHTS = {"rkd": 1.0, "pkt": 30000.0, "sp": 3000.0, "nst": 50.0}  # CRD benchmark (RepDistiller)
 
 
 def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_weight: float,
                     overrides: Mapping[str, float] | None = None) -> dict[str, float]:
     """Weight of every active term. `kd` brings Hinton's mix: kd weighted alpha, hard-label ce weighted 1 - alpha.
 
-    Without kd, `ce` (if listed) has weight 1; `at` has beta, `fitnets` hint_weight; `overrides` win.
+    Without kd, `ce` (if listed) has weight 1; `at` has beta, `fitnets` hint_weight, the relation terms their
+    CRD-benchmark weights (DEFAULT_WEIGHTS); `overrides` win.
     """
     unknown = [t for t in terms if t not in LOSSES]
     if unknown:
@@ -169,6 +278,7 @@ def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_wei
         weights["at"] = beta
     if "fitnets" in terms:
         weights["fitnets"] = hint_weight
+    weights.update({t: DEFAULT_WEIGHTS[t] for t in terms if t in DEFAULT_WEIGHTS})
     for term, w in (overrides or {}).items():
         if term not in weights:
             raise SoftcacheError(f"--weight names '{term}', which is not an active term; active: {', '.join(weights)}")
@@ -176,24 +286,87 @@ def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_wei
     return weights
 
 
+def split_pair(key: str) -> tuple[str | None, str]:
+    """`--pair` student side `TERM:S_LAYER` or `S_LAYER` -> (term or None, student layer)."""
+    term, sep, layer = key.partition(":")
+    return (term, layer) if sep and term in LOSSES else (None, key)
+
+
+def _fits(term: str, kind: str) -> bool:
+    """Whether a pair of `kind` (vector: embeddings; map: feature maps; attention: cached AT maps) serves `term`."""
+    if term in VECTOR_LOSSES:
+        return kind == "vector"
+    return kind == "map" or (term == "at" and kind == "attention")
+
+
+def route_pairs(terms: Sequence[str], pairs: Sequence[tuple[str, str]],
+                kinds: Mapping[tuple[str, str], str]) -> dict[str, list[tuple[str, str]]]:
+    """The (student layer, teacher layer) pairs each active pair-term uses.
+
+    `pairs` are `--pair` entries `(S_LAYER or TERM:S_LAYER, T_LAYER)`; `kinds[(s, t)]` says what a pair holds.
+    A pair without a term serves every active term it fits (maps: fitnets, at, sp, nst; embeddings: rkd,
+    pkt); `TERM:` gives it to that term only. A pair no term uses, and a term left without a pair, are refused.
+    """
+    active = [t for t in terms if t in FEATURE_LOSSES]
+    routes: dict[str, list[tuple[str, str]]] = {t: [] for t in active}
+    for key, teacher in pairs:
+        term, student = split_pair(key)
+        kind = kinds[(student, teacher)]
+        what = {"vector": "embeddings", "map": "feature maps", "attention": "attention maps"}[kind]
+        if term is not None:
+            if term not in active:
+                raise SoftcacheError(f"--pair {key}={teacher} names '{term}', which is not a pair loss in --loss "
+                                     f"({', '.join(terms)})")
+            if not _fits(term, kind):
+                raise SoftcacheError(f"--pair {key}={teacher} pairs {what}, which {term} cannot use")
+            routes[term].append((student, teacher))
+            continue
+        users = [t for t in active if _fits(t, kind)]
+        if not users:
+            raise SoftcacheError(f"--pair {key}={teacher} pairs {what}, which no loss in --loss ({', '.join(terms)}) "
+                                 f"uses; embeddings serve {', '.join(VECTOR_LOSSES)}, feature maps "
+                                 f"{', '.join(MAP_LOSSES)}")
+        for t in users:
+            routes[t].append((student, teacher))
+    for term, used in routes.items():
+        if not used:
+            example = "embedding=embedding" if term in VECTOR_LOSSES else "layer3=layer3"
+            need = "embeddings" if term in VECTOR_LOSSES else "feature maps"
+            raise SoftcacheError(f"{term} needs a --pair of {need} (e.g. --pair {example})")
+    return routes
+
+
+PAIR_REDUCTIONS = ("sum", "mean")
+
+
 class DistillLoss(nn.Module):
     """All active terms of a student's objective.
 
-    `pairs` maps student layer -> teacher layer; `channels` gives `(student C, teacher C)` per pair (FitNets
-    needs them to size its regressors, which train with the student).
-    `forward(logits [B, K], labels [B], student_features {s_layer: [B, C, H, W]}, teacher (a KD target, see
-    KDLoss.from_target), teacher_features {t_layer: [B, C, H, W] or attention map [B, H, W]})
+    `routes` maps each pair-term to its (student layer, teacher layer) pairs (`route_pairs`); a term over
+    several pairs is their sum (`reduce='sum'`, as RepDistiller sums AT over layer groups) or their mean.
+    `channels[(s, t)]` gives `(student C, teacher C)` per pair (FitNets sizes its regressors from them; they
+    train with the student).
+    `forward(logits [B, K], labels [B], student_features {s_layer: [B, C, H, W] or [B, D]}, teacher (a KD
+    target, see KDLoss.from_target), teacher_features {t_layer: [B, C, H, W], [B, H, W] or [B, D]})
     -> {'loss', term: weighted value ...}`.
     """
 
     def __init__(self, weights: Mapping[str, float], *, temperature: float = 4.0,
-                 pairs: Mapping[str, str] | None = None, channels: Mapping[str, tuple[int, int]] | None = None):
+                 routes: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+                 channels: Mapping[tuple[str, str], tuple[int, int]] | None = None, reduce: str = "sum"):
         super().__init__()
-        self.weights, self.pairs = dict(weights), dict(pairs or {})
-        self.ce, self.kd, self.at = CELoss(), KDLoss(temperature), ATLoss()
+        if reduce not in PAIR_REDUCTIONS:
+            raise SoftcacheError(f"unknown pair reduction '{reduce}'; valid: {', '.join(PAIR_REDUCTIONS)}")
+        self.weights, self.reduce = dict(weights), reduce
+        self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
+        self.ce, self.kd = CELoss(), KDLoss(temperature)
+        self.terms = nn.ModuleDict({t: LOSSES[t]() for t in self.routes if t != "fitnets"})
         self.hints = nn.ModuleDict()
-        if "fitnets" in self.weights:
-            self.hints.update({s.replace(".", "__"): FitNetsLoss(*channels[s]) for s in self.pairs})
+        for s, t in self.routes.get("fitnets", []):
+            key = s.replace(".", "__")
+            if key in self.hints:
+                raise SoftcacheError(f"fitnets pairs student layer '{s}' twice; give each student layer one hint")
+            self.hints[key] = FitNetsLoss(*channels[(s, t)])
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
                 teacher: Mapping[str, torch.Tensor] | None, teacher_features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -202,11 +375,11 @@ class DistillLoss(nn.Module):
             terms["ce"] = self.ce(logits, labels)
         if "kd" in self.weights:
             terms["kd"] = self.kd.from_target(logits, teacher)
-        if "at" in self.weights:
-            terms["at"] = sum(self.at(student_features[s], teacher_features[t]) for s, t in self.pairs.items())
-        if "fitnets" in self.weights:
-            terms["fitnets"] = sum(self.hints[s.replace(".", "__")](student_features[s], teacher_features[t])
-                                   for s, t in self.pairs.items())
+        for term, pairs in self.routes.items():
+            loss = (lambda s, t: self.hints[s.replace(".", "__")](student_features[s], teacher_features[t])) \
+                if term == "fitnets" else (lambda s, t, m=self.terms[term]: m(student_features[s], teacher_features[t]))
+            values = [loss(s, t) for s, t in pairs]
+            terms[term] = sum(values) / (len(values) if self.reduce == "mean" else 1)
         out = {name: self.weights[name] * value for name, value in terms.items()}
         out["loss"] = sum(out.values())
         return out

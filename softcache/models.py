@@ -90,12 +90,26 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     return model
 
 
+EMBEDDING = "embedding"
+
+
+def classifier_name(model: nn.Module) -> str | None:
+    """The model's final classifier: its last `nn.Linear` in module order (CIFAR and torchvision ResNets' `fc`,
+    torchvision's `classifier.N` or `heads.head`), or None when it has none."""
+    return next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
+
+
 def layer_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in model.named_modules() if name]
+    """Every tappable name: the module names, and `embedding` (the classifier's input) when there is one."""
+    names = [name for name, _ in model.named_modules() if name]
+    return ([EMBEDDING] if classifier_name(model) is not None else []) + names
 
 
 def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -> None:
     """Refuse unknown module names, listing the valid ones (top-level first)."""
+    if EMBEDDING in layers and classifier_name(model) is None:
+        raise SoftcacheError(f"{type(model).__name__} has no final nn.Linear classifier, so it has no '{EMBEDDING}' "
+                             "(the classifier's input); tap a named layer instead")
     names = layer_names(model)
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
@@ -106,7 +120,11 @@ def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -
 
 
 class Tapped(nn.Module):
-    """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature [B, C, H, W]})`."""
+    """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature [B, C, H, W]})`.
+
+    The layer `embedding` is the input of the final classifier (`classifier_name`), flattened: `[B, D]`, e.g.
+    the 64 pooled channels of a CIFAR ResNet-56 or the 512 of a torchvision ResNet-18.
+    """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]):
         super().__init__()
@@ -114,11 +132,18 @@ class Tapped(nn.Module):
         self.model, self.layers = model, list(layers)
         self._features: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
-        self._hooks = [modules[name].register_forward_hook(self._hook(name)) for name in self.layers]
+        self._hooks = [modules[classifier_name(model)].register_forward_pre_hook(self._embedding_hook())
+                       if name == EMBEDDING else modules[name].register_forward_hook(self._hook(name))
+                       for name in self.layers]
 
     def _hook(self, name: str):
         def store(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
             self._features[name] = output
+        return store
+
+    def _embedding_hook(self):
+        def store(_module: nn.Module, inputs: tuple) -> None:
+            self._features[EMBEDDING] = torch.flatten(inputs[0], 1)
         return store
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -134,8 +134,9 @@ def _positive(text: str) -> int:
 
 def feature_target(kind: str, feature: torch.Tensor) -> torch.Tensor:
     """A teacher feature `[B, C, H, W]` -> what `--targets kind` stores, float16 on the feature's device:
-    the feature itself, or its AT map `[B, H, W]` (computed where the feature is, so only the map is copied)."""
-    if kind == "attention":
+    the feature itself, or its AT map `[B, H, W]` (computed where the feature is, so only the map is copied).
+    An embedding `[B, D]` is stored as it is under either kind."""
+    if kind == "attention" and feature.dim() == 4:
         b, _, h, w = feature.shape
         return attention_map(feature).view(b, h, w).half()
     return feature.half()

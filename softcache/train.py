@@ -34,7 +34,7 @@ from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, file_in_the_way, run_lock_path
-from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights
+from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model
 from softcache.store import CacheReader, differences, feature_name, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
@@ -242,7 +242,8 @@ def check_data_matches(cache: CacheReader, source: Source) -> None:
 
 def train_student(student: nn.Module, cache: str | Path | CacheReader, train_source: Source, test_source: Source,
                   out: str | Path, *, weights: Mapping[str, float], temperature: float = 4.0,
-                  pairs: Mapping[str, str] | None = None, image_size: int | None = None,
+                  pairs: Mapping[str, str] | Sequence[tuple[str, str]] | None = None, image_size: int | None = None,
+                  pair_reduce: str = "sum",
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
                   teachers: str = "mean", data_path: str = "auto",
@@ -255,22 +256,23 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     images and targets come from; see `softcache.batches.choose_data_path`.
     """
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
-    manifest, pairs = reader.manifest, dict(pairs or {})
+    manifest = reader.manifest
+    pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
     check_data_matches(reader, train_source)
-    missing = [t for t in pairs.values() if t not in manifest["layers"]]
+    missing = [t for _, t in pairs if t not in manifest["layers"]]
     if missing:
         raise SoftcacheError(f"the cache has no features for teacher layer '{missing[0]}'; cached layers: "
                              f"{', '.join(manifest['layers']) or 'none (logits only)'}")
     if pairs and not any(t in weights for t in FEATURE_LOSSES):
-        raise SoftcacheError(f"--pair is given, but no loss uses it; add at or fitnets to --loss "
+        raise SoftcacheError(f"--pair is given, but no loss uses it; add one of {', '.join(FEATURE_LOSSES)} to --loss "
                              f"(now: {', '.join(weights)})")
-    if any(t in weights for t in FEATURE_LOSSES) and not pairs:
-        raise SoftcacheError("fitnets and at need at least one --pair STUDENT_LAYER=TEACHER_LAYER")
     if "fitnets" in weights and manifest["storage"]["targets"] == "attention":
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
     check_batch_fits(train_source, optim.batch_size)
-    tapped = Tapped(student, list(pairs))  # refuses an unknown student layer before anything is written
+    student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
+    tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
+    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"])
     with prepare_run(out, config or {}, overwrite=overwrite) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
@@ -278,12 +280,12 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
                           scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
         tapped = prepare_model(tapped, dev)
-        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted(set(pairs.values())),
+        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted({t for _, t in pairs}),
                                                 temperature=temperature, teachers=teachers, image_size=augment.image_size,
                                                 batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
                                                 data_path=data_path, targets=targets)
-        criterion = build_criterion(tapped, reader, weights=weights, temperature=temperature, pairs=pairs,
-                                    image_size=augment.image_size, device=dev)
+        criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
+                                reduce=pair_reduce).to(dev)
         mean, std = train_source.mean, train_source.std
         step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
         try:
@@ -298,14 +300,33 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                 targets.close()
 
 
-def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,
-                    pairs: Mapping[str, str], image_size: int, device: torch.device) -> DistillLoss:
-    """The student's loss terms; FitNets regressors are sized from the student's and the cached teacher's channels."""
+def plan_pairs(tapped: Tapped, reader: CacheReader, weights: Mapping[str, float], pairs: Sequence[tuple[str, str]],
+               image_size: int) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]]]:
+    """Which pairs each loss term uses (`route_pairs`) and each pair's `(student C, teacher C)`, from one probe
+    forward of the student (on its current device) and the cached arrays' shapes."""
     with torch.no_grad():
         tapped.eval()
+        device = next(tapped.parameters()).device
         _, probe = tapped(torch.zeros(2, 3, image_size, image_size, device=device))
-    channels = {s: (probe[s].shape[1], reader.shape(feature_name(reader.manifest, t))[2]) for s, t in pairs.items()}
-    return DistillLoss(weights, temperature=temperature, pairs=pairs, channels=channels).to(device)
+    kinds, channels = {}, {}
+    for key, t in pairs:
+        s = split_pair(key)[1]
+        shape = reader.shape(feature_name(reader.manifest, t))  # [N, V, ...]
+        t_kind = {3: "vector", 4: "attention"}.get(len(shape), "map")
+        if (probe[s].dim() == 2) != (t_kind == "vector"):
+            raise SoftcacheError(f"--pair {key}={t} pairs a student {'embedding' if probe[s].dim() == 2 else 'feature map'} "
+                                 f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
+        kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[2])
+    return route_pairs(list(weights), pairs, kinds), channels
+
+
+def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,
+                    pairs: Mapping[str, str] | Sequence[tuple[str, str]], image_size: int, device: torch.device,
+                    reduce: str = "sum") -> DistillLoss:
+    """The student's loss terms; FitNets regressors are sized from the student's and the cached teacher's channels."""
+    pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
+    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size)
+    return DistillLoss(weights, temperature=temperature, routes=routes, channels=channels, reduce=reduce).to(device)
 
 
 def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, mean: Sequence[float],
@@ -348,6 +369,7 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     student = build_model(cfg.student, num_classes=len(train_source.classes))
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
-                         temperature=cfg.temperature, pairs=dict(cfg.pairs), image_size=cfg.image_size,
+                         temperature=cfg.temperature, pairs=list(cfg.pairs), image_size=cfg.image_size,
+                         pair_reduce=cfg.pair_reduce,
                          optim=cfg.optim, device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite,
                          config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path)

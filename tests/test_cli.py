@@ -64,7 +64,7 @@ def _dump(weights, out, *args):
 
 def test_dump_bad_input(tmp_path, teacher_weights):
     assert_fails(_dump(teacher_weights, tmp_path / "c", "--layers", "layer3,layer5"),
-                 r"unknown layer 'layer5'; valid: conv1, layer1, layer2, layer3, pool, fc")
+                 r"unknown layer 'layer5'; valid: embedding, conv1, layer1, layer2, layer3, pool, fc")
     assert_fails(_dump(teacher_weights, tmp_path / "c", "--augment", "imagenet", "--views", "all"),
                  r"--views all needs a finite policy \(cifar, none\); 'imagenet' samples crops")
     assert_fails(invoke("dump-teacher", "--teacher", "resnet20", "--weights", teacher_weights, "--data", "synthetic:20",
@@ -105,11 +105,11 @@ def test_train_student_bad_input(tmp_path, small_cache, cifar_subset):
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at", "--pair", "layer3=layer1"),
                  r"the cache has no features for teacher layer 'layer1'; cached layers: layer2, layer3")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at", "--pair", "block9=layer3"),
-                 r"unknown layer 'block9'; valid: conv1, layer1")
+                 r"unknown layer 'block9'; valid: embedding, conv1, layer1")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at"),
-                 r"fitnets and at need at least one --pair")
+                 r"at needs a --pair of feature maps \(e.g. --pair layer3=layer3\)")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,dark"),
-                 r"unknown loss 'dark'; valid: at, ce, fitnets, kd")
+                 r"unknown loss 'dark'; valid: at, ce, fitnets, kd, nst, pkt, rkd, sp")
     three = tmp_path / "three"
     for split in ("train", "test"):
         for cls in ("airplane", "bird", "cat"):
@@ -175,7 +175,7 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
         (["--weight", "dark=1"], r"unknown loss 'dark' in 'dark=1'"),
         (["--loss", "kd,kd"], r"'kd' is given twice in 'kd,kd'"),
         (["--loss", "kd,,at"], r"'kd,,at' has an empty entry"),
-        (["--loss", "kd", "--pair", "layer3=layer3"], r"--pair is given, but no loss uses it; add at or fitnets"),
+        (["--loss", "kd", "--pair", "layer3=layer3"], r"--pair is given, but no loss uses it; add one of fitnets, at, sp, nst, rkd, pkt"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"],
          r"Invalid value for '--device'"),
     ]:

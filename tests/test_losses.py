@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from softcache.errors import SoftcacheError
-from softcache.losses import ATLoss, DistillLoss, FitNetsLoss, KDLoss, attention_map, resolve_weights
+from softcache.losses import (ATLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss, attention_map,
+                              resolve_weights, route_pairs)
 
 
 def test_kd_matches_hand_computation_with_t_squared():
@@ -88,8 +89,149 @@ def test_distill_loss_sums_weighted_terms():
     logits, t_logits, labels = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
     f_s, f_t = torch.randn(4, 8, 4, 4), torch.randn(4, 16, 4, 4)
     weights = {"ce": 0.1, "kd": 0.9, "at": 1000.0}
-    out = DistillLoss(weights, temperature=4.0, pairs={"a": "b"})(logits, labels, {"a": f_s}, t_logits, {"b": f_t})
+    out = DistillLoss(weights, temperature=4.0, routes={"at": [("a", "b")]})(logits, labels, {"a": f_s}, t_logits, {"b": f_t})
     assert out["ce"].item() == pytest.approx(0.1 * torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert out["kd"].item() == pytest.approx(0.9 * KDLoss(4.0)(logits, t_logits).item(), rel=1e-6)
     assert out["at"].item() == pytest.approx(1000 * ATLoss()(f_s, f_t).item(), rel=1e-6)
     assert out["loss"].item() == pytest.approx(out["ce"].item() + out["kd"].item() + out["at"].item(), rel=1e-6)
+
+
+# --- relation losses, each against its paper's formula written out with Python loops in float64
+
+def _huber(a: float, b: float) -> float:
+    d = abs(a - b)
+    return 0.5 * d * d if d < 1 else d - 0.5
+
+
+def _norm(v):
+    return math.sqrt(sum(x * x for x in v))
+
+
+def _rkd_by_hand(s: list, t: list, w_d: float = 25.0, w_a: float = 50.0) -> float:
+    n = len(s)
+
+    def dist(x):
+        d = [[_norm([a - b for a, b in zip(x[i], x[j])]) for j in range(n)] for i in range(n)]
+        mu = sum(d[i][j] for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+        return [d[i][j] / mu for i in range(n) for j in range(n)]
+
+    def angle(x):
+        out = []
+        for j in range(n):
+            for i in range(n):
+                for k in range(n):
+                    e1 = [a - b for a, b in zip(x[i], x[j])]
+                    e2 = [a - b for a, b in zip(x[k], x[j])]
+                    n1, n2 = _norm(e1), _norm(e2)
+                    out.append(0.0 if n1 == 0 or n2 == 0 else sum(a * b for a, b in zip(e1, e2)) / (n1 * n2))
+        return out
+
+    loss_d = sum(_huber(a, b) for a, b in zip(dist(s), dist(t))) / (n * n)
+    loss_a = sum(_huber(a, b) for a, b in zip(angle(s), angle(t))) / (n ** 3)
+    return w_d * loss_d + w_a * loss_a
+
+
+def _pkt_by_hand(s: list, t: list, eps: float = 1e-7) -> float:
+    def cond(x):
+        unit = [[v / _norm(row) for v in row] for row in x]
+        k = [[(sum(a * b for a, b in zip(u, w)) + 1) / 2 for w in unit] for u in unit]
+        return [[v / sum(row) for v in row] for row in k]
+
+    p_s, p_t = cond(s), cond(t)
+    n = len(s)
+    return sum(p_t[i][j] * math.log((p_t[i][j] + eps) / (p_s[i][j] + eps)) for i in range(n) for j in range(n)) / n ** 2
+
+
+def _sp_by_hand(s: list, t: list) -> float:
+    def gram(x):
+        g = [[sum(a * b for a, b in zip(u, w)) for w in x] for u in x]
+        return [[v / _norm(row) for v in row] for row in g]
+
+    g_s, g_t = gram(s), gram(t)
+    n = len(s)
+    return sum((g_s[i][j] - g_t[i][j]) ** 2 for i in range(n) for j in range(n)) / n ** 2
+
+
+def _nst_by_hand(s: torch.Tensor, t: torch.Tensor) -> float:
+    total = 0.0
+    for fs, ft in zip(s.tolist(), t.tolist()):  # per sample: channels as L2-normalised vectors over positions
+        a = [[v / _norm(sum(ch, [])) for v in sum(ch, [])] for ch in fs]
+        b = [[v / _norm(sum(ch, [])) for v in sum(ch, [])] for ch in ft]
+
+        def k(x, y):
+            return sum(sum(p * q for p, q in zip(u, w)) ** 2 for u in x for w in y) / (len(x) * len(y))
+
+        total += k(b, b) + k(a, a) - 2 * k(a, b)
+    return total / len(s)
+
+
+@pytest.fixture
+def embeddings():
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(5, 4, generator=g, dtype=torch.float64), torch.randn(5, 6, generator=g, dtype=torch.float64)
+
+
+def test_rkd_matches_distance_and_angle_written_out(embeddings):
+    s, t = embeddings
+    assert RKDLoss()(s, t).item() == pytest.approx(_rkd_by_hand(s.tolist(), t.tolist()), rel=1e-5)
+    scaled = RKDLoss()(s, 3.0 * s[:, :4] + 1.0)  # distances and angles are invariant to scale and shift
+    assert scaled.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_pkt_matches_conditional_probabilities_written_out(embeddings):
+    s, t = embeddings
+    assert PKTLoss()(s, t).item() == pytest.approx(_pkt_by_hand(s.tolist(), t.tolist()), rel=1e-6)
+    assert PKTLoss()(s, 2.0 * s).item() == pytest.approx(0.0, abs=1e-9)  # cosines: invariant to scale
+
+
+def test_sp_matches_the_normalised_batch_gram_written_out():
+    g = torch.Generator().manual_seed(4)
+    s, t = torch.randn(4, 3, 2, 2, generator=g), torch.randn(4, 5, 3, 3, generator=g)
+    assert SPLoss()(s, t).item() == pytest.approx(_sp_by_hand(s.flatten(1).tolist(), t.flatten(1).tolist()), rel=1e-5)
+    assert SPLoss()(s, s).item() == 0.0
+
+
+def test_nst_matches_the_polynomial_mmd_written_out():
+    g = torch.Generator().manual_seed(5)
+    s, t = torch.randn(3, 4, 2, 2, generator=g), torch.randn(3, 6, 4, 4, generator=g)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(t, (2, 2))  # the larger map is pooled to the smaller
+    assert NSTLoss()(s, t).item() == pytest.approx(_nst_by_hand(s, pooled), rel=1e-5)
+    assert NSTLoss()(s, s).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss, shape_s, shape_t", [(RKDLoss(), (8, 4), (8, 6)), (PKTLoss(), (8, 4), (8, 6)),
+                                                   (SPLoss(), (8, 3, 4, 4), (8, 5, 4, 4)),
+                                                   (NSTLoss(), (8, 3, 4, 4), (8, 5, 2, 2))])
+def test_relation_gradients_are_finite_even_with_a_repeated_sample(loss, shape_s, shape_t):
+    s = torch.randn(shape_s)
+    s[1] = s[0]  # two identical rows: zero distances, undefined angles
+    s.requires_grad_(True)
+    loss(s, torch.randn(shape_t)).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_pairs_are_routed_to_the_terms_they_fit():
+    kinds = {("layer3", "layer3"): "map", ("embedding", "embedding"): "vector", ("layer2", "layer2"): "map"}
+    routes = route_pairs(["kd", "at", "sp", "rkd"], [("layer3", "layer3"), ("embedding", "embedding"),
+                                                      ("at:layer2", "layer2")], kinds)
+    assert routes == {"at": [("layer3", "layer3"), ("layer2", "layer2")], "sp": [("layer3", "layer3")],
+                      "rkd": [("embedding", "embedding")]}
+    with pytest.raises(SoftcacheError, match=r"pkt needs a --pair of embeddings \(e.g. --pair embedding=embedding\)"):
+        route_pairs(["pkt", "at"], [("layer3", "layer3")], kinds)
+    with pytest.raises(SoftcacheError, match=r"--pair embedding=embedding pairs embeddings, which no loss in --loss"):
+        route_pairs(["at"], [("layer3", "layer3"), ("embedding", "embedding")], kinds)
+    with pytest.raises(SoftcacheError, match=r"--pair rkd:layer3=layer3 pairs feature maps, which rkd cannot use"):
+        route_pairs(["rkd", "at"], [("rkd:layer3", "layer3"), ("embedding", "embedding")], kinds)
+    with pytest.raises(SoftcacheError, match=r"names 'sp', which is not a pair loss in --loss"):
+        route_pairs(["at"], [("sp:layer3", "layer3")], kinds)
+
+
+def test_a_term_over_several_pairs_is_their_sum_or_mean():
+    f = {"a": torch.randn(4, 8, 4, 4), "b": torch.randn(4, 8, 2, 2)}
+    t = {"a": torch.randn(4, 16, 4, 4), "b": torch.randn(4, 16, 2, 2)}
+    logits, labels = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    routes = {"at": [("a", "a"), ("b", "b")]}
+    each = [ATLoss()(f[k], t[k]).item() for k in "ab"]
+    total = DistillLoss({"at": 2.0}, routes=routes)(logits, labels, f, None, t)["at"].item()
+    mean = DistillLoss({"at": 2.0}, routes=routes, reduce="mean")(logits, labels, f, None, t)["at"].item()
+    assert total == pytest.approx(2.0 * sum(each), rel=1e-6) and mean == pytest.approx(sum(each), rel=1e-6)

@@ -1,6 +1,7 @@
 """Models by name, checkpoints and feature taps."""
 from __future__ import annotations
 
+from pathlib import Path
 
 import pytest
 import torch
@@ -67,5 +68,34 @@ def test_taps_return_named_features_and_refuse_unknown_layers():
     logits, features = tapped(torch.randn(2, 3, 32, 32))
     assert logits.shape == (2, 10)
     assert features["layer2"].shape == (2, 32, 16, 16) and features["layer3"].shape == (2, 64, 8, 8)
-    with pytest.raises(SoftcacheError, match="unknown layer 'layer5'; valid: conv1, layer1, layer2, layer3, pool, fc"):
+    with pytest.raises(SoftcacheError, match="unknown layer 'layer5'; valid: embedding, conv1, layer1, layer2, layer3, "
+                                             "pool, fc"):
         Tapped(build_model("resnet20", 10), ["layer5"])
+
+
+@pytest.mark.parametrize("name, size, dim", [("resnet56", 32, 64), ("resnet18", 64, 512), ("tinynet:tiny", 32, 32)])
+def test_the_embedding_tap_is_the_classifier_input(name, size, dim, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # tests/tinynet.py, loaded as a user's module:callable
+    model = build_model(name, 10).eval()
+    logits, features = Tapped(model, ["embedding"])(torch.randn(3, 3, size, size))
+    embedding = features["embedding"]
+    assert embedding.shape == (3, dim)
+    fc = model.fc  # the final classifier of all three: logits are its output on the embedding
+    assert torch.allclose(fc(embedding), logits, atol=1e-6)
+
+
+def test_a_model_without_a_linear_classifier_has_no_embedding(tmp_path, teacher_weights, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    with pytest.raises(SoftcacheError, match="ConvHead has no final nn.Linear classifier, so it has no 'embedding'"):
+        Tapped(build_model("tinynet:convhead", 10), ["embedding"])
+    from click.testing import CliRunner
+    from softcache.cli import cli
+    result = CliRunner().invoke(cli, ["train-teacher", "--model", "tinynet:convhead", "--data", "synthetic:20", "--out",
+                                      str(tmp_path / "t"), "--epochs", "1", "--batch-size", "8", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    dump = CliRunner().invoke(cli, ["dump-teacher", "--teacher", "tinynet:convhead", "--weights",
+                                    str(tmp_path / "t" / "model.pt"), "--data", "synthetic:20", "--layers",
+                                    "embedding", "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert dump.exit_code != 0 and dump.stderr.strip().splitlines() == [
+        "Error: ConvHead has no final nn.Linear classifier, so it has no 'embedding' (the classifier's input); "
+        "tap a named layer instead"]

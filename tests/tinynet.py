@@ -24,3 +24,18 @@ class Tiny(nn.Module):
 
 def tiny(num_classes: int = 10) -> Tiny:
     return Tiny(num_classes)
+
+
+class ConvHead(nn.Module):
+    """Ends in a 1x1 convolution classifier (no nn.Linear): it has no `embedding` to tap."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.layer1, self.head = _block(3, 16, 2), nn.Conv2d(16, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.layer1(x)).mean(dim=(2, 3))
+
+
+def convhead(num_classes: int = 10) -> ConvHead:
+    return ConvHead(num_classes)

@@ -75,6 +75,7 @@ def logits_prefix(manifest: dict[str, Any], teacher: str) -> str:
 
 
 def feature_name(manifest: dict[str, Any], layer: str) -> str:
-    """The array holding the first teacher's `layer`: `features/<layer>` or `attention/<layer>`."""
-    kind = "attention" if manifest["storage"]["targets"] == "attention" else "features"
+    """The array holding the first teacher's `layer`: `features/<layer>` or `attention/<layer>` (the embedding,
+    a vector, is `features/embedding` under either kind)."""
+    kind = "attention" if manifest["storage"]["targets"] == "attention" and layer != "embedding" else "features"
     return f"{kind}/{layer}"
