@@ -89,14 +89,28 @@ def _steps(cache, source, test_source, out, targets, pairs, losses):
     return recorded
 
 
-@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets")])
-def test_cached_training_matches_online_kd(small_cache, teacher_weights, tmp_path, losses):
+@pytest.fixture(scope="module")
+def embedding_cache(tmp_path_factory, teacher_weights):
+    """synthetic:20, 5 views, layer3 features and the embedding (the classifier's input)."""
+    out = tmp_path_factory.mktemp("emb") / "cache"
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
+                 augment=Augment("cifar", image_size=32), views=5, layers=["layer3", "embedding"], seed=7,
+                 batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
+    return out
+
+
+@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst")])
+def test_cached_training_matches_online_kd(small_cache, embedding_cache, teacher_weights, tmp_path, losses):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
-    cached = _steps(small_cache, source, test_source, tmp_path / "cached", None, pairs, losses)
+    cache = small_cache
+    if "rkd" in losses:  # relation terms: sp and nst on layer3, rkd and pkt on the embedding
+        cache, pairs = embedding_cache, {"layer3": "layer3", "embedding": "embedding"}
+        assert open_cache(cache).shape("features/embedding") == (20, 5, 64)
+    cached = _steps(cache, source, test_source, tmp_path / "cached", None, pairs, losses)
     online = OnlineTargets(load_teacher(teacher_weights), sorted(pairs.values()), mean=source.mean, std=source.std,
                            device=torch.device("cpu"))
-    live = _steps(small_cache, source, test_source, tmp_path / "online", online, pairs, losses)
+    live = _steps(cache, source, test_source, tmp_path / "online", online, pairs, losses)
     assert len(cached) == len(live) == 4  # 2 epochs x (20 // 8) steps
     for a, b in zip(cached, live):
         assert a.keys() == b.keys() and set(losses) <= set(a)
