@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from softcache.cifar_resnet import CIFAR_RESNETS, cifar_resnet
+from softcache.cifar_resnet import CIFAR_RESNETS, CifarResNet, cifar_resnet
 from softcache.errors import SoftcacheError
 
 
@@ -53,11 +53,26 @@ def _listing(keys: Sequence[str], limit: int = 6) -> str:
     return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
 
 
+def repdistiller_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A RepDistiller / mdistiller CIFAR ResNet state_dict under softcache's key names. Same architecture, other
+    names: their stem `conv1` + `bn1` is softcache's `conv1.0` + `conv1.1`, and their block shortcut
+    `downsample.{0,1}` is softcache's `shortcut.{0,1}`; every other key (blocks' conv/bn, `fc`) is the same."""
+    out = {}
+    for key, value in state.items():
+        if key == "conv1.weight":
+            key = "conv1.0.weight"
+        elif key.startswith("bn1."):
+            key = "conv1.1." + key.removeprefix("bn1.")
+        out[key.replace(".downsample.", ".shortcut.")] = value
+    return out
+
+
 def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load a `state_dict` file into `model`, refusing with the missing/unexpected/mis-shaped keys if it does not fit.
 
     Accepts what `train-teacher` writes, a plain `torch.save(model.state_dict())`, or a dict holding one
-    under 'state_dict' or 'model'; a DistributedDataParallel 'module.' prefix is dropped.
+    under 'state_dict' or 'model'; a DistributedDataParallel 'module.' prefix is dropped. CIFAR ResNet
+    checkpoints of RepDistiller and mdistiller (`ckpt_epoch_240.pth`) load through `repdistiller_keys`.
     """
     path = Path(path)
     if not path.is_file():
@@ -73,6 +88,10 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
         raise SoftcacheError(f"'{path}' holds a {type(state).__name__}, not a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
     expected = model.state_dict()
+    if isinstance(model, CifarResNet) and set(state) != set(expected):
+        renamed = repdistiller_keys(state)
+        if set(renamed) == set(expected):  # a RepDistiller / mdistiller CIFAR ResNet checkpoint
+            state = renamed
     missing = [k for k in expected if k not in state]
     unexpected = [k for k in state if k not in expected]
     misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()

@@ -99,3 +99,32 @@ def test_a_model_without_a_linear_classifier_has_no_embedding(tmp_path, teacher_
     assert dump.exit_code != 0 and dump.stderr.strip().splitlines() == [
         "Error: ConvHead has no final nn.Linear classifier, so it has no 'embedding' (the classifier's input); "
         "tap a named layer instead"]
+
+
+def _repdistiller_names(key: str) -> str:
+    """softcache's CIFAR ResNet key -> the name RepDistiller's models/resnet.py gives the same tensor."""
+    key = key.replace(".shortcut.", ".downsample.")
+    if key.startswith("conv1.0."):
+        return "conv1." + key.removeprefix("conv1.0.")
+    if key.startswith("conv1.1."):
+        return "bn1." + key.removeprefix("conv1.1.")
+    return key
+
+
+def test_a_repdistiller_checkpoint_loads_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    native = build_model("resnet8", 10)
+    native.train()
+    with torch.no_grad():  # BN statistics that are not the identity
+        native(torch.randn(8, 3, 32, 32))
+    native.eval()
+    theirs = {_repdistiller_names(k): v for k, v in native.state_dict().items()}
+    assert "bn1.running_mean" in theirs and "layer2.0.downsample.0.weight" in theirs and "conv1.weight" in theirs
+    path = tmp_path / "ckpt_epoch_240.pth"
+    torch.save({"epoch": 240, "model": theirs}, path)  # as RepDistiller saves its teachers
+    loaded = load_weights(build_model("resnet8", 10), path).eval()
+    x = torch.randn(4, 3, 32, 32)
+    assert torch.equal(loaded(x), native(x))
+    torch.save({"model": {**theirs, "extra.weight": torch.zeros(1)}}, path)  # fits neither naming: refused
+    with pytest.raises(SoftcacheError, match=r"does not fit CifarResNet: missing keys: conv1\.0\.weight"):
+        load_weights(build_model("resnet8", 10), path)
