@@ -28,7 +28,7 @@ from softcache.models import Tapped, build_model, check_layers, file_sha256, loa
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache, swap_in)
-from softcache.targets import TARGET_KINDS, LogitsFormat, feature_target
+from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
 from softcache.views import Augment, DumpViews, apply_view
 
 log = logging.getLogger(__name__)
@@ -173,8 +173,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         target_arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
         if k == 0:
             for layer, f in features.items():
-                stored = feature_target(storage["targets"], f)
-                target_arrays[feature_name(manifest, layer)] = (tuple(stored.shape[1:]), "float16")
+                for key, stored in feature_targets(storage["targets"], layer, f).items():
+                    target_arrays[feature_name(manifest, key)] = (tuple(stored.shape[1:]), "float16")
     layout = array_layout(len(source), num_views, target_arrays)
     writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"],
                            threads=writer_threads or default_writer_threads())
@@ -188,7 +188,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         outputs = []
         for name, teacher in zip(names, tapped):
             logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
-            stored = {layer: feature_target(storage["targets"], f) for layer, f in features.items()}
+            stored = {key: value for layer, f in features.items()
+                      for key, value in feature_targets(storage["targets"], layer, f).items()}
             outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
         if dev.type != "cuda":
             return outputs, None

@@ -132,6 +132,25 @@ def _positive(text: str) -> int:
     return k
 
 
+POOLED_MAPS = (2, 4)  # --targets attention also stores the maps of the feature average-pooled by these factors
+
+
+def feature_targets(kind: str, layer: str, feature: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Everything `--targets kind` stores for one tapped layer, by the name `feature_name` turns into an array:
+    `{layer: feature_target(...)}`, plus, for attention maps, `{layer}@k`: the AT map of the feature average-
+    pooled by k (k in POOLED_MAPS, where H and W divide by k). A student whose map is k times smaller than the
+    teacher's gets exactly the AT of the pooled teacher feature, as it would from stored features; pooling the
+    full-size map instead would not be the same."""
+    out = {layer: feature_target(kind, feature)}
+    if kind == "attention" and feature.dim() == 4:
+        b, _, h, w = feature.shape
+        for k in POOLED_MAPS:
+            if h % k == 0 and w % k == 0 and h // k >= 1:
+                pooled = torch.nn.functional.avg_pool2d(feature.float(), k)
+                out[f"{layer}@{k}"] = attention_map(pooled).view(b, h // k, w // k).half()
+    return out
+
+
 def feature_target(kind: str, feature: torch.Tensor) -> torch.Tensor:
     """A teacher feature `[B, C, H, W]` -> what `--targets kind` stores, float16 on the feature's device:
     the feature itself, or its AT map `[B, H, W]` (computed where the feature is, so only the map is copied).

@@ -280,7 +280,8 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
                           scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
         tapped = prepare_model(tapped, dev)
-        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=sorted({t for _, t in pairs}),
+        teacher_layers = sorted({t for used in routes.values() for _, t in used})
+        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=teacher_layers,
                                                 temperature=temperature, teachers=teachers, image_size=augment.image_size,
                                                 batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
                                                 data_path=data_path, targets=targets)
@@ -308,7 +309,7 @@ def plan_pairs(tapped: Tapped, reader: CacheReader, weights: Mapping[str, float]
         tapped.eval()
         device = next(tapped.parameters()).device
         _, probe = tapped(torch.zeros(2, 3, image_size, image_size, device=device))
-    kinds, channels = {}, {}
+    kinds, channels, planned = {}, {}, []
     for key, t in pairs:
         s = split_pair(key)[1]
         shape = reader.shape(feature_name(reader.manifest, t))  # [N, V, ...]
@@ -316,8 +317,23 @@ def plan_pairs(tapped: Tapped, reader: CacheReader, weights: Mapping[str, float]
         if (probe[s].dim() == 2) != (t_kind == "vector"):
             raise SoftcacheError(f"--pair {key}={t} pairs a student {'embedding' if probe[s].dim() == 2 else 'feature map'} "
                                  f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
+        if t_kind == "attention" and probe[s].shape[-1] < shape[-1]:
+            t = pooled_map(reader, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]))
         kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[2])
-    return route_pairs(list(weights), pairs, kinds), channels
+        planned.append((key, t))
+    return route_pairs(list(weights), planned, kinds), channels
+
+
+def pooled_map(reader: CacheReader, key: str, layer: str, student: tuple[int, int], teacher: tuple[int, int]) -> str:
+    """The cached attention map that makes AT exact for a student map smaller than the teacher's: the one of the
+    teacher feature pooled by the size ratio (`layer@k`, see `targets.feature_targets`); other ratios are refused."""
+    k = teacher[0] // student[0]
+    name = f"{layer}@{k}"
+    if teacher != (student[0] * k, student[1] * k) or feature_name(reader.manifest, name) not in reader.names():
+        raise SoftcacheError(f"--pair {key}={layer}: the student map is {student[0]}x{student[1]}, the cached attention "
+                             f"map {teacher[0]}x{teacher[1]}; an attention-only cache holds exact maps for students "
+                             f"2x or 4x smaller only; dump with --targets features for other sizes")
+    return name
 
 
 def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str, float], temperature: float,

@@ -10,7 +10,7 @@ from conftest import load_teacher
 from softcache.data import load_source
 from softcache.device import normalize, teacher_outputs
 from softcache.dump import dump_teacher
-from softcache.losses import resolve_weights
+from softcache.losses import ATLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import open_cache
 from softcache.batches import OnlineTargets
@@ -251,3 +251,36 @@ def test_windows_mix_a_dataset_stored_class_by_class():
     assert sorted(order.tolist()) == list(range(50000)) and bounds[0] == 0 and bounds[-1] == 50000
     classes_per_batch = [len(set(labels[order[a:a + 128]].tolist())) for a in range(0, 49920, 128)]
     assert min(classes_per_batch) >= 8, min(classes_per_batch)
+
+
+def test_at_from_an_attention_only_cache_equals_at_from_features(tmp_path, teacher_weights):
+    """Student maps at 1/2 (layer2, 16x16) and 1/4 (layer3, 8x8) of the teacher's layer1 (32x32)."""
+    source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
+    caches = {}
+    for targets in ("features", "attention"):
+        caches[targets] = tmp_path / targets
+        dump_teacher(load_teacher(teacher_weights), source, caches[targets], augment=Augment("cifar", image_size=32),
+                     views=3, layers=["layer1"], seed=7, workers=0, targets=targets,
+                     teacher_info={"arch": "resnet8", "weights_sha256": "test"})
+    attention = open_cache(caches["attention"])
+    assert {"attention/layer1", "attention/layer1@2", "attention/layer1@4"} <= set(attention.names())
+    assert attention.shape("attention/layer1@4") == (20, 3, 8, 8)
+    features = open_cache(caches["features"]).read("features/layer1", 0, 8, slot=1)   # [8, 16, 32, 32]
+    for k, layer in ((2, "layer2"), (4, "layer3")):
+        student = torch.randn(8, 8, 32 // k, 32 // k)
+        online = ATLoss()(student, torch.from_numpy(features).float())
+        exact = ATLoss()(student, torch.from_numpy(attention.read(f"attention/layer1@{k}", 0, 8, slot=1)).float())
+        pooled = ATLoss()(student, torch.from_numpy(attention.read("attention/layer1", 0, 8, slot=1)).float())
+        assert exact.item() == pytest.approx(online.item(), rel=1e-3)
+        assert abs(pooled.item() - online.item()) > 10 * abs(exact.item() - online.item())  # pooling the map is not AT
+        # and through training: the first step of each (same initial student) agrees
+        full = _steps(caches["features"], source, test_source, tmp_path / f"f{k}", None, {layer: "layer1"}, ("kd", "at"))
+        maps = _steps(caches["attention"], source, test_source, tmp_path / f"a{k}", None, {layer: "layer1"}, ("kd", "at"))
+        assert maps[0]["at"] == pytest.approx(full[0]["at"], rel=1e-3)
+    from softcache.config import OptimConfig
+    from softcache.errors import SoftcacheError
+    with pytest.raises(SoftcacheError, match=r"the student map is 2x2, the cached attention map 32x32; an "
+                                             r"attention-only cache holds exact maps for students 2x or 4x smaller"):
+        train_student(build_model("resnet8", 10), caches["attention"], source, test_source, tmp_path / "r",
+                      weights={"at": 1000.0}, pairs={"layer3": "layer1"}, image_size=8,
+                      optim=OptimConfig(epochs=1, batch_size=8, workers=0))
