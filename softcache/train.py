@@ -286,7 +286,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                                                 batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
                                                 data_path=data_path, targets=targets)
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
-                                reduce=pair_reduce).to(dev)
+                                reduce=pair_reduce, labels=train_source.labels, seed=seed).to(dev)
         mean, std = train_source.mean, train_source.std
         step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
         try:
@@ -354,7 +354,7 @@ def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, me
         teacher, teacher_features = targets(views, index, view)
         with autocast(device, torch.bfloat16):
             logits, features = tapped(x)
-            terms = criterion(logits.float(), labels, features, teacher, teacher_features)
+            terms = criterion(logits.float(), labels, features, teacher, teacher_features, index=index)
         return terms, logits, labels
     return step_loss
 

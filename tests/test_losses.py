@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from softcache.errors import SoftcacheError
-from softcache.losses import (ATLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss, attention_map,
-                              resolve_weights, route_pairs)
+from softcache.losses import (ATLoss, CRDLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss,
+                              attention_map, resolve_weights, route_pairs)
 
 
 def test_kd_matches_hand_computation_with_t_squared():
@@ -235,3 +235,53 @@ def test_a_term_over_several_pairs_is_their_sum_or_mean():
     total = DistillLoss({"at": 2.0}, routes=routes)(logits, labels, f, None, t)["at"].item()
     mean = DistillLoss({"at": 2.0}, routes=routes, reduce="mean")(logits, labels, f, None, t)["at"].item()
     assert total == pytest.approx(2.0 * sum(each), rel=1e-6) and mean == pytest.approx(sum(each), rel=1e-6)
+
+
+def _crd_by_hand(crd: CRDLoss, s: torch.Tensor, t: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> float:
+    """NCE of Tian et al. written out for one batch, with the memories and draws `rows [B, 1 + K]` given."""
+    with torch.no_grad():
+        return _crd_sum(crd, s, t, rows)
+
+
+def _crd_sum(crd: CRDLoss, s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> float:
+    n, k, tau, eps = len(crd.memory_s), rows.shape[1] - 1, crd.temperature, 1e-7
+    v_s = [torch.nn.functional.normalize(crd.head_s(s[i]), dim=0) for i in range(len(s))]
+    v_t = [torch.nn.functional.normalize(crd.head_t(t[i]), dim=0) for i in range(len(t))]
+    e_s = [[math.exp(float(crd.memory_t[j] @ v_s[i]) / tau) for j in rows[i]] for i in range(len(s))]
+    e_t = [[math.exp(float(crd.memory_s[j] @ v_t[i]) / tau) for j in rows[i]] for i in range(len(t))]
+    total = 0.0
+    for scores in (e_s, e_t):
+        z = sum(sum(r) for r in scores) / (len(scores) * (k + 1)) * n
+        for r in scores:
+            h = [x / z for x in r]
+            total -= math.log(h[0] / (h[0] + k / n + eps)) + sum(math.log((k / n) / (x + k / n + eps)) for x in h[1:])
+    return total / len(s)
+
+
+def test_crd_matches_nce_written_out_and_updates_its_memories():
+    torch.manual_seed(0)
+    labels = torch.arange(40) % 4                      # 40 samples, 4 classes
+    crd = CRDLoss(6, 8, labels.tolist(), dim=5, negatives=7, seed=3)
+    s, t, index = torch.randn(3, 6), torch.randn(3, 8), torch.tensor([5, 17, 30])
+    negatives = crd.draw(labels[index])
+    crd._step = None                                   # draw again from the same (seed, step) inside forward
+    assert negatives.shape == (3, 7) and (labels[negatives] != labels[index][:, None]).all()  # other classes only
+    expected = _crd_by_hand(crd, s, t, index, torch.cat([index[:, None], negatives], dim=1))
+    before = crd.memory_s[index].clone()
+    loss = crd(s, t, index, labels[index])
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    v_s = torch.nn.functional.normalize(crd.head_s(s), dim=1).detach()
+    assert torch.allclose(crd.memory_s[index], torch.nn.functional.normalize(0.5 * before + 0.5 * v_s, dim=1))
+    assert int(crd.step) == 1 and (crd.z > 0).all()
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in crd.parameters())
+
+
+def test_crd_negatives_are_uniform_over_the_other_classes():
+    labels = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
+    crd = CRDLoss(2, 2, labels.tolist(), dim=2, negatives=20000)
+    drawn = crd.draw(torch.tensor([1]))[0]
+    assert (labels[drawn] != 1).all()
+    counts = torch.bincount(drawn, minlength=100).float()
+    others = torch.cat([counts[:10], counts[40:]])
+    assert others.min() > 0 and (others / others.mean() - 1).abs().max() < 0.2  # 286 per sample expected

@@ -99,7 +99,7 @@ def embedding_cache(tmp_path_factory, teacher_weights):
     return out
 
 
-@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst")])
+@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst", "crd")])
 def test_cached_training_matches_online_kd(small_cache, embedding_cache, teacher_weights, tmp_path, losses):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
