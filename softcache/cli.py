@@ -264,6 +264,26 @@ def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | Non
     click.echo("\n" + format_table(rows))
 
 
+@cli.command("ensemble")
+@click.argument("runs", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False))
+@_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the first run's]")
+@_option("--batch-size", type=click.IntRange(min=1), default=256, help="images per forward pass")
+@_option("--save", default=None, type=click.Path(dir_okay=False), help="write every run's test softmax (.npz)")
+@workers
+@device
+def ensemble_cmd(runs: tuple[str, ...], data: str | None, batch_size: int, save: str | None, workers: int,
+                 device: str) -> None:
+    """Top-1 of the mean softmax of several finished runs on the test split (the Born-Again ensemble)."""
+    import numpy as np
+    from softcache.ensemble import ensemble
+    result = ensemble(runs, data=data, device=device, batch_size=batch_size, workers=workers)
+    for run, acc in zip(result.runs, result.accuracy):
+        click.echo(f"{acc:7.2f}%  {run}")
+    click.echo(f"{result.ensemble_accuracy:7.2f}%  ensemble of {len(result.runs)} (mean of softmax outputs)")
+    if save:
+        np.savez(save, probs=result.probs, labels=result.labels, runs=np.array([str(r) for r in result.runs]))
+
+
 @cli.command("inspect")
 @click.argument("cache", type=click.Path())
 def inspect_cmd(cache: str) -> None:

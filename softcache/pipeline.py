@@ -13,6 +13,7 @@ settings than the recipe's is refused, naming what differs.
 from __future__ import annotations
 
 import json
+import time
 import tomllib
 import typing
 from dataclasses import MISSING, dataclass, fields
@@ -21,6 +22,7 @@ from typing import Any
 
 from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.errors import SoftcacheError
+from softcache.store import read_manifest
 from softcache.store.manifest import differences
 
 _OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
@@ -31,12 +33,33 @@ class Pipeline:
     """The stages of one recipe, in order."""
 
     teacher: TeacherConfig | None
-    dump: DumpConfig | None
+    dumps: tuple[tuple[str, DumpConfig], ...]
     students: tuple[tuple[str, StudentConfig], ...]
+    born_again: "BornAgain | None" = None
+
+    @property
+    def dump(self) -> DumpConfig | None:
+        """The first (often the only) dump."""
+        return self.dumps[0][1] if self.dumps else None
+
+
+@dataclass(frozen=True)
+class BornAgain:
+    """Born-Again generations (Furlanello et al., 2018): generation 1 trained with cross-entropy, generation k
+    distilled from a cache of generation k - 1, all of one architecture; then their ensemble."""
+
+    first: TeacherConfig
+    steps: tuple[tuple[DumpConfig, StudentConfig], ...]   # (cache of generation k - 1, generation k), k = 2 ...
+
+    @property
+    def runs(self) -> list[str]:
+        return [self.first.out] + [student.out for _, student in self.steps]
 
 
 # Recipe keys whose TOML form differs from the config field's type; the rest take the field's type.
-_RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]"},
+_RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]",
+                              "cache": "str"},
+              BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
                            "views": "int | str"}}
 _EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]', "dict[str, str]": 'a table of strings, e.g. '
@@ -66,6 +89,8 @@ def _kind_of(cls: type, key: str) -> str | None:
     """The TOML type a recipe key must have in a section built as `cls` (None: not a key of it)."""
     if key in _RAW_TYPES.get(cls, {}):
         return _RAW_TYPES[cls][key]
+    if cls is BornAgain:  # its other keys are those of the stages it builds
+        return next((k for k in (_kind_of(c, key) for c in (TeacherConfig, StudentConfig, DumpConfig)) if k), None)
     hints = {**(typing.get_type_hints(OptimConfig) if cls is not DumpConfig else {}), **typing.get_type_hints(cls)}
     hint = hints.get(key)
     return None if hint is None else str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")
@@ -114,20 +139,29 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
         doc = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as err:
         raise SoftcacheError(f"'{path}' is not valid TOML: {err}") from None
-    unknown = sorted(set(doc) - {"defaults", "teacher", "dump", "student"})
+    sections = ("defaults", "teacher", "dump", "student", "born_again")
+    unknown = sorted(set(doc) - set(sections))
     if unknown:
-        raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: defaults, teacher, dump, student")
-    if not {"teacher", "dump", "student"} & set(doc):
-        raise SoftcacheError(f"'{path}' has no stage; add a [teacher], a [dump] or a [[student]] section")
+        raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: {', '.join(sections)}")
+    if not {"teacher", "dump", "student", "born_again"} & set(doc):
+        raise SoftcacheError(f"'{path}' has no stage; add a [teacher], a [dump], a [[student]] or a [born_again] "
+                             "section")
     if "student" in doc and not isinstance(doc["student"], list):
         raise SoftcacheError("[student] must be an array of tables: write each student as [[student]]")
+    dump_tables = doc.get("dump", [])
+    one_dump = isinstance(dump_tables, dict)       # [dump], or [[dump]] tables with names
+    dump_tables = [dump_tables] if one_dump else dump_tables
     _check_types(doc.get("defaults", {}), "defaults", (TeacherConfig, DumpConfig, StudentConfig))
-    for section, cls in (("teacher", TeacherConfig), ("dump", DumpConfig)):
-        if section in doc:
-            _check_types(doc[section], section, (cls,))
+    if "teacher" in doc:
+        _check_types(doc["teacher"], "teacher", (TeacherConfig,))
+    for k, table in enumerate(dump_tables):
+        _check_types(table, "dump" if one_dump else f"dump {table.get('name', k) if isinstance(table, dict) else k}",
+                     (DumpConfig,))
     for k, entry in enumerate(doc.get("student", [])):
         _check_types(entry, f"student {entry.get('name', f'student{k}') if isinstance(entry, dict) else k}",
                      (StudentConfig,))
+    if "born_again" in doc:
+        _check_types(doc["born_again"], "born_again", (BornAgain,))
     defaults = dict(doc.get("defaults", {}))
     base = Path(root or defaults.pop("root", "runs"))
     defaults.pop("root", None)
@@ -142,11 +176,8 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
             merged["out"] = str(base / merged["out"])
         return merged
 
-    teacher = dump = None
-    if "teacher" in doc:
-        teacher = _build(TeacherConfig, with_defaults(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
-    if "dump" in doc:
-        table = {"out": "cache", **doc["dump"]}
+    def build_dump(table: dict[str, Any], section: str, teacher: TeacherConfig | None) -> DumpConfig:
+        table = dict(table)
         if teacher is not None:
             table.setdefault("teacher", teacher.model)
             table.setdefault("data", teacher.data)
@@ -160,22 +191,82 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
                 table[key] = (table[key],)
             elif key in table:
                 table[key] = tuple(table[key])
-        dump = _build(DumpConfig, table, "dump")
+        return _build(DumpConfig, table, section)
+
+    def build_student(entry: dict[str, Any], name: str) -> StudentConfig:
+        entry = dict(entry)
+        if "loss" in entry:
+            entry["losses"] = tuple(entry.pop("loss"))
+        entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
+        entry["weights"] = tuple(dict(entry.get("weights", {})).items())
+        return _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")
+
+    teacher = None
+    if "teacher" in doc:
+        teacher = _build(TeacherConfig, with_defaults(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
+    dumps: list[tuple[str, DumpConfig]] = []
+    for k, table in enumerate(dump_tables):
+        table = dict(table)
+        name = str(table.pop("name", "cache" if len(dump_tables) == 1 else f"cache{k}"))
+        table.setdefault("out", "cache" if len(dump_tables) == 1 and name == "cache" else f"caches/{name}")
+        if any(name == other for other, _ in dumps):
+            raise SoftcacheError(f"two [[dump]] tables are named '{name}'; give each its own name")
+        dumps.append((name, build_dump(table, "dump" if one_dump else f"dump {name}", teacher)))
     students = []
     for k, entry in enumerate(doc.get("student", [])):
         entry = dict(entry)
         name = str(entry.pop("name", f"student{k}"))
         entry.setdefault("out", f"students/{name}")
-        if "cache" in entry:
+        named = dict(dumps)
+        if "cache" in entry and entry["cache"] in named:
+            entry["cache"] = named[entry["cache"]].out
+        elif "cache" in entry:
+            if read_manifest(base / entry["cache"]) is None:
+                defined = ", ".join(named) or "none"
+                raise SoftcacheError(f"[student {name}] cache = \"{entry['cache']}\" names no [[dump]] of this recipe "
+                                     f"(defined: {defined}) and no cache under '{base}'")
             entry["cache"] = str(base / entry["cache"])
-        elif dump is not None:
-            entry["cache"] = dump.out
-        if "loss" in entry:
-            entry["losses"] = tuple(entry.pop("loss"))
-        entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
-        entry["weights"] = tuple(dict(entry.get("weights", {})).items())
-        students.append((name, _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")))
-    return Pipeline(teacher, dump, tuple(students))
+        elif len(dumps) == 1:
+            entry["cache"] = dumps[0][1].out
+        elif dumps:
+            raise SoftcacheError(f"[student {name}] needs cache = one of {', '.join(named)} (the recipe has several "
+                                 "[[dump]] tables)")
+        students.append((name, build_student(entry, name)))
+    born_again = None
+    if "born_again" in doc:
+        born_again = _born_again(dict(doc["born_again"]), with_defaults, build_dump, build_student)
+    return Pipeline(teacher, tuple(dumps), tuple(students), born_again)
+
+
+def _born_again(table: dict[str, Any], with_defaults, build_dump, build_student) -> BornAgain:
+    """The stages of `[born_again]`: model, generations (>= 2), loss (generations 2 on, default kd), views (of
+    each generation's cache), and any key of train-teacher / train-student / dump-teacher for every stage."""
+    if "model" not in table:
+        raise SoftcacheError("[born_again] needs 'model' (a string), the architecture of every generation")
+    model, generations = table.pop("model"), table.pop("generations", 3)
+    if generations < 2:
+        raise SoftcacheError(f"[born_again] generations = {generations}; a Born-Again run needs at least 2")
+    loss, views = table.pop("loss", ["kd"]), table.pop("views", 1)
+    teacher_keys = {f.name for f in fields(TeacherConfig)} | _OPTIM_KEYS
+    student_keys = {f.name for f in fields(StudentConfig)} | _OPTIM_KEYS
+    dump_keys = {f.name for f in fields(DumpConfig)}
+    unknown = sorted(set(table) - teacher_keys - student_keys - dump_keys - {"out"})
+    if unknown:
+        raise SoftcacheError(f"unknown key '{unknown[0]}' in [born_again]; valid: model, generations, loss, views, and "
+                             "the keys of [teacher], [[student]] and [dump]")
+    root = table.pop("out", "born_again")
+    pick = lambda keys: {k: v for k, v in table.items() if k in keys}  # noqa: E731
+    first = _build(TeacherConfig, with_defaults(TeacherConfig, {**pick(teacher_keys), "model": model,
+                                                               "out": f"{root}/gen1"}), "born_again")
+    steps, previous = [], first
+    for k in range(2, generations + 1):
+        dump = build_dump({**pick(dump_keys - {"teacher", "weights", "layers", "batch_size"}), "views": views,
+                           "out": f"{root}/gen{k - 1}_cache"}, "born_again", previous)
+        student = build_student({**pick(student_keys - {"cache", "student"}), "cache": dump.out, "student": model,
+                                 "loss": loss, "out": f"{root}/gen{k}"}, f"gen{k}")
+        steps.append((dump, student))
+        previous = TeacherConfig(model=model, data=first.data, out=student.out)  # where generation k's weights are
+    return BornAgain(first, tuple(steps))
 
 
 def _finished_run(out: str, config: Any = None) -> dict[str, Any] | None:
@@ -204,29 +295,53 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     from softcache.train import train_student_from_config, train_teacher_from_config
 
     rows = []
-    if pipeline.teacher is not None:
-        summary = _finished_run(pipeline.teacher.out, pipeline.teacher)
-        if summary:
-            echo(f"[teacher] {pipeline.teacher.out} is finished: skipped")
-        else:
-            echo(f"[teacher] training {pipeline.teacher.model} -> {pipeline.teacher.out}{_resuming(pipeline.teacher.out)}")
-            summary = train_teacher_from_config(pipeline.teacher)
-        rows.append({"name": "teacher", "student": pipeline.teacher.model, "losses": "ce", **summary})
-    if pipeline.dump is not None:
-        # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
-        result = dump_from_config(pipeline.dump)
-        if result.action == "reuse":
-            echo(f"[dump] {pipeline.dump.out} holds this cache ({result.manifest['id']}): skipped")
-        else:
-            echo(f"[dump] {'+'.join(pipeline.dump.teacher)} -> {pipeline.dump.out} ({result.action})")
-    for name, cfg in pipeline.students:
+
+    def teacher_stage(cfg: TeacherConfig, name: str) -> None:
         summary = _finished_run(cfg.out, cfg)
         if summary:
-            echo(f"[student {name}] {cfg.out} is finished: skipped")
+            echo(f"[{name}] {cfg.out} is finished: skipped")
         else:
-            echo(f"[student {name}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}{_resuming(cfg.out)}")
+            echo(f"[{name}] training {cfg.model} -> {cfg.out}{_resuming(cfg.out)}")
+            summary = train_teacher_from_config(cfg)
+        rows.append({"name": name, "student": cfg.model, "losses": "ce", **summary})
+
+    def dump_stage(cfg: DumpConfig, name: str) -> None:
+        # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
+        result = dump_from_config(cfg)
+        if result.action == "reuse":
+            echo(f"[{name}] {cfg.out} holds this cache ({result.manifest['id']}): skipped")
+        else:
+            echo(f"[{name}] {'+'.join(cfg.teacher)} -> {cfg.out} ({result.action})")
+
+    def student_stage(cfg: StudentConfig, name: str, label: str) -> None:
+        summary = _finished_run(cfg.out, cfg)
+        if summary:
+            echo(f"[{label}] {cfg.out} is finished: skipped")
+        else:
+            echo(f"[{label}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}{_resuming(cfg.out)}")
             summary = train_student_from_config(cfg)
         rows.append({"name": name, "student": cfg.student, "losses": "+".join(cfg.losses), **summary})
+
+    if pipeline.teacher is not None:
+        teacher_stage(pipeline.teacher, "teacher")
+    for name, cfg in pipeline.dumps:
+        dump_stage(cfg, "dump" if len(pipeline.dumps) == 1 else f"dump {name}")
+    for name, cfg in pipeline.students:
+        student_stage(cfg, name, f"student {name}")
+    if pipeline.born_again is not None:
+        from softcache.ensemble import ensemble
+        ban = pipeline.born_again
+        teacher_stage(ban.first, "gen1")
+        for k, (dump, student) in enumerate(ban.steps, start=2):
+            dump_stage(dump, f"gen{k - 1} dump")
+            student_stage(student, f"gen{k}", f"gen{k}")
+        started = time.perf_counter()
+        result = ensemble(ban.runs, data=ban.first.data, device=ban.first.device,
+                          batch_size=ban.first.optim.batch_size, workers=ban.first.optim.workers)
+        echo(f"[ensemble] {len(ban.runs)} generations: {result.ensemble_accuracy:.2f}%")
+        rows.append({"name": "ensemble", "student": ban.first.model, "losses": f"mean({len(ban.runs)})",
+                     "epochs": None, "test_acc": result.ensemble_accuracy, "best_test_acc": None,
+                     "wall_s": time.perf_counter() - started})
     return rows
 
 
@@ -235,6 +350,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     header = f"{'run':<12} {'model':<14} {'loss':<14} {'epochs':>6} {'test_acc':>9} {'best':>7} {'wall_s':>8}"
     lines = [header, "-" * len(header)]
     for r in rows:
-        lines.append(f"{r['name']:<12} {r['student']:<14} {r['losses']:<14} {r['epochs']:>6} "
-                     f"{r['test_acc']:>8.2f}% {r['best_test_acc']:>6.2f}% {r['wall_s']:>8.1f}")
+        epochs = "-" if r["epochs"] is None else str(r["epochs"])
+        best = "-" if r["best_test_acc"] is None else f"{r['best_test_acc']:.2f}%"
+        lines.append(f"{r['name']:<12} {r['student']:<14} {r['losses']:<14} {epochs:>6} "
+                     f"{r['test_acc']:>8.2f}% {best:>7} {r['wall_s']:>8.1f}")
     return "\n".join(lines)

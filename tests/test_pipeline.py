@@ -1,6 +1,7 @@
 """`softcache run`: recipes load into the stage configs; finished stages are skipped, changed ones refused."""
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -118,7 +119,7 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     ('[teacher]\nmodel = "resnet8"\n', r"\[teacher\] needs 'data' \(a string\), here or in \[defaults\]"),
     ('[[student]]\nstudent = "resnet8"\n', r"\[student student0\] needs 'cache' \(a string\), or a \[dump\]"),
     ('[dump]\nteacher = "resnet8"\ndata = "synthetic"\n', r"\[dump\] needs 'weights' \(a string or a list"),
-    ('[defaults]\nseed = 1\n', r"has no stage; add a \[teacher\], a \[dump\] or a \[\[student\]\] section"),
+    ('[defaults]\nseed = 1\n', r"has no stage; add a \[teacher\], a \[dump\], a \[\[student\]\] or a \[born_again\] section"),
     ('[student]\nstudent = "resnet8"\n', r"\[student\] must be an array of tables: write each student as"),
 ])
 def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
@@ -129,3 +130,75 @@ def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert re.search(message, result.stderr), result.stderr
     assert not (tmp_path / "runs").exists()
+
+
+BORN_AGAIN = """
+[defaults]
+data = "synthetic:60"
+workers = 0
+batch_size = 16
+device = "cpu"
+
+[born_again]
+model = "resnet8"
+generations = 3
+epochs = 2
+views = 2
+"""
+
+
+def test_born_again_generations_and_their_ensemble(tmp_path):
+    import numpy as np
+    import torch
+    from softcache.data import load_source
+    from softcache.device import normalize
+    from softcache.models import build_model
+    recipe, root = tmp_path / "ban.toml", tmp_path / "runs"
+    recipe.write_text(BORN_AGAIN)
+    first = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(root)])
+    assert first.exit_code == 0, first.output
+    table = first.output.split("\n\n")[-1]
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["gen1", "gen2", "gen3", "ensemble"]
+    gens = [root / "born_again" / f"gen{k}" for k in (1, 2, 3)]
+    assert json.loads((gens[1] / "config.json").read_text())["cache"] == str(root / "born_again" / "gen1_cache")
+    again = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(root)])
+    assert again.exit_code == 0 and again.output.count("skipped") == 5  # 3 generations, 2 caches
+
+    # the ensemble by hand: every generation's softmax on the test split (the whole image is the eval view)
+    test = load_source("synthetic:60", "test")
+    images = torch.stack([test[i][0] for i in range(len(test))])
+    probs = []
+    for run in gens:
+        model = build_model("resnet8", 10)
+        model.load_state_dict(torch.load(run / "model.pt", weights_only=True))
+        with torch.no_grad():
+            probs.append(torch.softmax(model.eval()(normalize(images, test.mean, test.std)), dim=1).numpy())
+    by_hand = 100.0 * float((np.mean(probs, axis=0).argmax(1) == test.labels).mean())
+    listed = float(table.splitlines()[-1].split()[4].rstrip("%"))
+    assert listed == pytest.approx(by_hand, abs=1e-9)
+    saved = tmp_path / "ban.npz"
+    result = CliRunner().invoke(cli, ["ensemble", *map(str, gens), "--save", str(saved), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[-1].startswith(f"{by_hand:7.2f}%  ensemble of 3")
+    stored = np.load(saved)
+    assert np.allclose(stored["probs"], np.stack(probs), atol=1e-5) and (stored["labels"] == test.labels).all()
+
+
+def test_several_caches_and_students_naming_them(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(epochs=1).replace(
+        '[dump]\nviews = 2\nlayers = ["layer3"]\n',
+        '[[dump]]\nname = "logits"\nviews = 2\n\n[[dump]]\nname = "maps"\nviews = 2\nlayers = ["layer3"]\n'
+        'targets = "attention"\n').replace('loss = ["kd", "at"]', 'cache = "maps"\nloss = ["kd", "at"]')
+        + '\n[[student]]\nname = "kd"\nstudent = "resnet8"\ncache = "logits"\nepochs = 1\n')
+    p = load_pipeline(recipe, root=str(tmp_path / "runs"))
+    assert [name for name, _ in p.dumps] == ["logits", "maps"]
+    assert [s.cache for _, s in p.students] == [str(tmp_path / "runs" / "caches" / "maps"),
+                                                str(tmp_path / "runs" / "caches" / "logits")]
+    ran = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "runs")])
+    assert ran.exit_code == 0, ran.output
+    recipe.write_text(recipe.read_text().replace('cache = "logits"', 'cache = "lgits"'))
+    bad = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "runs")])
+    assert bad.exit_code != 0 and bad.stderr.strip().splitlines() == [
+        f"Error: [student kd] cache = \"lgits\" names no [[dump]] of this recipe (defined: logits, maps) and no cache "
+        f"under '{tmp_path / 'runs'}'"]
