@@ -128,3 +128,17 @@ def test_a_repdistiller_checkpoint_loads_with_the_same_logits(tmp_path):
     torch.save({"model": {**theirs, "extra.weight": torch.zeros(1)}}, path)  # fits neither naming: refused
     with pytest.raises(SoftcacheError, match=r"does not fit CifarResNet: missing keys: conv1\.0\.weight"):
         load_weights(build_model("resnet8", 10), path)
+
+
+@pytest.mark.parametrize("name, dim", [("resnet8", 64), ("resnet18", 512), ("tinynet:tiny", 32)])
+def test_dump_caches_the_embedding_of_each_model_kind(tmp_path, name, dim, monkeypatch):
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from click.testing import CliRunner
+    from softcache.cli import cli
+    from softcache.store import open_cache
+    torch.save(build_model(name, 10).state_dict(), tmp_path / "w.pt")
+    result = CliRunner().invoke(cli, ["dump-teacher", "--teacher", name, "--weights", str(tmp_path / "w.pt"), "--data",
+                                      "synthetic:20", "--views", "2", "--layers", "embedding", "--targets", "attention",
+                                      "--out", str(tmp_path / "c"), "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert open_cache(tmp_path / "c").shape("features/embedding") == (20, 2, dim)  # a vector under either --targets

@@ -64,10 +64,16 @@ def test_rerun_skips_and_a_changed_stage_is_refused(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
-    assert [r.name for r in recipes] == ["cifar10_resnet56_resnet20.toml", "quickstart.toml"]
+    assert [r.name for r in recipes] == ["cifar10_resnet56_resnet20.toml", "quickstart.toml",
+                                         "seed_resnet34_resnet18.toml"]
     cifar = load_pipeline(recipes[0])
     assert cifar.teacher.model == "resnet56" and cifar.dump.views == "all" and cifar.dump.data == "imagefolder:data/cifar10-jpeg"
-    assert [s.student for _, s in cifar.students] == ["resnet20", "resnet20"]
+    assert {s.student for _, s in cifar.students} == {"resnet20"}
+    assert [name for name, _ in cifar.students] == ["ce", "kd", "at", "kd_at", "fitnets", "sp", "rkd", "pkt", "crd"]
+    seed = load_pipeline(recipes[2])
+    assert seed.teacher.model == "resnet34" and len(seed.born_again.runs) == 3
+    combined = dict(seed.students)["combined"]
+    assert combined.alpha == 0.7 and dict(combined.weights) == {"fitnets": 0.5, "at": 0.3, "rkd": 0.2}
     quick = load_pipeline(recipes[1])
     assert quick.teacher.data == "synthetic" and quick.students[1][1].losses == ("kd", "at")
 
@@ -202,3 +208,22 @@ def test_several_caches_and_students_naming_them(tmp_path):
     assert bad.exit_code != 0 and bad.stderr.strip().splitlines() == [
         f"Error: [student kd] cache = \"lgits\" names no [[dump]] of this recipe (defined: logits, maps) and no cache "
         f"under '{tmp_path / 'runs'}'"]
+
+
+@pytest.mark.slow
+def test_the_seed_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/seed_resnet34_resnet18.toml on 12 images per class, 1 epoch a stage, 2 views a cache."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "seed_resnet34_resnet18.toml").read_text()
+    text = re.sub(r"epochs = \d+", "epochs = 1", text)
+    text = re.sub(r"views = \d+", "views = 2", text)
+    text = re.sub(r"batch_size = \d+", "batch_size = 40", text).replace("workers = 8", "workers = 0")
+    text = text.replace('data = "imagefolder:data/cifar10-jpeg"', f'data = "imagefolder:{cifar_subset}"')
+    (tmp_path / "seed.toml").write_text(text)
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "seed.toml"), "--root", str(tmp_path / "runs"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in result.output.split("\n\n")[-1].splitlines()[2:]]
+    assert rows == ["teacher", "ce", "kd", "fitnets", "at", "rkd", "combined", "gen1", "gen2", "gen3", "ensemble"]
+    metrics = json.loads((tmp_path / "runs" / "students" / "combined" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_kd", "train_ce", "train_fitnets", "train_at", "train_rkd"} <= set(metrics)

@@ -1,6 +1,8 @@
 """The cache holds exactly what online KD would compute: replayed views, teacher targets, losses."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -284,3 +286,23 @@ def test_at_from_an_attention_only_cache_equals_at_from_features(tmp_path, teach
         train_student(build_model("resnet8", 10), caches["attention"], source, test_source, tmp_path / "r",
                       weights={"at": 1000.0}, pairs={"layer3": "layer1"}, image_size=8,
                       optim=OptimConfig(epochs=1, batch_size=8, workers=0))
+
+
+def test_the_combined_recipe_is_one_command(embedding_cache, tmp_path):
+    from click.testing import CliRunner
+    from softcache.cli import cli
+    run = tmp_path / "combined"
+    result = CliRunner().invoke(cli, [
+        "train-student", "--cache", str(embedding_cache), "--student", "resnet8", "--loss", "kd,fitnets,at,rkd",
+        "--alpha", "0.7", "--weight", "fitnets=0.5", "--weight", "at=0.3", "--weight", "rkd=0.2", "--pair-reduce", "mean",
+        "--pair", "fitnets:layer3=layer3", "--pair", "at:layer2=layer3", "--pair", "at:layer3=layer3",
+        "--pair", "embedding=embedding", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", str(run)])
+    assert result.exit_code == 0, result.output
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_ce", "train_kd", "train_fitnets", "train_at", "train_rkd"} <= set(line)
+    terms = sum(line[f"train_{t}"] for t in ("ce", "kd", "fitnets", "at", "rkd"))
+    assert line["train_loss"] == pytest.approx(terms, rel=1e-5)
+    wrong = CliRunner().invoke(cli, ["train-student", "--cache", str(embedding_cache), "--student", "resnet8",
+                                     "--loss", "kd,rkd", "--pair", "rkd:layer3=layer3", "--batch-size", "8",
+                                     "--out", str(tmp_path / "x")])
+    assert wrong.exit_code != 0 and "--pair rkd:layer3=layer3 pairs feature maps, which rkd cannot use" in wrong.stderr
