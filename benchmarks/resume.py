@@ -7,13 +7,14 @@ committed, rerun the same command, and time the rerun from launch until it logs 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from softcache.store import committed_samples
 
 
 def main() -> None:
@@ -26,17 +27,13 @@ def main() -> None:
     command = [sys.executable, "-m", "softcache", "-v", "dump-teacher", *[a for a in args.dump_args if a != "--"],
                "--out", str(args.out)]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = args.out / "progress.json"
     while proc.poll() is None:
-        try:
-            if json.loads(progress.read_text())["committed_samples"] >= args.after:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
+        if committed_samples(args.out) >= args.after:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    committed = json.loads(progress.read_text())["committed_samples"]
+    committed = committed_samples(args.out)
     started = time.perf_counter()
     rerun = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in rerun.stderr:

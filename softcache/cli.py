@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -214,12 +215,15 @@ def dump_teacher_cmd(**kw: Any) -> None:
     from softcache.dump import dump_from_config
     from softcache.store import open_cache
     result = dump_from_config(DumpConfig(**kw))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+        return
     reader = open_cache(result.path)
     total = sum(row["bytes"] for row in reader.describe())
     n, v = reader.shape("views/flip")
-    said = {"reuse": "reused (same cache id, no teacher run)", "resume": f"resumed from sample {result.resumed_from}",
-            "replace": "complete, replacing the old cache" + (f" (resumed from sample {result.resumed_from})"
-                                                              if result.resumed_from else "")}
+    resumed = (f"resumed: {result.resumed_from} samples were committed, {result.computed_shards} shards computed"
+               if result.resumed_from else "")
+    said = {"reuse": "reused (same cache id, no teacher run)", "resume": resumed,
+            "replace": "complete, replacing the old cache" + (f" ({resumed})" if resumed else "")}
     click.echo(f"cache {reader.manifest['id']} {said.get(result.action, 'complete')}: {result.path} "
                f"({n} samples x {v} views, {total / 2**20:.1f} MiB)")
 

@@ -7,6 +7,7 @@ uninterrupted one would.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from softcache import distributed
 from softcache.config import DumpConfig, to_json
 from softcache.device import prepare_model, teacher_outputs, to_host
 from softcache.data import Source, absolute_spec, load_source
@@ -37,9 +39,10 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class DumpResult:
     path: Path
-    action: str                 # new | restart | resume | reuse
+    action: str                 # new | restart | resume | reuse | replace
     manifest: dict[str, Any]
     resumed_from: int = 0       # samples found committed
+    computed_shards: int = 0    # shards this process computed and committed
 
 
 def resolve_image_size(policy: str, image_size: int | None, source: Source) -> int:
@@ -103,17 +106,19 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
     'auto' is resident when that applies and fits in memory. Both give the same pixels.
     """
     source, augment, k = dataset.source, dataset.augment, dataset.k
-    start = batches[0][0] if batches else len(source)
+    needed = np.concatenate([np.arange(a, b) for a, b in batches]) if batches else np.zeros(0, np.int64)
+    position = np.full(len(source), -1, np.int64)  # sample -> its row among the decoded images
+    position[needed] = np.arange(len(needed))
     resident = data_path == "resident" or (
-        data_path == "auto" and augment.finite and len(source) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
-    images = decode_all(source, workers, indices=range(start, len(source))) if resident and batches else None
+        data_path == "auto" and augment.finite and len(needed) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
+    images = decode_all(source, workers, indices=needed.tolist()) if resident and batches else None
     if images is not None and augment.finite:
         height, width = images.shape[-2:]
         every = augment.all_views(height, width)[0]
         if crop_only(every, augment.image_size):
             gather = ViewGather(images, image_size=augment.image_size, device=device,
                                 pad=padding_for(every, height, width, augment.image_size))
-            labels, rows = source.labels, torch.arange(len(images), device=device)  # image rows, from `start`
+            labels, rows = source.labels, torch.as_tensor(position, device=device)  # sample -> image row
             table_lo, table = -1, None
             for a, b in batches:
                 if a // shard != table_lo:  # a new shard: its view table, drawn and copied to the device once
@@ -121,7 +126,7 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
                     lo, hi = table_lo * shard, min(table_lo * shard + shard, len(source))
                     boxes, flips = augment.stored_views(height, width, k, seed=dataset.seed, indices=np.arange(lo, hi))
                     corner, flip = view_corners(boxes, flips, gather.pad, device)
-                index = rows[a - start:b - start, None].expand(-1, k).reshape(-1)
+                index = rows[a:b, None].expand(-1, k).reshape(-1)
                 yield (gather.crops(index, corner[a - lo:b - lo].reshape(-1, 2), flip[a - lo:b - lo].reshape(-1)),
                        labels[a:b], boxes[a - lo:b - lo], flips[a - lo:b - lo])
             return
@@ -146,9 +151,12 @@ def usable_cores() -> int:
 
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
              existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu",
-             data_path: str = "auto", writer_threads: int = 0) -> DumpResult:
+             data_path: str = "auto", writer_threads: int = 0, world: distributed.World = distributed.World()
+             ) -> DumpResult:
     """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`;
-    `writer_threads` shards are compressed at once (0: `default_writer_threads()`)."""
+    `writer_threads` shards are compressed at once (0: `default_writer_threads()`). Only the shards not yet
+    committed are computed; under torchrun (`world`) each rank computes its own share of them, whole shards,
+    and rank 0 completes the cache once all are committed."""
     if existing.action == "reuse":
         return DumpResult(Path(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
@@ -176,12 +184,21 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
                 for key, stored in feature_targets(storage["targets"], layer, f).items():
                     target_arrays[feature_name(manifest, key)] = (tuple(stored.shape[1:]), "float16")
     layout = array_layout(len(source), num_views, target_arrays)
-    writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"],
-                           threads=writer_threads or default_writer_threads())
-    start = writer.written
+    threads = writer_threads or default_writer_threads()
+    writer = None
+    if world.main:  # creates, reopens or restarts the store; the other ranks open what it prepared
+        writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"], threads=threads)
+    committed = distributed.broadcast(writer.committed if writer else None, world)
+    if not world.main:
+        writer = prepare_cache(out, layout, manifest, existing=Existing(existing.action, committed),
+                               backend=storage["backend"], threads=threads, create=False)
+    resumed_from = sum(m["samples"][1] - m["samples"][0] for m in committed.values())
+    shard = writer.shard_samples
+    mine = writer.missing()[world.rank::world.size]  # whole shards, dealt out in turn: no two writers per shard
 
     samples_per_batch = max(1, batch_size // num_views)
-    batches = list(_batches(start, len(source), writer.shard_samples, samples_per_batch))
+    batches = [span for k in mine for span in _batches(k * shard, min(k * shard + shard, len(source)), shard,
+                                                        samples_per_batch)]
 
     def launch(flat: torch.Tensor) -> tuple[list, torch.cuda.Event | None]:
         """Queue the teachers on one batch and the copies of what is stored to host memory; returns at once on CUDA."""
@@ -216,7 +233,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     # One batch in flight: while the device runs batch k, the host encodes batch k - 1 and hands it to the
     # writer thread, which compresses and writes whole shards.
     pending = None
-    views = _view_batches(dataset, batches, writer.shard_samples, workers, dev, data_path)
+    views = _view_batches(dataset, batches, shard, workers, dev, data_path)
     for span, (flat, labels, boxes, flips) in tqdm(zip(batches, views), total=len(batches), desc="dump-teacher",
                                                    unit="batch", disable=None):
         if pending is None:
@@ -227,11 +244,16 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         pending = launched
     if pending is not None:
         store(*pending)
-    final = writer.finish()
-    if writer.path != Path(out):  # --overwrite: the complete new cache replaces the old one only now
-        swap_in(writer.path, Path(out))
-    log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
-    return DumpResult(Path(out), existing.action, final, start)
+    writer.close()
+    distributed.barrier(world)  # every rank's shards are committed
+    final = manifest
+    if world.main:
+        final = writer.finish()
+        if writer.path != Path(out):  # --overwrite: the complete new cache replaces the old one only now
+            swap_in(writer.path, Path(out))
+        log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
+    distributed.barrier(world)
+    return DumpResult(Path(out), existing.action, final, resumed_from, writer.stored_shards)
 
 
 def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: str | Path, *, augment: Augment,
@@ -282,8 +304,16 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
                              targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb)
-    with WriterLock(cache_lock_path(cfg.out), f"cache '{cfg.out}'"):  # held from the first look at --out
-        existing = check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend)
+    world = distributed.init(cfg.device)
+    if world.size > 1 and backend == "hdf5":
+        raise SoftcacheError("an HDF5 cache is written by one process; use a zarr --out (a folder) under torchrun, "
+                             "or run dump-teacher without torchrun")
+    device = distributed.local_device(cfg.device, world)
+    # rank 0 holds the cache's lock from its first look at --out to the last write, and decides for all
+    lock = WriterLock(cache_lock_path(cfg.out), f"cache '{cfg.out}'") if world.main else contextlib.nullcontext()
+    with lock:
+        existing = distributed.broadcast(
+            check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend) if world.main else None, world)
         if existing.action == "reuse":
             return DumpResult(Path(cfg.out), "reuse", manifest)
         teachers = []
@@ -292,4 +322,4 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
             teachers.append(load_weights(teacher, weights))
         check_layers(teachers[0], cfg.layers)
         return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=cfg.device, data_path=cfg.data_path, writer_threads=cfg.writer_threads)
+                        device=device, data_path=cfg.data_path, writer_threads=cfg.writer_threads, world=world)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from softcache.store import open_cache
+from softcache.store import committed_samples, open_cache
 
 SCRIPT = shutil.which("softcache")
 TESTS = Path(__file__).resolve().parent
@@ -71,22 +71,20 @@ def test_killed_logits_only_dump_resumes_past_the_start(flow):
             "--views", "2", "--out", "logits"]
     proc = subprocess.Popen([SCRIPT, *args], cwd=work, env=ENV, preexec_fn=ordinary_shell,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = work / "logits" / "progress.json"
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline:  # kill once a few shards are committed
-        try:
-            if json.loads(progress.read_text())["committed_samples"] >= 3 * 4096:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
+        if committed_samples(work / "logits") >= 3 * 4096:
+            break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
-    committed = json.loads(progress.read_text())["committed_samples"]
+    committed = committed_samples(work / "logits")
     assert 0 < committed < 50000
     out = softcache(*args, cwd=work).stdout
-    assert f"resumed from sample {committed}" in out, out
+    shard = open_cache(work / "logits").shard_samples()
+    computed = -(-50000 // shard) - committed // shard  # only the shards the killed dump had not committed
+    assert f"resumed: {committed} samples were committed, {computed} shards computed" in out, out
     # the resumed cache is intact and holds what the teacher computes, on samples from both sides of the kill
     check = softcache("verify", "logits", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt",
                       "--samples", "64", cwd=work).stdout

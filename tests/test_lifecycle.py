@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from softcache import dump as dump_module
 from softcache.cli import cli
 from softcache.models import Tapped
-from softcache.store import open_cache
+from softcache.store import committed_samples, open_cache, progress_dir
 
 SCRIPT = shutil.which("softcache")
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same arithmetic alone or side by side
@@ -74,22 +74,20 @@ def test_sigkilled_dump_resumes_to_identical_arrays(tmp_path, teacher_weights, r
     out = tmp_path / name
     cmd = [SCRIPT, *dump_args(teacher_weights, out)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    progress = out / "progress.json" if out.suffix != ".h5" else tmp_path / (name + ".progress.json")
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if json.loads(progress.read_text())["committed_samples"] >= kill_at:
-                break
-        except (OSError, ValueError, KeyError):
-            pass
+        if committed_samples(out) >= kill_at:
+            break
         time.sleep(0.002)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the dump finished before it could be killed"
     result = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    resumed = int(re.search(r"resumed from sample (\d+)", result.stdout).group(1))
-    assert kill_at <= resumed < 400  # it continued, it did not start over
+    resumed, computed = map(int, re.search(r"resumed: (\d+) samples were committed, (\d+) shards computed",
+                                           result.stdout).groups())
+    assert kill_at <= resumed < 400  # it continued, it did not start over ...
+    assert computed == 50 - resumed // 8  # ... and computed only the shards (8 samples each) left
     assert arrays(out) == arrays(reference)  # the zarr reference: both backends hold identical arrays
 
 
@@ -224,7 +222,7 @@ def test_a_second_writer_is_refused_while_a_dump_runs(tmp_path, teacher_weights,
     proc = subprocess.Popen([SCRIPT, *dump_args(teacher_weights, out)], env=ENV, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not (out / "progress.json").exists():  # the first dump is writing
+    while time.monotonic() < deadline and not progress_dir(out).exists():  # the first dump is writing
         time.sleep(0.002)
     assert proc.poll() is None, "the first dump finished before a second could try"
     started = time.perf_counter()
@@ -268,7 +266,7 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, t
     failed = invoke(*base, *new_options, "--out", cache)
     assert failed.exit_code != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.output
     assert f"image '{bad}' cannot be read" in failed.stderr
-    committed = json.loads((tmp_path / "cache.new" / "progress.json").read_text())["committed_samples"]
+    committed = committed_samples(tmp_path / "cache.new")
     assert 80 <= committed < 113  # the new cache, beside the old one, got as far as the bad image
     assert arrays(cache) == before and invoke("verify", cache).exit_code == 0  # the old cache, untouched
 

@@ -10,7 +10,8 @@ import torch
 import zarr
 
 from softcache.errors import SoftcacheError
-from softcache.store import Existing, array_layout, build_manifest, check_existing, open_cache, prepare_cache
+from softcache.store import (Existing, array_layout, build_manifest, check_existing, committed_samples, open_cache,
+                             prepare_cache)
 from softcache.store import base
 
 BACKENDS = [("zarr", "c"), ("hdf5", "c.h5")]
@@ -45,7 +46,8 @@ def _write(path, backend, rows, sizes, manifest=None, existing=Existing("new")):
     n, v = rows["logits"].shape[:2]
     writer = prepare_cache(path, _layout(n, v, "features/layer3" in rows), manifest or _manifest(),
                            existing=existing, backend=backend)
-    start = writer.written
+    missing = writer.missing()  # a fresh or interrupted cache's missing shards are its tail, here
+    start = missing[0] * writer.shard_samples if missing else n
     for size in sizes:
         if start >= n:
             break
@@ -106,16 +108,17 @@ def test_incomplete_cache_is_refused_then_resumed(tmp_path, small_shards, backen
     manifest = _manifest(layers=(), views=2)
     writer = _write(tmp_path / name, backend, rows, (7, 7, 7), manifest)  # 21 rows handed over, fewer committed
     writer.wait()
-    committed = writer.written
-    assert 0 < committed < 21
+    committed, shard = committed_samples(tmp_path / name, backend), writer.shard_samples
+    assert 0 < committed < 21 and writer.stored_shards == committed // shard
     del writer
     with pytest.raises(SoftcacheError, match="incomplete: its dump died; rerun its dump-teacher command"):
         open_cache(tmp_path / name)
     existing = check_existing(tmp_path / name, manifest, overwrite=False, backend=backend)
-    assert existing == Existing("resume", committed)
+    assert existing.action == "resume" and sorted(existing.committed) == list(range(committed // shard))
     writer = _write(tmp_path / name, backend, rows, [7] * 10, manifest, existing)
-    assert writer.written > committed
+    assert writer.missing()[0] == committed // writer.shard_samples
     writer.finish()
+    assert writer.stored_shards == -(-40 // shard) - committed // shard  # only the shards left were written
     cache = open_cache(tmp_path / name)
     assert all(cache.read(k).tobytes() == rows[k].tobytes() for k in rows)
     assert check_existing(tmp_path / name, manifest, overwrite=False, backend=backend) == Existing("reuse")
@@ -160,7 +163,7 @@ def test_disk_full_leaves_an_incomplete_cache_that_resumes(tmp_path, small_shard
         open_cache(tmp_path / name)
     monkeypatch.setattr(writer_cls, "_write_block", real)
     existing = check_existing(tmp_path / name, manifest, overwrite=False, backend=backend)
-    assert existing == Existing("resume", 16)
+    assert existing.action == "resume" and sorted(existing.committed) == [0]  # one shard of 16 samples
     _write(tmp_path / name, backend, rows, [8] * 5, manifest, existing).finish()
     cache = open_cache(tmp_path / name)
     assert all(cache.read(k).tobytes() == rows[k].tobytes() for k in rows)

@@ -14,20 +14,21 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from softcache.errors import SoftcacheError
 from softcache.locks import cache_lock_path, holder
-from softcache.store.base import CacheReader, ShardWriter, read_progress
+from softcache.store.base import CacheReader, ShardWriter, read_markers
 from softcache.store.hdf5_store import SUFFIXES, HDF5Reader, HDF5Writer, read_hdf5_manifest
 from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manifest, differences, feature_name,
                                       logits_prefix)
-from softcache.store.zarr_store import PROGRESS_FILE, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
+from softcache.store.zarr_store import PROGRESS_DIR, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
 
 __all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend_of", "build_manifest", "check_existing",
-           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest", "swap_in"]
+           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest", "swap_in", "committed_samples",
+           "progress_dir"]
 
 BACKENDS = ("zarr", "hdf5")
 
@@ -41,8 +42,18 @@ def backend_of(path: str | Path, format: str | None = None) -> str:
     return "hdf5" if Path(path).suffix in SUFFIXES else "zarr"
 
 
-def _progress_path(path: Path, backend: str) -> Path:
-    return path / PROGRESS_FILE if backend == "zarr" else path.with_name(path.name + ".progress.json")
+def progress_dir(path: str | Path, backend: str | None = None) -> Path:
+    """Where a dump in progress keeps its per-shard commit markers: `CACHE/progress/`, `CACHE.h5.progress/`."""
+    path = Path(path)
+    backend = backend or backend_of(path)
+    return path / PROGRESS_DIR if backend == "zarr" else path.with_name(path.name + ".progress")
+
+
+def committed_samples(path: str | Path, backend: str | None = None) -> int:
+    """Samples in the shards a dump in progress at `path` has committed so far (0 when none, or complete)."""
+    manifest = read_manifest(path) or {}
+    markers = read_markers(progress_dir(path, backend), manifest.get("id"))
+    return sum(m["samples"][1] - m["samples"][0] for m in markers.values())
 
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
@@ -60,7 +71,7 @@ class Existing:
     """What `prepare_cache` found at the output path."""
 
     action: str                    # new | reuse | resume | restart | replace
-    committed: int = 0             # resume, replace: samples already committed (replace: in the staging cache)
+    committed: dict = field(default_factory=dict)  # resume, replace: shard -> marker, committed already
 
 
 def staging_path(path: str | Path) -> Path:
@@ -112,16 +123,16 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
     if not path.exists() or is_empty_dir(path):
         return Existing("new")
     existing = read_manifest(path)
-    progress = read_progress(_progress_path(path, backend))
     if existing is None:
-        if progress is not None:  # our own dump died before its file became readable
+        if progress_dir(path, backend).exists():  # our own dump died before its store became readable
             return Existing("restart")
         raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
     if overwrite:  # the new cache is built beside the old one; an interrupted --overwrite dump resumes there
-        staged = read_progress(_progress_path(staging_path(path), backend))
-        if (staged and staged.get("id") == manifest["id"] and staged.get("committed_samples", 0) > 0
-                and (read_manifest(staging_path(path)) or {}).get("id") == manifest["id"]):
-            return Existing("replace", int(staged["committed_samples"]))
+        staged = staging_path(path)
+        if (read_manifest(staged) or {}).get("id") == manifest["id"]:
+            markers = read_markers(progress_dir(staged, backend), manifest["id"])
+            if markers:
+                return Existing("replace", markers)
         return Existing("replace")
     if existing.get("format_version") != FORMAT_VERSION:
         raise SoftcacheError(f"'{path}' holds a cache in format {existing.get('format_version')} (this softcache writes "
@@ -133,26 +144,27 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
                              "choose another --out, or pass --overwrite to replace it")
     if existing.get("complete"):
         return Existing("reuse")
-    if progress and progress.get("id") == manifest["id"] and progress.get("committed_samples", 0) > 0:
-        return Existing("resume", int(progress["committed_samples"]))
-    return Existing("restart")
+    markers = read_markers(progress_dir(path, backend), manifest["id"])
+    return Existing("resume", markers) if markers else Existing("restart")
 
 
 def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str]], manifest: dict[str, Any], *,
-                  existing: Existing, backend: str, threads: int = 1) -> ShardWriter:
-    """A writer for a new cache, or for the rest of an interrupted one (`existing.action == 'resume'`), that
-    compresses and writes up to `threads` shards at once."""
+                  existing: Existing, backend: str, threads: int = 1, create: bool = True) -> ShardWriter:
+    """A writer for a new cache, or for the rest of an interrupted one (`existing.committed` shards found),
+    that compresses and writes up to `threads` shards at once. `create=False`: open the store another process
+    of the same dump prepared (torchrun ranks other than 0)."""
     path = Path(path)
     writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
     if existing.action == "replace":  # built beside, swapped in by the dump when complete (`swap_in`)
         path = staging_path(path)
-    if existing.committed:
+    if existing.committed or not create:
         try:
-            return writer_cls(path, layout, manifest, resume_from=existing.committed, threads=threads)
+            return writer_cls(path, layout, manifest, committed=existing.committed, threads=threads, create=False)
         except (OSError, KeyError, ValueError):  # the interrupted dump left the store unreadable: start over
-            pass
+            if not create:
+                raise
     _remove(path)
-    _progress_path(path, backend).unlink(missing_ok=True)
+    shutil.rmtree(progress_dir(path, backend), ignore_errors=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     return writer_cls(path, layout, manifest, threads=threads)
 

@@ -1,18 +1,21 @@
 """What both backends share: shard planning, whole-shard buffered writes, committed progress, checked reads.
 
-A dump hands rows over in sample order. The writer buffers them and writes each shard (the same sample
-range in every array) once, whole; after a shard of every array is on disk it records the number of
-committed shards in a small progress file, replaced atomically. A dump killed at any point therefore leaves
-at most one partly written shard, which the progress file does not count, and a rerun continues from the
-first uncommitted shard.
+A dump hands rows over shard by shard, in sample order within each shard. The writer buffers them and writes
+each shard (the same sample range in every array) once, whole; after a shard of every array is on disk it
+commits the shard: a small marker file `PROGRESS/<k>.json` (the shard's sizes and checksums), written
+atomically. Shards commit in any order and from any number of processes (each writes whole shards of its
+own), so a dump killed at any point leaves at most its in-flight shards uncommitted, and a rerun, with any
+number of processes, computes only the shards without a marker. The dump that completes the cache gathers
+the markers into the cache's shard record (integrity.py) and removes them.
 """
 from __future__ import annotations
 
 import errno
 import json
 import math
-import threading
 import os
+import shutil
+import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -76,45 +79,58 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
+def write_marker(folder: Path, k: int, value: dict[str, Any]) -> None:
+    folder.mkdir(exist_ok=True)
+    write_json_atomic(folder / f"{k}.json", value)
+
+
+def read_markers(folder: Path, cache_id: str | None = None) -> dict[int, dict[str, Any]]:
+    """Committed shards by index -> their marker `{"id", "shard", "samples": [lo, hi], "sums": {array: [size,
+    crc32c]}}`, from the files in `folder` (those of cache `cache_id`, if given; unreadable or foreign markers,
+    and the temporary file of one being written, count as uncommitted)."""
+    found = {}
+    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            value = json.loads(entry.read_text())
+            if cache_id is None or value["id"] == cache_id:
+                found[int(value["shard"])] = value
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 class ShardWriter:
-    """Buffers consecutive rows and writes whole shards; subclasses store the blocks.
+    """Buffers the rows of one shard at a time and writes whole shards; subclasses store the blocks.
 
     Full shards are compressed and written by a pool of `threads` background threads, several shards at once,
-    while the caller computes the next rows; they are committed in order: the progress file counts a shard
-    only once it and every shard before it are on disk. At most `threads + 1` shards wait, which bounds
-    memory. An error in a writer thread (a full disk) is raised by the next `write`, `wait` or `finish`, and
-    no shard from the failed one on is ever counted. `resume_from` is the number of samples already committed
-    by an earlier, interrupted dump.
+    while the caller computes the next rows; each is committed (its marker written) once all its arrays are
+    durable. At most `threads + 1` shards wait, which bounds memory. An error in a writer thread (a full disk)
+    is raised by the next `write`, `wait` or `finish`, and no shard from then on is committed. `committed`
+    holds the shards an earlier (or another) process committed: `{k: sums}`.
     """
 
-    def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int, resume_from: int = 0,
-                 threads: int = 1):
+    def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int,
+                 committed: dict[int, dict] | None = None, threads: int = 1):
         self.path, self.layout, self.manifest = Path(path), layout, manifest
         self.shard_samples = shard_samples
         self.num_samples = layout["labels"][0][0]
+        self.num_shards = -(-self.num_samples // shard_samples)
         self.pending: dict[str, list[np.ndarray]] = {name: [] for name in layout}
         self.pending_rows = 0
-        self.written = resume_from  # samples handed to the writer threads
+        self._lo = 0                        # first sample of the shard being buffered
+        self.committed = dict(committed or {})  # shard -> sums, found on disk when this writer started
+        self.stored_shards = 0              # shards this writer committed
         self.threads = max(1, threads)
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="softcache-writer")
         self._in_flight: deque[Future] = deque()
-        self._lock = threading.Lock()
-        self._committed = resume_from       # samples counted in the progress file
-        self._done: dict[int, tuple[int, dict]] = {}  # shards on disk, not yet committed: lo -> (hi, sums)
-        self._failed = False                # once a shard fails, no later shard may be counted as committed
-        self._shards: dict[str, list[list[int]]] = {name: [] for name in layout}  # committed: [size, crc32c]
-        if resume_from:  # the sums of the shards already committed; a progress file without them: start over
-            shards = read_progress(self.progress_path)["shards"]
-            if any(len(shards[name]) != -(-resume_from // shard_samples) for name in layout):
-                raise KeyError("progress file does not account for every committed shard")
-            self._shards = shards
+        self._failed = False                # once a shard fails, no later shard is committed
 
     # --- backend hooks
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         raise NotImplementedError
 
     def _sync(self, lo: int) -> None:
-        """Make the shard starting at sample `lo` durable before it is counted as committed."""
+        """Make the shard starting at sample `lo` durable before it is committed."""
 
     def _checksums(self, lo: int, hi: int) -> dict[str, list[int]]:
         """Per array, `[stored size, crc32c]` of the shard `[lo, hi)` just written."""
@@ -125,84 +141,93 @@ class ShardWriter:
         raise NotImplementedError
 
     @property
-    def progress_path(self) -> Path:
+    def progress_dir(self) -> Path:
         raise NotImplementedError
+
+    def missing(self) -> list[int]:
+        """The shards no process has committed, in order."""
+        return [k for k in range(self.num_shards) if k not in self.committed]
 
     # --- shared logic
     def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
-        """Append rows `[start, start + B)` of every array; whole shards go to disk as soon as they fill."""
-        assert start == self.written + self.pending_rows, f"rows must arrive in order: got {start}, expected {self.written + self.pending_rows}"
+        """Append rows `[start, start + B)` of every array; a shard goes to disk as soon as its rows are in.
+        Rows arrive in order within a shard, and a new shard is started at its first sample (rows that run
+        past a shard's end continue into the next one)."""
         assert rows.keys() == self.pending.keys(), f"every array needs rows: got {sorted(rows)}, expected {sorted(self.pending)}"
-        for name, value in rows.items():
-            self.pending[name].append(np.asarray(value))
-        self.pending_rows += len(rows["labels"])
-        while self.pending_rows >= self.shard_samples or (self.pending_rows and self.written + self.pending_rows == self.num_samples):
-            self._flush(min(self.shard_samples, self.pending_rows))
+        count, offset = len(rows["labels"]), 0
+        while offset < count:
+            at = start + offset
+            if not self.pending_rows:
+                assert at % self.shard_samples == 0, f"a shard starts at a multiple of {self.shard_samples}, not {at}"
+                self._lo = at
+            assert at == self._lo + self.pending_rows, f"rows must arrive in order: got {at}, expected {self._lo + self.pending_rows}"
+            end = min(self._lo + self.shard_samples, self.num_samples)
+            take = min(count - offset, end - at)
+            for name, value in rows.items():
+                self.pending[name].append(np.asarray(value)[offset:offset + take])
+            self.pending_rows += take
+            offset += take
+            if self._lo + self.pending_rows == end:
+                self._flush()
 
-    def _flush(self, count: int) -> None:
-        lo, hi = self.written, self.written + count
-        blocks = {}
-        for name, parts in self.pending.items():
-            block = np.concatenate(parts) if len(parts) > 1 else parts[0]
-            blocks[name] = block[:count]
-            self.pending[name] = [block[count:]] if len(block) > count else []
+    def _flush(self) -> None:
+        lo, hi = self._lo, self._lo + self.pending_rows
+        blocks = {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in self.pending.items()}
+        self.pending = {name: [] for name in self.layout}
+        self.pending_rows = 0
         while len(self._in_flight) > self.threads:
             self._in_flight.popleft().result()
         self._in_flight.append(self._pool.submit(self._store, lo, hi, blocks))
-        self.written, self.pending_rows = hi, self.pending_rows - count
 
     def wait(self) -> None:
         """Block until every handed-over shard is on disk and committed (raising the writer's error, if any)."""
         while self._in_flight:
             self._in_flight.popleft().result()
 
+    def close(self) -> None:
+        """Wait for this writer's shards and stop its threads (the cache is completed by `finish`, once)."""
+        assert not self.pending_rows, f"{self.pending_rows} rows of an unfinished shard were handed over"
+        self.wait()
+        self._pool.shutdown()
+
     def _store(self, lo: int, hi: int, blocks: dict[str, np.ndarray]) -> None:
-        """Write one shard of every array and make it durable (in any thread), then commit what is now in order."""
+        """Write one shard of every array and make it durable (in any thread), then commit it."""
         if self._failed:
             return
         try:
             for name, block in blocks.items():
                 self._write_block(name, lo, hi, block)
             self._sync(lo)
-            sums = self._checksums(lo, hi)
-            with self._lock:
-                self._done[lo] = (hi, sums)
-                while self._committed in self._done and not self._failed:
-                    self._committed, sums = self._done.pop(self._committed)
-                    for name, value in sums.items():
-                        self._shards[name].append(value)
-                    write_json_atomic(self.progress_path, {"id": self.manifest.get("id"),
-                                                           "shard_samples": self.shard_samples,
-                                                           "committed_samples": self._committed,
-                                                           "shards": self._shards})
+            k = lo // self.shard_samples
+            write_marker(self.progress_dir, k, {"id": self.manifest.get("id"), "shard": k, "samples": [lo, hi],
+                                                "sums": self._checksums(lo, hi)})
+            with _COUNT_LOCK:
+                self.stored_shards += 1
         except OSError as err:
             self._failed = True
             if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                done = sum(m["samples"][1] - m["samples"][0]
+                           for m in read_markers(self.progress_dir, self.manifest.get("id")).values())
                 raise SoftcacheError(f"out of disk space writing cache '{self.path}' (samples {lo}-{hi}): the cache "
-                                     f"stays incomplete with {self._committed} samples committed; free space and rerun "
-                                     "the same command to resume") from None
+                                     f"stays incomplete with {done} samples committed; free space and rerun the same "
+                                     "command to resume") from None
             raise
         except BaseException:
             self._failed = True
             raise
 
     def finish(self) -> dict[str, Any]:
-        """Mark the cache complete: the manifest is the last thing written. Returns the final manifest."""
-        assert self.written == self.num_samples and not self.pending_rows, f"{self.written} of {self.num_samples} samples written"
-        self.wait()
-        self._pool.shutdown()
-        assert self._committed == self.num_samples, f"{self._committed} of {self.num_samples} samples committed"
+        """Mark the cache complete once every shard is committed (by any process): the shard record and the
+        manifest are the last thing written. Returns the final manifest."""
+        self.close()
+        committed = read_markers(self.progress_dir, self.manifest.get("id"))
+        missing = [k for k in range(self.num_shards) if k not in committed]
+        assert not missing, f"shards {missing[:5]} of {self.num_shards} are not committed"
+        shards = {name: [committed[k]["sums"][name] for k in range(self.num_shards)] for name in self.layout}
         final = {**self.manifest, "complete": True}
-        self._set_manifest(final, build_record(final, self.layout, self.shard_samples, self._shards))
-        self.progress_path.unlink(missing_ok=True)
+        self._set_manifest(final, build_record(final, self.layout, self.shard_samples, shards))
+        shutil.rmtree(self.progress_dir, ignore_errors=True)
         return final
-
-
-def read_progress(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 class CacheReader:

@@ -32,12 +32,13 @@ def stored_chunks(dataset: h5py.Dataset, lo: int, hi: int) -> Iterator[bytes]:
 
 
 class HDF5Writer(ShardWriter):
-    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0,
-                 threads: int = 1):  # h5py serialises every call behind one lock: more threads would only wait
+    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any],
+                 committed: dict[int, dict] | None = None, threads: int = 1, create: bool = True):
+        # h5py serialises every call behind one lock: more threads would only wait; one process writes a file
         shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"),
                                     manifest["storage"].get("planned_samples"))
-        super().__init__(Path(path), layout, manifest, shard, resume_from)
-        if resume_from:
+        super().__init__(Path(path), layout, manifest, shard, committed)
+        if not create:
             self.file = h5py.File(self.path, "r+")
             return
         self.file = h5py.File(self.path, "w")
@@ -50,8 +51,8 @@ class HDF5Writer(ShardWriter):
         self.file.flush()
 
     @property
-    def progress_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".progress.json")
+    def progress_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".progress")
 
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.file[name][lo:hi] = block

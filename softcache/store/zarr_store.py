@@ -20,7 +20,7 @@ from zarr.storage import LocalStore, WrapperStore
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY, crc32c
 
-PROGRESS_FILE = "progress.json"
+PROGRESS_DIR = "progress"   # CACHE/progress/<k>.json: the shards a dump in progress has committed
 
 
 # Chosen by measurement (BENCHMARKS.md, "Writer"): zstd at Blosc clevel 1 compresses teacher logits, feature
@@ -62,13 +62,13 @@ class RecordingStore(WrapperStore):
 class ZarrWriter(ShardWriter):
     """Creates (or, to resume, reopens) the group and its arrays and writes whole shards."""
 
-    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any], resume_from: int = 0,
-                 threads: int = 1):
+    def __init__(self, path: str | Path, layout: Layout, manifest: dict[str, Any],
+                 committed: dict[int, dict] | None = None, threads: int = 1, create: bool = True):
         shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"),
                                     manifest["storage"].get("planned_samples"))
-        super().__init__(Path(path), layout, manifest, shard, resume_from, threads=threads)
+        super().__init__(Path(path), layout, manifest, shard, committed, threads=threads)
         self.store = RecordingStore(LocalStore(str(self.path)))
-        if resume_from:
+        if not create:  # resuming, or another process of this dump created the store
             self.group = zarr.open_group(store=self.store, mode="r+")
             self.arrays = {name: self.group[name] for name in layout}
             return
@@ -86,8 +86,8 @@ class ZarrWriter(ShardWriter):
                 config={"write_empty_chunks": True})
 
     @property
-    def progress_path(self) -> Path:
-        return self.path / PROGRESS_FILE
+    def progress_dir(self) -> Path:
+        return self.path / PROGRESS_DIR
 
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.arrays[name][lo:hi] = block

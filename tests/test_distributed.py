@@ -1,0 +1,102 @@
+"""torchrun: a dump by several processes, each computing whole shards of its own (gloo on CPU)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from softcache.cli import cli
+from softcache.store import committed_samples, open_cache
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def torchrun(processes: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+            "-m", "softcache"]
+
+
+def dump_args(weights: Path, out: Path) -> list[str]:
+    # resnet8 layer3 at 4 views is 32 KiB a sample: 0.25 MiB shards hold 8 samples, 50 shards in all
+    return ["dump-teacher", "--teacher", "resnet8", "--weights", str(weights), "--data", "synthetic:400",
+            "--views", "4", "--layers", "layer3", "--shard-mb", "0.25", "--batch-size", "32", "--workers", "0",
+            "--device", "cpu", "--out", str(out)]
+
+
+def kill_every_process_of(marker: str) -> None:
+    """SIGKILL every process whose command line holds `marker` (torchrun's workers live in sessions of their
+    own), and wait until they are gone."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+        assert time.monotonic() < deadline, "killed processes did not end"
+        time.sleep(0.01)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
+    except (OSError, IndexError):
+        return "zombie"
+
+
+def arrays(path: Path) -> dict[str, bytes]:
+    cache = open_cache(path)
+    return {name: cache.read(name).tobytes() for name in cache.names()}
+
+
+@pytest.mark.slow
+def test_a_two_process_dump_equals_one_process_and_resumes_with_one(tmp_path, teacher_weights):
+    single = tmp_path / "single"
+    assert CliRunner().invoke(cli, dump_args(teacher_weights, single)).exit_code == 0
+    expected = arrays(single)
+
+    both = subprocess.run(torchrun(2) + dump_args(teacher_weights, tmp_path / "two"), env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert arrays(tmp_path / "two") == expected  # bit-identical, however the shards were dealt out
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(2) + dump_args(teacher_weights, killed), env=ENV, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and committed_samples(killed) < 96:
+        time.sleep(0.005)
+    kill_every_process_of(str(killed))  # the launcher and both ranks, at once
+    proc.wait()
+    committed = committed_samples(killed)
+    assert 96 <= committed < 400, "the dump finished before it could be killed"
+    resumed = CliRunner().invoke(cli, dump_args(teacher_weights, killed))  # one process finishes it
+    assert resumed.exit_code == 0, resumed.output
+    got, computed = map(int, re.search(r"resumed: (\d+) samples were committed, (\d+) shards computed",
+                                       resumed.stdout).groups())
+    assert got == committed and computed == 50 - committed // 8  # only the missing shards were computed
+    assert arrays(killed) == expected
+
+
+def test_an_hdf5_cache_is_written_by_one_process(tmp_path, teacher_weights, monkeypatch):
+    from softcache import distributed
+    monkeypatch.setattr(distributed, "init", lambda device: distributed.World(rank=0, size=2))  # as under torchrun
+    result = CliRunner().invoke(cli, dump_args(teacher_weights, tmp_path / "c.h5"))
+    assert result.exit_code != 0 and result.stderr.strip().splitlines() == [
+        "Error: an HDF5 cache is written by one process; use a zarr --out (a folder) under torchrun, or run "
+        "dump-teacher without torchrun"]
+    assert not (tmp_path / "c.h5").exists()
