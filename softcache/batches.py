@@ -21,6 +21,7 @@ from torch import nn
 
 from softcache.data import Source
 from softcache.device import prepare_model, teacher_outputs
+from softcache.distributed import World, check_global_batch, rank_share, share_position
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped
 from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all, padding_for
@@ -134,12 +135,18 @@ def _images_fit(source: Source, image_size: int) -> bool:
 
 
 def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed: int, workers: int,
-                      device: torch.device, data_path: str = "auto") -> Any:
+                      device: torch.device, data_path: str = "auto", world: World = World()) -> Any:
     """Plain-training batches `(views [B, 3, S, S] uint8, labels [B], ...)`: samples in `epoch_order`, sample i
     taking a fresh view each epoch (AugmentedViews). With resident images (finite crop-only policies that fit,
     or `data_path='resident'`) the views are gathered on the device; else a DataLoader crops them. Same batches.
+    Under torchrun (`world`), `batch_size` is the global batch and each rank gets its share of every one.
     """
     n = len(source)
+    per_rank = check_global_batch(batch_size, world)
+
+    def order(epoch: int) -> np.ndarray:
+        return rank_share(epoch_order(n, seed=seed, epoch=epoch), batch_size, world)
+    share = len(order(0))
     wanted = augment.finite and (data_path == "resident" or (data_path == "auto" and _images_fit(source, augment.image_size)))
     images = decode_all(source, workers) if wanted else None
     if images is not None:
@@ -150,13 +157,13 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
                 k = augment.epoch_choice(n, (seed, epoch))
                 return boxes[k], flips[k]
 
-            return ResidentReplay(images, source.labels, views=views, order=lambda epoch: epoch_order(n, seed=seed, epoch=epoch),
+            return ResidentReplay(images, source.labels, views=views, order=order, samples=share,
                                   image_size=augment.image_size, pad=padding_for(boxes, height, width, augment.image_size),
-                                  batch_size=batch_size, drop_last=True, device=device)
+                                  batch_size=per_rank, drop_last=True, device=device)
     if data_path == "resident":
         raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
-    batches = KeyBatches(n, batch_size, seed=seed, shuffle=True, drop_last=True,
-                         key_fn=lambda epoch, order: [(int(i), epoch) for i in order])
+    batches = KeyBatches(share, per_rank, seed=seed, shuffle=True, drop_last=True, order_fn=order,
+                         key_fn=lambda epoch, visit: [(int(i), epoch) for i in visit])
     loader = torch.utils.data.DataLoader(AugmentedViews(source, augment, seed), batch_sampler=batches,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
@@ -188,22 +195,29 @@ def eval_batches(source: Source, augment: Augment, *, batch_size: int, workers: 
 
 def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
-                 data_path: str = "auto", targets: Targets | None = None) -> tuple[Any, Targets, str]:
+                 data_path: str = "auto", targets: Targets | None = None,
+                 world: World = World()) -> tuple[Any, Targets, str]:
     """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
     e.g. 'resident images, stream targets'.
 
     Every path visits samples in `window_order` over the cache's shards and, at epoch e, replays the stored
     view slot `replay_slot(V, seed, e)` of every sample, so all of them yield identical batches and targets
-    for one seed.
+    for one seed. Under torchrun (`world`) `batch_size` is the global batch: each rank visits its share of
+    every global batch (`rank_share`), and streams only the targets of its own samples.
     """
     n, num_views = reader.shape("views/flip")
+    per_rank = check_global_batch(batch_size, world)
     block = reader.chunk_samples("labels")  # the same samples in every array's chunks
     aug = reader.manifest["augment"]
     augment = Augment(aug["policy"], image_size=image_size, pad=aug["pad"], scale=tuple(aug["scale"]),
                       ratio=tuple(aug["ratio"]))
 
     def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        return window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch)
+        visit, bounds = window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch)
+        if world.size == 1:
+            return visit, bounds
+        return (rank_share(visit, batch_size, world),
+                np.array([share_position(int(b), batch_size, world, n) for b in bounds], dtype=np.int64))
 
     def slot(epoch: int) -> int:
         return replay_slot(num_views, seed=seed, epoch=epoch)
@@ -224,7 +238,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
         images, where = choose_data_path(data_path, source, crops, image_size, 0)
     log.info("images: %s, targets: %s", images, where)
     batches = replay_batches(reader, source, augment, order=lambda epoch: order(epoch)[0], slot=slot,
-                             batch_size=batch_size, workers=workers, device=device, images=images, followers=followers)
+                             batch_size=per_rank, workers=workers, device=device, images=images, followers=followers,
+                             samples=len(order(0)[0]))
     return batches, targets, f"{images} images, {where} targets"
 
 
@@ -277,7 +292,7 @@ class EpochBatches:
 
 def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, order: Callable[[int], np.ndarray],
                    slot: Callable[[int], int], batch_size: int, workers: int, device: torch.device,
-                   images: str = "loader", followers: Sequence[Any] = ()) -> Any:
+                   images: str = "loader", followers: Sequence[Any] = (), samples: int | None = None) -> Any:
     """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
 
     Epoch e visits the samples in `order(e)` and replays view slot `slot(e)` of each. With `images='resident'`
@@ -293,10 +308,12 @@ def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, ord
         pad = padding_for(augment.all_views(height, width)[0], height, width, augment.image_size)
         return ResidentReplay(decoded, source.labels, image_size=augment.image_size, pad=pad, batch_size=batch_size,
                               drop_last=True, device=device, order=order, slot=slot, followers=followers,
+                              samples=samples,
                               views=lambda epoch: (reader.read("views/box", slot=slot(epoch)),
                                                    reader.read("views/flip", slot=slot(epoch))))
     boxes, flips = reader.read("views/box"), reader.read("views/flip")
-    batches = KeyBatches(len(source), batch_size, seed=0, shuffle=True, drop_last=True, order_fn=order,
+    batches = KeyBatches(len(source) if samples is None else samples, batch_size, seed=0, shuffle=True,
+                         drop_last=True, order_fn=order,
                          key_fn=lambda epoch, visit: [(i, slot(epoch)) for i in visit.tolist()])
     loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, augment.image_size), batch_sampler=batches,
                                          num_workers=workers, persistent_workers=workers > 0,

@@ -135,6 +135,7 @@ def optim_options(f: Callable) -> Callable:
         _option("--momentum", type=float, default=d.momentum, help="SGD momentum"),
         _option("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay"),
         workers,
+        _option("--sync-bn", is_flag=True, help="under torchrun: SyncBatchNorm (statistics over the global batch)"),
     ]):
         f = opt(f)
     return f
@@ -149,7 +150,8 @@ def training_options(f: Callable) -> Callable:
 
 
 def _optim(kw: dict[str, Any]) -> OptimConfig:
-    return OptimConfig(**{k: kw.pop(k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "workers")})
+    return OptimConfig(**{k: kw.pop(k) for k in ("epochs", "batch_size", "lr", "momentum", "weight_decay", "workers",
+                                                 "sync_bn")})
 
 
 # ---------------------------------------------------------------- commands
@@ -163,6 +165,8 @@ def cli(verbose: bool) -> None:
 
 
 def _report(summary: dict[str, Any], out: str) -> None:
+    if not summary:  # a torchrun rank other than 0: rank 0 reports
+        return
     click.echo(f"test_acc {summary['test_acc']:.2f}% (best {summary['best_test_acc']:.2f}%) after "
                f"{summary['epochs']} epochs, {summary['wall_s']:.1f} s -> {out}")
 

@@ -25,6 +25,7 @@ class OptimConfig:
     momentum: float = 0.9       # SGD momentum
     weight_decay: float = 5e-4  # L2 on all parameters
     workers: int = 2            # DataLoader worker processes (0: load in the main process)
+    sync_bn: bool = False       # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
 @dataclass(frozen=True)

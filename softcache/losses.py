@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from softcache import distributed
 from softcache.errors import SoftcacheError
 
 
@@ -323,15 +324,19 @@ class CRDLoss(nn.Module):
             rows = torch.cat([index[:, None], self.draw(labels)], dim=1)   # [B, 1 + K]: the positive first
             exp_t = torch.exp(torch.bmm(self.memory_s[rows], v_t[:, :, None])[:, :, 0] / self.temperature)
             exp_s = torch.exp(torch.bmm(self.memory_t[rows], v_s[:, :, None])[:, :, 0] / self.temperature)
+            world = distributed.current()  # under torchrun: Z and the memories from the global batch
             if not self._z_set and not bool((self.z > 0).all()):  # fixed once, on the first batch, as the original
                 n = len(self.memory_s)
-                self.z.copy_(torch.stack([exp_s.mean().detach() * n, exp_t.mean().detach() * n]))
+                means = distributed.all_gather(torch.stack([exp_s.mean(), exp_t.mean()]).detach()[None], world)
+                self.z.copy_(means.mean(0) * n)
             self._z_set = True
             loss = self.nce(exp_s / self.z[0]) + self.nce(exp_t / self.z[1])
             with torch.no_grad():
                 m = self.momentum
-                self.memory_s[index] = F.normalize(self.memory_s[index] * m + v_s.detach() * (1 - m), dim=1)
-                self.memory_t[index] = F.normalize(self.memory_t[index] * m + v_t.detach() * (1 - m), dim=1)
+                index = distributed.all_gather(index, world)
+                v_s, v_t = distributed.all_gather(v_s.detach(), world), distributed.all_gather(v_t.detach(), world)
+                self.memory_s[index] = F.normalize(self.memory_s[index] * m + v_s * (1 - m), dim=1)
+                self.memory_t[index] = F.normalize(self.memory_t[index] * m + v_t * (1 - m), dim=1)
                 self.step += 1
                 self._step += 1
         return loss

@@ -124,12 +124,14 @@ class ResidentReplay:
     """
 
     def __init__(self, images: torch.Tensor, labels: np.ndarray, *, views, order, image_size: int, pad: int,
-                 batch_size: int, drop_last: bool, device: torch.device, slot=None, followers=()):
+                 batch_size: int, drop_last: bool, device: torch.device, slot=None, followers=(),
+                 samples: int | None = None):
         self.gather = ViewGather(images, image_size=image_size, pad=pad, device=device)
         self.views, self.order, self.slot = views, order, slot
         self.followers = list(followers)  # e.g. the streaming target reader, which follows the epoch
         self.labels = torch.as_tensor(labels, dtype=torch.int64).to(device)
         self.batch_size, self.drop_last, self.device, self.epoch = batch_size, drop_last, device, 0
+        self.samples = len(self.labels) if samples is None else samples  # visited per epoch (a rank's share)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -137,7 +139,7 @@ class ResidentReplay:
             follower.set_epoch(epoch)
 
     def __len__(self) -> int:
-        n = len(self.labels)
+        n = self.samples
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -124,8 +124,10 @@ class StreamingTargets:
 
     def _read_epoch(self, epoch: int, out: queue.Queue, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
         order, bounds = self.order(epoch)
-        slot, n = self.slot(epoch), len(order)
+        slot, n = self.slot(epoch), self.cache.shape(self.names[0])[0]  # samples in the cache (blocks' sizes)
         for lo, hi in zip(bounds[:-1], bounds[1:]):
+            if hi == lo:  # a window with none of this rank's samples (torchrun)
+                continue
             members = order[lo:hi]
             blocks = np.unique(members // self.block)
             sizes = np.minimum(self.block, n - blocks * self.block)

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -27,6 +28,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from softcache import distributed
 from softcache.batches import Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source, recorded_source
@@ -83,6 +85,33 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) 
         yield out
 
 
+@contextlib.contextmanager
+def run_folder(out: str | Path, config: Mapping[str, Any], *, overwrite: bool,
+               world: distributed.World) -> Iterator[Path]:
+    """`prepare_run` on rank 0 (the one writer of the run folder); the other ranks wait until it is ready."""
+    with (prepare_run(out, config, overwrite=overwrite) if world.main else contextlib.nullcontext(Path(out))) as run:
+        distributed.barrier(world)
+        yield run
+
+
+def wrap(module: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
+    """`module` in DistributedDataParallel under torchrun (gradients averaged over the ranks in backward),
+    else itself. Buffers are not broadcast: BatchNorm statistics are each rank's own (or global, with
+    --sync-bn), and loss state such as CRD's memories stays what each rank computed."""
+    if world.size <= 1 or not any(p.requires_grad for p in module.parameters()):
+        return module
+    ids = [device.index] if device.type == "cuda" else None
+    with warnings.catch_warnings():  # torch asks rank-local buffers to keep broadcast_buffers=False for now
+        warnings.simplefilter("ignore", FutureWarning)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+
+
+def sync_batchnorm(model: nn.Module, sync_bn: bool, world: distributed.World, device: str) -> nn.Module:
+    """BatchNorm layers with statistics over the global batch under torchrun with --sync-bn (SyncBatchNorm on
+    CUDA, `distributed.GlobalBatchNorm` on CPU)."""
+    return distributed.sync_batchnorm(model, torch.device(device)) if sync_bn and world.size > 1 else model
+
+
 CHECKPOINT = "checkpoint.pt"
 HOW_KEYS = ("workers", "data_path", "download", "overwrite")  # settings that do not change what a run computes
 
@@ -124,13 +153,16 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: Iterable,
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        modules: Mapping[str, nn.Module] | None = None) -> dict[str, Any]:
+        modules: Mapping[str, nn.Module] | None = None, world: distributed.World = distributed.World()
+        ) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
 
     `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
     `train_loader` is an `EpochBatches` or anything else with `set_epoch` and `__len__` (ResidentReplay).
     After every epoch `out/checkpoint.pt` holds `modules` (default: the model; add regressors), the optimizer,
-    the schedule and the random state; a run folder holding one continues from it.
+    the schedule and the random state; a run folder holding one continues from it. Under torchrun (`world`)
+    every rank trains on its share of each global batch (gradients averaged by DDP in `step_loss`'s modules),
+    the epoch's sums are added up over the ranks, and rank 0 alone evaluates and writes the run folder.
     """
     modules = dict(modules or {"model": model})
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
@@ -149,14 +181,23 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         first, step, best, records, earlier_s = (state["epoch"], state["step"], state["best"], state["records"],
                                                  state["wall_s"])
         test_acc = records[-1]["test_acc"] if records else 0.0
-        _write_metrics(out / "metrics.jsonl", records)  # drops a line written after the last checkpoint
+        if world.main:
+            _write_metrics(out / "metrics.jsonl", records)  # drops a line written after the last checkpoint
         log.info("resuming %s after epoch %d of %d", out, first, optim.epochs)
+    # SOFTCACHE_TRACE_BATCHES=FILE: every rank writes each step's samples and views to FILE.<rank> (debugging,
+    # and the tests that check torchrun ranks visit what one process visits)
+    trace_path = os.environ.get("SOFTCACHE_TRACE_BATCHES")
+    trace = open(f"{trace_path}.{world.rank}", "a") if trace_path else None
     for epoch in range(first, optim.epochs):
         train_loader.set_epoch(epoch)
         model.train()
         sums: dict[str, torch.Tensor] = {}
         correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
-        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{optim.epochs}", unit="batch", leave=False, disable=None):
+        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{optim.epochs}", unit="batch", leave=False,
+                          disable=None if world.main else True):
+            if trace is not None:
+                trace.write(json.dumps({"rank": world.rank, "epoch": epoch, "step": step,
+                                        "index": batch[2].tolist(), "view": batch[3].tolist()}) + "\n")
             terms, logits, labels = step_loss(batch)
             opt.zero_grad(set_to_none=True)
             terms["loss"].backward()
@@ -170,6 +211,13 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
                 on_step(step, {name: value.item() for name, value in terms.items()})
             step += 1
         train_s = time.perf_counter() - t0
+        if world.size > 1:  # the epoch's sums over every rank's share
+            names = sorted(sums)
+            total = distributed.all_reduce_sum(torch.stack([sums[k] for k in names] + [correct.float(),
+                                                           torch.tensor(float(seen), device=device)]), world)
+            sums, correct, seen = dict(zip(names, total[:len(names)])), total[-2], int(total[-1].item())
+        if not world.main:
+            continue
         test_acc, test_loss = evaluate(model, test_loader, mean=mean, std=std, device=device)
         best = max(best, test_acc)
         record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in sums.items()},
@@ -185,39 +233,49 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                      out / CHECKPOINT)
         log.info("epoch %d: test_acc %.2f%%", epoch + 1, test_acc)
+    if trace is not None:
+        trace.close()
+    if not world.main:
+        distributed.barrier(world)  # rank 0 writes the results
+        return {}
     _save_atomic(model.state_dict(), out / "model.pt")
     summary = {"test_acc": test_acc, "best_test_acc": best, "epochs": optim.epochs,
                "wall_s": round(earlier_s + time.perf_counter() - started, 2)}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / CHECKPOINT).unlink(missing_ok=True)
+    distributed.barrier(world)
     return summary
 
 
 def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
-                     data_path: str = "auto") -> dict[str, Any]:
-    """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`)."""
+                     data_path: str = "auto", world: distributed.World = distributed.World()) -> dict[str, Any]:
+    """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`); under torchrun
+    (`world`) with DistributedDataParallel, `optim.batch_size` being the global batch."""
     check_batch_fits(train_source, optim.batch_size)
-    with prepare_run(out, config or {}, overwrite=overwrite) as run:
+    distributed.check_global_batch(optim.batch_size, world)
+    model = sync_batchnorm(model, optim.sync_bn, world, device)
+    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
         model = prepare_model(model, dev)
+        forward = wrap(model, world, dev)
         train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
-                                         workers=optim.workers, device=dev, data_path=data_path)
+                                         workers=optim.workers, device=dev, data_path=data_path, world=world)
         mean, std = train_source.mean, train_source.std
 
         def step_loss(batch):
             views, labels = batch[:2]
             x, labels = model_inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
             with autocast(dev, torch.bfloat16):
-                logits = model(x)
+                logits = forward(x)
             return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
 
         return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                            device=dev, data_path=data_path),
-                   optim=optim, mean=mean, std=std, device=dev, out=run)
+                                            device=dev, data_path=data_path) if world.main else None,
+                   optim=optim, mean=mean, std=std, device=dev, out=run, world=world)
 
 
 def check_batch_fits(source: Source, batch_size: int) -> None:
@@ -247,7 +305,8 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
                   teachers: str = "mean", data_path: str = "auto",
-                  on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
+                  on_step: Callable[[int, dict[str, float]], None] | None = None,
+                  world: distributed.World = distributed.World()) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
     At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
@@ -270,10 +329,12 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
     check_batch_fits(train_source, optim.batch_size)
+    distributed.check_global_batch(optim.batch_size, world)
+    student = sync_batchnorm(student, optim.sync_bn, world, device)
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
     routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"])
-    with prepare_run(out, config or {}, overwrite=overwrite) as run:
+    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
         aug = manifest["augment"]
@@ -284,18 +345,21 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         train_loader, targets, _ = student_data(reader, train_source, teacher_layers=teacher_layers,
                                                 temperature=temperature, teachers=teachers, image_size=augment.image_size,
                                                 batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
-                                                data_path=data_path, targets=targets)
+                                                data_path=data_path, targets=targets, world=world)
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
                                 reduce=pair_reduce, labels=train_source.labels, seed=seed).to(dev)
+        criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
         mean, std = train_source.mean, train_source.std
-        step_loss = distill_step(tapped, criterion, targets, mean=mean, std=std, device=dev)
+        step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
+                                 device=dev)
         try:
             return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
                        train_loader=train_loader,
                        test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                                device=dev, data_path="loader" if data_path == "loader" else "auto"),
-                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step)
+                                                device=dev, data_path="loader" if data_path == "loader" else "auto")
+                       if world.main else None,
+                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world)
         finally:
             if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
                 targets.close()
@@ -364,11 +428,12 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = build_model(cfg.model, num_classes=len(train_source.classes))
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
-                            device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg),
-                            data_path=cfg.data_path)
+                            device=distributed.local_device(cfg.device, world), seed=cfg.seed,
+                            overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path, world=world)
 
 
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
@@ -382,10 +447,11 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
         test_source = recorded_source(reader.manifest["dataset"], "test", download=cfg.download)
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
+    world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     student = build_model(cfg.student, num_classes=len(train_source.classes))
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
                          temperature=cfg.temperature, pairs=list(cfg.pairs), image_size=cfg.image_size,
-                         pair_reduce=cfg.pair_reduce,
-                         optim=cfg.optim, device=cfg.device, seed=cfg.seed, overwrite=cfg.overwrite,
+                         pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
+                         device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
                          config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path)

@@ -1,6 +1,7 @@
 """torchrun: a dump by several processes, each computing whole shards of its own (gloo on CPU)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from softcache.cli import cli
@@ -100,3 +102,51 @@ def test_an_hdf5_cache_is_written_by_one_process(tmp_path, teacher_weights, monk
         "Error: an HDF5 cache is written by one process; use a zarr --out (a folder) under torchrun, or run "
         "dump-teacher without torchrun"]
     assert not (tmp_path / "c.h5").exists()
+
+
+def _trace(path: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in Path(f"{path}.{rank}").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def student_cache(tmp_path_factory, teacher_weights) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "cache"
+    result = CliRunner().invoke(cli, ["dump-teacher", "--teacher", "resnet8", "--weights", str(teacher_weights),
+                                      "--data", "synthetic:64", "--views", "2", "--layers", "layer3", "--workers", "0",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", ["train-teacher", "train-student"])
+def test_two_ranks_visit_what_one_process_visits_and_reach_its_weights(tmp_path, student_cache, stage):
+    common = ["--epochs", "1", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    if stage == "train-teacher":
+        args = [stage, "--model", "resnet8", "--data", "synthetic:64", *common]
+    else:  # fitnets: its regressor (and its BatchNorm) trains under DDP too
+        args = [stage, "--cache", str(student_cache), "--student", "resnet8", "--loss", "kd,fitnets", "--pair",
+                "layer3=layer3", "--data-path", "stream", *common]  # targets streamed per rank
+    env = {**ENV, "SOFTCACHE_TRACE_BATCHES": str(tmp_path / "one")}
+    one = subprocess.run([sys.executable, "-m", "softcache", *args, "--out", str(tmp_path / "single")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env["SOFTCACHE_TRACE_BATCHES"] = str(tmp_path / "two")
+    two = subprocess.run(torchrun(2) + [*args, "--sync-bn", "--out", str(tmp_path / "ranks")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+
+    single, ranks = _trace(tmp_path / "one", 0), [_trace(tmp_path / "two", r) for r in (0, 1)]
+    assert len(single) == 4 and [len(r) for r in ranks] == [4, 4]  # 64 samples, global batch 16
+    for step, whole in enumerate(single):  # each global step: rank 0's 8 samples, then rank 1's, with their views
+        assert ranks[0][step]["index"] + ranks[1][step]["index"] == whole["index"]
+        assert ranks[0][step]["view"] + ranks[1][step]["view"] == whole["view"]
+
+    expected = torch.load(tmp_path / "single" / "model.pt", weights_only=True)
+    got = torch.load(tmp_path / "ranks" / "model.pt", weights_only=True)
+    assert expected.keys() == got.keys()  # SyncBatchNorm's state is BatchNorm's: the weights load anywhere
+    assert all(torch.allclose(expected[k].float(), got[k].float(), atol=2e-4) for k in expected)
+    lines = (tmp_path / "ranks" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # rank 0 alone writes the run folder
+    solo = json.loads((tmp_path / "single" / "metrics.jsonl").read_text())
+    assert json.loads(lines[0])["train_loss"] == pytest.approx(solo["train_loss"], rel=1e-4)
