@@ -311,10 +311,12 @@ def inspect_cmd(cache: str) -> None:
 
 
 @cli.command("ls")
-@click.argument("root", type=click.Path(exists=True), default=".")
+@click.argument("root", type=click.Path(), default=".")
 def ls_cmd(root: str) -> None:
     """List the caches under ROOT: id, teacher, dataset, views, layers, size, complete."""
-    from softcache.store import find_caches
+    from softcache.store import find_caches, local_only
+    if not local_only(root).exists():
+        raise SoftcacheError(f"'{root}' does not exist; give a folder that holds caches")
     click.echo(f"{'id':<17} {'teacher':<18} {'dataset':<28} {'views':>5} {'layers':<16} {'MiB':>9} {'complete':<8} path")
     for path, m in find_caches(root):
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size

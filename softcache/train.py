@@ -38,7 +38,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model
-from softcache.store import CacheReader, differences, feature_name, open_cache, read_manifest
+from softcache.store import CacheReader, differences, feature_name, local_only, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
@@ -49,7 +49,7 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) 
     """`with prepare_run(...) as run:` creates the run folder and holds its writer lock (`RUN/.lock`) while the
     run writes; refuses a finished run (it has summary.json) unless `overwrite`, and a folder another process
     is writing to."""
-    out = Path(out)
+    out = local_only(out)
     if (out / "summary.json").exists() and not overwrite:
         raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
     if out.exists() and not out.is_dir():

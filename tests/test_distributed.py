@@ -150,3 +150,33 @@ def test_two_ranks_visit_what_one_process_visits_and_reach_its_weights(tmp_path,
     assert len(lines) == 1  # rank 0 alone writes the run folder
     solo = json.loads((tmp_path / "single" / "metrics.jsonl").read_text())
     assert json.loads(lines[0])["train_loss"] == pytest.approx(solo["train_loss"], rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_killed_two_rank_run_resumes_to_the_same_model(tmp_path, student_cache):
+    args = ["train-student", "--cache", str(student_cache), "--student", "resnet8", "--loss", "kd,fitnets", "--pair",
+            "layer3=layer3", "--epochs", "4", "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    whole = subprocess.run(torchrun(2) + [*args, "--out", str(tmp_path / "whole")], env=ENV, capture_output=True,
+                           text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun(2) + [*args, "--out", str(run)], env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
+            break
+        time.sleep(0.005)
+    kill_every_process_of(str(run))
+    proc.wait()
+    assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists(), "it finished before the kill"
+    first_epoch = (run / "metrics.jsonl").read_text().splitlines()[0]
+    again = subprocess.run(torchrun(2) + [*args, "--out", str(run)], env=ENV, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    expected = torch.load(tmp_path / "whole" / "model.pt", weights_only=True)
+    got = torch.load(run / "model.pt", weights_only=True)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)  # same ranks, same arithmetic: bit-identical
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+    assert lines[0] == first_epoch  # resumed, not restarted: epoch 1 (its timings too) is the killed run's

@@ -33,8 +33,19 @@ __all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend
 BACKENDS = ("zarr", "hdf5")
 
 
+def local_only(path: str | Path) -> Path:
+    """`path` as a Path; a URL (`s3://...`, `gs://...`) is refused rather than taken for a local folder named
+    `s3:`."""
+    if "://" in str(path):
+        raise SoftcacheError(f"'{path}' is a URL; softcache reads and writes caches and runs on local or mounted file "
+                             "systems only (object-store URLs are not supported yet): mount the bucket, or give a "
+                             "local path")
+    return Path(path)
+
+
 def backend_of(path: str | Path, format: str | None = None) -> str:
     """`format` if given, else hdf5 for a `.h5`/`.hdf5` path, else zarr."""
+    local_only(path)
     if format is not None:
         if format not in BACKENDS:
             raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(BACKENDS)}")
@@ -172,7 +183,7 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
 def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
     """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which,
     and (`check`) one with a shard, an array or the manifest missing or changed since the dump committed it."""
-    path = Path(path)
+    path = local_only(path)
     if not path.exists():
         raise SoftcacheError(f"cache '{path}' does not exist; give the --out of a dump-teacher run")
     manifest = read_manifest(path)
@@ -195,7 +206,7 @@ def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
 
 def find_caches(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every cache under `root` (zarr folders and HDF5 files), complete or not, with its manifest."""
-    root = Path(root)
+    root = local_only(root)
     if read_manifest(root) is not None:
         yield root, read_manifest(root)
         return
