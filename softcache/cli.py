@@ -159,9 +159,21 @@ def _optim(kw: dict[str, Any]) -> OptimConfig:
 @click.group(cls=SoftcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="softcache")
 @click.option("-v", "--verbose", is_flag=True, help="log progress messages")
-def cli(verbose: bool) -> None:
+@click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
+              help="an option of the object store's file system (fsspec), e.g. endpoint_url=http://host:9000; "
+                   "repeatable [default: credentials from the environment]")
+def cli(verbose: bool, storage_options: tuple[str, ...]) -> None:
     """Run the teacher once, cache its outputs on replayable views, distill many students from the cache."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if storage_options:
+        from softcache.store import where
+        options = {}
+        for item in storage_options:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise SoftcacheError(f"--storage-option '{item}' is not KEY=VALUE (e.g. endpoint_url=http://host:9000)")
+            options[key] = value
+        where.set_storage_options(options)
 
 
 def _report(summary: dict[str, Any], out: str) -> None:
@@ -314,12 +326,12 @@ def inspect_cmd(cache: str) -> None:
 @click.argument("root", type=click.Path(), default=".")
 def ls_cmd(root: str) -> None:
     """List the caches under ROOT: id, teacher, dataset, views, layers, size, complete."""
-    from softcache.store import find_caches, local_only
-    if not local_only(root).exists():
+    from softcache.store import find_caches, where
+    if not where.exists(root):
         raise SoftcacheError(f"'{root}' does not exist; give a folder that holds caches")
     click.echo(f"{'id':<17} {'teacher':<18} {'dataset':<28} {'views':>5} {'layers':<16} {'MiB':>9} {'complete':<8} path")
     for path, m in find_caches(root):
-        size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+        size = where.total_size(path)
         teachers = "+".join(t["name"] for t in m.get("teachers", [m.get("teacher", {})]))
         click.echo(f"{m.get('id', '-'):<17} {teachers:<18} {m['dataset']['spec']:<28} {m['augment']['num_views']:>5} "
                    f"{','.join(m['layers']) or '-':<16} {size / 2**20:>9.1f} {'yes' if m.get('complete') else 'NO':<8} {path}")

@@ -28,6 +28,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
+from softcache.store import where
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache, swap_in)
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
@@ -158,7 +159,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     committed are computed; under torchrun (`world`) each rank computes its own share of them, whole shards,
     and rank 0 completes the cache once all are committed."""
     if existing.action == "reuse":
-        return DumpResult(Path(out), "reuse", manifest)
+        return DumpResult(where.location(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
     augment = Augment(aug["policy"], image_size=aug["image_size"], pad=aug["pad"], scale=tuple(aug["scale"]),
                       ratio=tuple(aug["ratio"]))
@@ -249,11 +250,11 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     final = manifest
     if world.main:
         final = writer.finish()
-        if writer.path != Path(out):  # --overwrite: the complete new cache replaces the old one only now
+        if str(writer.path) != str(where.location(out)):  # --overwrite: the new cache replaces the old one now
             swap_in(writer.path, Path(out))
         log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
     distributed.barrier(world)
-    return DumpResult(Path(out), existing.action, final, resumed_from, writer.stored_shards)
+    return DumpResult(where.location(out), existing.action, final, resumed_from, writer.stored_shards)
 
 
 def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: str | Path, *, augment: Augment,
@@ -280,7 +281,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
                              logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
                              shard_mb=shard_mb)
-    with WriterLock(cache_lock_path(out), f"cache '{out}'"):
+    with (WriterLock(cache_lock_path(out), f"cache '{out}'") if not where.is_url(out) else contextlib.nullcontext()):
         existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
         return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers,
                         device=device, data_path=data_path, writer_threads=writer_threads)
@@ -310,12 +311,14 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
                              "or run dump-teacher without torchrun")
     device = distributed.local_device(cfg.device, world)
     # rank 0 holds the cache's lock from its first look at --out to the last write, and decides for all
-    lock = WriterLock(cache_lock_path(cfg.out), f"cache '{cfg.out}'") if world.main else contextlib.nullcontext()
+    # (an object store has no lock to take: one dump at a time per cache URL is the user's to keep)
+    lock = (WriterLock(cache_lock_path(cfg.out), f"cache '{cfg.out}'") if world.main and not where.is_url(cfg.out)
+            else contextlib.nullcontext())
     with lock:
         existing = distributed.broadcast(
             check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend) if world.main else None, world)
         if existing.action == "reuse":
-            return DumpResult(Path(cfg.out), "reuse", manifest)
+            return DumpResult(where.location(cfg.out), "reuse", manifest)
         teachers = []
         for arch, weights in zip(cfg.teacher, cfg.weights):
             teacher = build_model(arch, num_classes=len(source.classes))

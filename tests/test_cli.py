@@ -215,17 +215,3 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
 def open_cache_ok(path) -> bool:
     from softcache.store import open_cache
     return open_cache(path).manifest["complete"]
-
-
-def test_object_store_urls_are_refused_not_taken_for_folders(tmp_path, small_cache, teacher_weights, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    url = "s3://bucket/cache"
-    refusal = rf"'{url}' is a URL; softcache reads and writes caches and runs on local or mounted file systems only"
-    assert_fails(invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", "synthetic:20",
-                        "--out", url), refusal)
-    assert_fails(invoke(*STUDENT, "--cache", url, "--out", tmp_path / "run"), refusal)
-    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", "s3://bucket/run"),
-                 r"'s3://bucket/run' is a URL")
-    for command in ("inspect", "verify", "ls"):
-        assert_fails(invoke(command, url), refusal)
-    assert not (tmp_path / "s3:").exists() and not (tmp_path / "run").exists()

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from softcache.errors import SoftcacheError
 from softcache.locks import cache_lock_path, holder
+from softcache.store import where
 from softcache.store.base import CacheReader, ShardWriter, read_markers
 from softcache.store.hdf5_store import SUFFIXES, HDF5Reader, HDF5Writer, read_hdf5_manifest
 from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manifest, differences, feature_name,
@@ -34,30 +35,29 @@ BACKENDS = ("zarr", "hdf5")
 
 
 def local_only(path: str | Path) -> Path:
-    """`path` as a Path; a URL (`s3://...`, `gs://...`) is refused rather than taken for a local folder named
-    `s3:`."""
-    if "://" in str(path):
-        raise SoftcacheError(f"'{path}' is a URL; softcache reads and writes caches and runs on local or mounted file "
-                             "systems only (object-store URLs are not supported yet): mount the bucket, or give a "
-                             "local path")
+    """`path` as a Path; a URL is refused: run folders and HDF5 caches live on local or mounted file systems."""
+    if where.is_url(path):
+        raise SoftcacheError(f"'{path}' is a URL; run folders and HDF5 caches live on local or mounted file systems "
+                             "(zarr caches may live in object stores): give a local path")
     return Path(path)
 
 
 def backend_of(path: str | Path, format: str | None = None) -> str:
-    """`format` if given, else hdf5 for a `.h5`/`.hdf5` path, else zarr."""
-    local_only(path)
-    if format is not None:
-        if format not in BACKENDS:
-            raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(BACKENDS)}")
-        return format
-    return "hdf5" if Path(path).suffix in SUFFIXES else "zarr"
+    """`format` if given, else hdf5 for a `.h5`/`.hdf5` path, else zarr; a URL is zarr (HDF5 on a URL is refused)."""
+    if format is not None and format not in BACKENDS:
+        raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(BACKENDS)}")
+    hdf5 = format == "hdf5" or (format is None and Path(str(path)).suffix in SUFFIXES)
+    if where.is_url(path) and hdf5:
+        raise SoftcacheError(f"'{path}': an HDF5 cache is one file written in place, which object stores cannot do; "
+                             "give a zarr --out (no .h5 suffix) for an object store, or a local .h5 path")
+    return "hdf5" if hdf5 else "zarr"
 
 
-def progress_dir(path: str | Path, backend: str | None = None) -> Path:
+def progress_dir(path: str | Path, backend: str | None = None) -> where.Location:
     """Where a dump in progress keeps its per-shard commit markers: `CACHE/progress/`, `CACHE.h5.progress/`."""
-    path = Path(path)
+    path = where.location(path)
     backend = backend or backend_of(path)
-    return path / PROGRESS_DIR if backend == "zarr" else path.with_name(path.name + ".progress")
+    return where.join(path, PROGRESS_DIR) if backend == "zarr" else where.sibling(path, ".progress")
 
 
 def committed_samples(path: str | Path, backend: str | None = None) -> int:
@@ -69,6 +69,8 @@ def committed_samples(path: str | Path, backend: str | None = None) -> int:
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The manifest of the cache at `path`, or None if `path` holds no readable softcache cache."""
+    if where.is_url(path):
+        return read_zarr_manifest(where.location(path))
     path = Path(path)
     if path.is_dir():
         return read_zarr_manifest(path)
@@ -129,15 +131,21 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
     resumed; one with another id is refused, naming what differs, unless `overwrite`. Anything at `path`
     that is not a cache is never touched.
     """
-    path = Path(path)
-    recover_swap(path)
-    if not path.exists() or is_empty_dir(path):
+    path = where.location(path)
+    if not where.is_url(path):
+        recover_swap(path)
+        if not path.exists() or is_empty_dir(path):
+            return Existing("new")
+    elif not where.exists(path):
         return Existing("new")
     existing = read_manifest(path)
     if existing is None:
-        if progress_dir(path, backend).exists():  # our own dump died before its store became readable
+        if where.exists(progress_dir(path, backend)):  # our own dump died before its store became readable
             return Existing("restart")
         raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
+    if overwrite and where.is_url(path):
+        raise SoftcacheError(f"--overwrite builds the new cache beside the old one and renames it in, which object "
+                             f"stores cannot do; delete '{path}' first (nothing was changed)")
     if overwrite:  # the new cache is built beside the old one; an interrupted --overwrite dump resumes there
         staged = staging_path(path)
         if (read_manifest(staged) or {}).get("id") == manifest["id"]:
@@ -164,7 +172,7 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
     """A writer for a new cache, or for the rest of an interrupted one (`existing.committed` shards found),
     that compresses and writes up to `threads` shards at once. `create=False`: open the store another process
     of the same dump prepared (torchrun ranks other than 0)."""
-    path = Path(path)
+    path = where.location(path)
     writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
     if existing.action == "replace":  # built beside, swapped in by the dump when complete (`swap_in`)
         path = staging_path(path)
@@ -174,17 +182,18 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
         except (OSError, KeyError, ValueError):  # the interrupted dump left the store unreadable: start over
             if not create:
                 raise
-    _remove(path)
-    shutil.rmtree(progress_dir(path, backend), ignore_errors=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    where.remove(path)
+    where.remove(progress_dir(path, backend))
+    if not where.is_url(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     return writer_cls(path, layout, manifest, threads=threads)
 
 
 def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
     """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which,
     and (`check`) one with a shard, an array or the manifest missing or changed since the dump committed it."""
-    path = local_only(path)
-    if not path.exists():
+    path = where.location(path)
+    if not where.exists(path):
         raise SoftcacheError(f"cache '{path}' does not exist; give the --out of a dump-teacher run")
     manifest = read_manifest(path)
     if manifest is None:
@@ -194,21 +203,25 @@ def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
                              f"{FORMAT_VERSION} (format 4 records every shard's size and checksum); re-dump it: rerun "
                              "its dump-teacher command with --overwrite")
     if not manifest.get("complete"):
-        pid = holder(cache_lock_path(path))
+        pid = None if where.is_url(path) else holder(cache_lock_path(path))
         if pid is not None:
             raise SoftcacheError(f"cache '{path}' is incomplete: a dump is writing it now (pid {pid}); "
                                  "wait for it to finish")
         raise SoftcacheError(f"cache '{path}' is incomplete: its dump died; rerun its dump-teacher command to "
                              "resume it")
-    reader = ZarrReader(path, manifest) if path.is_dir() else HDF5Reader(path, manifest)
+    reader = ZarrReader(path, manifest) if where.is_url(path) or path.is_dir() else HDF5Reader(path, manifest)
     return reader.check() if check else reader
 
 
 def find_caches(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
     """Every cache under `root` (zarr folders and HDF5 files), complete or not, with its manifest."""
-    root = local_only(root)
+    root = where.location(root)
     if read_manifest(root) is not None:
         yield root, read_manifest(root)
+        return
+    if where.is_url(root):  # zarr caches only: HDF5 files do not live in object stores
+        for entry in where.subfolders(root):
+            yield from find_caches(entry)
         return
     for entry in sorted(root.iterdir()) if root.is_dir() else []:
         if entry.is_dir():

@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from softcache.errors import SoftcacheError
+from softcache.store import where
 from softcache.store.integrity import build_record, problems
 
 CHUNK_BYTES = 1 << 20
@@ -79,22 +80,21 @@ def write_json_atomic(path: Path, value: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(folder: Path, k: int, value: dict[str, Any]) -> None:
-    folder.mkdir(exist_ok=True)
-    write_json_atomic(folder / f"{k}.json", value)
+def write_marker(folder: where.Location, k: int, value: dict[str, Any]) -> None:
+    where.write_json(where.join(folder, f"{k}.json"), value)
 
 
-def read_markers(folder: Path, cache_id: str | None = None) -> dict[int, dict[str, Any]]:
+def read_markers(folder: where.Location, cache_id: str | None = None) -> dict[int, dict[str, Any]]:
     """Committed shards by index -> their marker `{"id", "shard", "samples": [lo, hi], "sums": {array: [size,
     crc32c]}}`, from the files in `folder` (those of cache `cache_id`, if given; unreadable or foreign markers,
     and the temporary file of one being written, count as uncommitted)."""
     found = {}
-    for entry in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+    for data in where.json_files(folder):
         try:
-            value = json.loads(entry.read_text())
+            value = json.loads(data)
             if cache_id is None or value["id"] == cache_id:
                 found[int(value["shard"])] = value
-        except (OSError, ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError):
             continue
     return found
 
@@ -111,7 +111,7 @@ class ShardWriter:
 
     def __init__(self, path: Path, layout: Layout, manifest: dict[str, Any], shard_samples: int,
                  committed: dict[int, dict] | None = None, threads: int = 1):
-        self.path, self.layout, self.manifest = Path(path), layout, manifest
+        self.path, self.layout, self.manifest = where.location(path), layout, manifest
         self.shard_samples = shard_samples
         self.num_samples = layout["labels"][0][0]
         self.num_shards = -(-self.num_samples // shard_samples)
@@ -141,7 +141,7 @@ class ShardWriter:
         raise NotImplementedError
 
     @property
-    def progress_dir(self) -> Path:
+    def progress_dir(self) -> where.Location:
         raise NotImplementedError
 
     def missing(self) -> list[int]:
@@ -226,7 +226,7 @@ class ShardWriter:
         shards = {name: [committed[k]["sums"][name] for k in range(self.num_shards)] for name in self.layout}
         final = {**self.manifest, "complete": True}
         self._set_manifest(final, build_record(final, self.layout, self.shard_samples, shards))
-        shutil.rmtree(self.progress_dir, ignore_errors=True)
+        where.remove(self.progress_dir)
         return final
 
 

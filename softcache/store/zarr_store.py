@@ -17,6 +17,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.abc.store import SuffixByteRequest
 from zarr.storage import LocalStore, WrapperStore
 
+from softcache.store import where
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY, crc32c
 
@@ -66,8 +67,8 @@ class ZarrWriter(ShardWriter):
                  committed: dict[int, dict] | None = None, threads: int = 1, create: bool = True):
         shard, chunks = plan_shards(layout, manifest["storage"].get("shard_bytes"),
                                     manifest["storage"].get("planned_samples"))
-        super().__init__(Path(path), layout, manifest, shard, committed, threads=threads)
-        self.store = RecordingStore(LocalStore(str(self.path)))
+        super().__init__(path, layout, manifest, shard, committed, threads=threads)
+        self.store = RecordingStore(where.zarr_store(self.path, read_only=False))
         if not create:  # resuming, or another process of this dump created the store
             self.group = zarr.open_group(store=self.store, mode="r+")
             self.arrays = {name: self.group[name] for name in layout}
@@ -86,15 +87,17 @@ class ZarrWriter(ShardWriter):
                 config={"write_empty_chunks": True})
 
     @property
-    def progress_dir(self) -> Path:
-        return self.path / PROGRESS_DIR
+    def progress_dir(self) -> where.Location:
+        return where.join(self.path, PROGRESS_DIR)
 
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.arrays[name][lo:hi] = block
 
     def _sync(self, lo: int) -> None:
-        """fsync the shard files just written (one per array), so the progress file never counts a shard the
-        disk does not hold."""
+        """fsync the shard files just written (one per array), so no marker counts a shard the disk does not
+        hold. (An object store has stored an object when its PUT returns.)"""
+        if where.is_url(self.path):
+            return
         k = lo // self.shard_samples
         for name, (shape, _) in self.layout.items():
             path = self.path / shard_key(name, k, len(shape))
@@ -113,11 +116,11 @@ class ZarrWriter(ShardWriter):
         self.group.attrs.update({MANIFEST_KEY: manifest, SHARDS_KEY: record})
 
 
-def read_zarr_manifest(path: Path) -> dict[str, Any] | None:
-    if not (path / "zarr.json").is_file():
+def read_zarr_manifest(path: where.Location) -> dict[str, Any] | None:
+    if where.size(where.join(path, "zarr.json")) is None:
         return None
     try:
-        manifest = zarr.open_group(str(path), mode="r").attrs.get(MANIFEST_KEY)
+        manifest = zarr.open_group(store=where.zarr_store(path, read_only=True), mode="r").attrs.get(MANIFEST_KEY)
     except Exception:  # a bare array or a damaged group: not a readable cache
         return None
     return dict(manifest) if manifest is not None else None
@@ -159,9 +162,9 @@ class CountingStore(WrapperStore):
 
 
 class ZarrReader(CacheReader):
-    def __init__(self, path: Path, manifest: dict[str, Any]):
-        self.path, self.manifest = Path(path), manifest
-        self.store = CountingStore(LocalStore(str(self.path), read_only=True))
+    def __init__(self, path: where.Location, manifest: dict[str, Any]):
+        self.path, self.manifest = where.location(path), manifest
+        self.store = CountingStore(where.zarr_store(self.path, read_only=True))
         self.group = zarr.open_group(store=self.store, mode="r")
         self.record = self.group.attrs.get(SHARDS_KEY)
         self.arrays: dict[str, zarr.Array] = {name: node for name, node in self.group.members(max_depth=None)
@@ -191,21 +194,14 @@ class ZarrReader(CacheReader):
         return self.store.fetched_bytes
 
     def bytes_on_disk(self, name: str) -> int:
-        folder = self.path / name
-        return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        return where.total_size(where.join(self.path, *name.split("/")))
 
     def shard_sizes(self, name: str, count: int) -> list[int | None]:
         ndim = len(self.shape(name))
-        sizes = []
-        for k in range(count):
-            try:
-                sizes.append((self.path / shard_key(name, k, ndim)).stat().st_size)
-            except FileNotFoundError:
-                sizes.append(None)
-        return sizes
+        return [where.size(where.join(self.path, *shard_key(name, k, ndim).split("/"))) for k in range(count)]
 
     def shard_bytes(self, name: str, k: int) -> bytes:
-        return (self.path / shard_key(name, k, len(self.shape(name)))).read_bytes()
+        return where.read_bytes(where.join(self.path, *shard_key(name, k, len(self.shape(name))).split("/")))
 
     def _raw(self, name: str, selection: Any) -> np.ndarray:
         arr = self.arrays[name]
