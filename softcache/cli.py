@@ -12,10 +12,8 @@ import click
 from softcache import __version__
 from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
 from softcache.errors import SoftcacheError
-from softcache.losses import LOSSES
-from softcache.store import BACKENDS
-from softcache.targets import TARGET_KINDS
-from softcache.views import POLICIES
+from softcache.names import BACKENDS, POLICIES, TARGET_KINDS
+from softcache.names import LOSS_NAMES as LOSSES
 
 
 class SoftcacheGroup(click.Group):
@@ -112,7 +110,7 @@ def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     return value
 
 
-device = _option("--device", default=default_device(), callback=_device,
+device = _option("--device", default=default_device, callback=_device,  # called only when needed
                  help="torch device: cuda when available, else cpu")
 seed = _option("--seed", type=int, default=0, help="seed for views, order and initialisation")
 data = _option("--data", required=True, metavar="SPEC",

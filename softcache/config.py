@@ -8,10 +8,10 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 
 
 def default_device() -> str:
+    import torch  # here, not at the top: reading a configuration (and `softcache --help`) needs no torch
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 

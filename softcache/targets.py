@@ -27,7 +27,7 @@ from softcache.errors import SoftcacheError
 from softcache.losses import attention_map
 
 TOPK_TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0, 8.0)
-TARGET_KINDS = ("features", "attention")
+from softcache.names import TARGET_KINDS  # noqa: E402  ("features", "attention")
 
 
 @dataclass(frozen=True)

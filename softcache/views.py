@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from softcache.data import Source
 from softcache.errors import SoftcacheError
 
-POLICIES = ("cifar", "imagenet", "none")
+from softcache.names import POLICIES  # noqa: E402  ("cifar", "imagenet", "none")
 VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
 
 

@@ -215,3 +215,28 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
 def open_cache_ok(path) -> bool:
     from softcache.store import open_cache
     return open_cache(path).manifest["complete"]
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    import subprocess
+    import sys
+    probe = ("import sys\nfrom click.testing import CliRunner\nfrom softcache.cli import cli\n"
+             "for args in (['--help'], ['dump-teacher', '--help'], ['train-student', '--help'], ['run', '--help'],\n"
+             "             ['train-student', '--cache', 'c', '--student', 's', '--loss', 'dark', '--out', 'r']):\n"
+             "    CliRunner().invoke(cli, args)\n"
+             "print(sorted(m for m in ('torch', 'torchvision', 'zarr', 'h5py') if m in sys.modules))\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"  # none of the heavy libraries was imported
+
+
+def test_the_names_the_cli_offers_are_the_implemented_ones():
+    from softcache import names
+    from softcache.losses import LOSSES
+    from softcache.store import BACKENDS
+    from softcache.targets import TARGET_KINDS
+    from softcache.views import POLICIES, Augment
+    assert set(names.LOSS_NAMES) == set(LOSSES)
+    assert (POLICIES, TARGET_KINDS, BACKENDS) == (names.POLICIES, names.TARGET_KINDS, names.BACKENDS)
+    for policy in names.POLICIES:
+        Augment(policy, image_size=32)  # each one is a policy Augment knows

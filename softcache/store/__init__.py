@@ -31,7 +31,7 @@ __all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend
            "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest", "swap_in", "committed_samples",
            "progress_dir"]
 
-BACKENDS = ("zarr", "hdf5")
+from softcache.names import BACKENDS  # noqa: E402  ("zarr", "hdf5")
 
 
 def local_only(path: str | Path) -> Path:
