@@ -38,6 +38,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model
+from softcache.store import where
 from softcache.store import CacheReader, differences, feature_name, local_only, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
@@ -117,19 +118,13 @@ HOW_KEYS = ("workers", "data_path", "download", "overwrite")  # settings that do
 
 
 def _save_atomic(value: Any, path: Path) -> None:
-    """torch.save to a temporary file, fsync, rename: a kill leaves the old file or the new one, never half."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """torch.save, written whole (`where.replace_atomically`)."""
+    where.replace_atomically(path, lambda f: torch.save(value, f))
 
 
 def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(tmp, path)
+    text = "".join(json.dumps(r) + "\n" for r in records).encode()
+    where.replace_atomically(path, lambda f: f.write(text))
 
 
 @torch.no_grad()

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -93,13 +92,6 @@ def staging_path(path: str | Path) -> Path:
     return path.with_name(path.name + ".new")
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-
-
 def swap_in(new: Path, path: Path) -> None:
     """Put the complete cache `new` in the place of `path` (renames; the old cache is removed last). A file is
     replaced atomically; a folder is moved aside to `CACHE.old` first, and a dump that dies between the two
@@ -109,10 +101,10 @@ def swap_in(new: Path, path: Path) -> None:
         os.replace(new, path)
         return
     old = path.with_name(path.name + ".old")
-    _remove(old)
+    where.remove(old)
     os.rename(path, old)
     os.rename(new, path)
-    _remove(old)
+    where.remove(old)
 
 
 def recover_swap(path: Path) -> None:
@@ -121,7 +113,7 @@ def recover_swap(path: Path) -> None:
     if not path.exists() and new.exists() and (read_manifest(new) or {}).get("complete"):
         os.rename(new, path)
     if path.exists() and old.exists():
-        _remove(old)
+        where.remove(old)
 
 
 def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: bool, backend: str) -> Existing:

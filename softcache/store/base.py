@@ -13,8 +13,6 @@ from __future__ import annotations
 import errno
 import json
 import math
-import os
-import shutil
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -69,15 +67,6 @@ def plan_shards(layout: Layout, shard_bytes: int | None = None,
     chunk = min(shard, _pow2_floor(CHUNK_BYTES / max(1, max(view_bytes.values()))))
     chunks = {name: (chunk, 1, *shape[2:]) if len(shape) > 1 else (chunk,) for name, (shape, _) in layout.items()}
     return shard, chunks
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def write_marker(folder: where.Location, k: int, value: dict[str, Any]) -> None:

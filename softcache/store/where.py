@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 from softcache.errors import SoftcacheError
 
@@ -79,21 +79,26 @@ def remove(target: Location) -> None:
         fs.rm(path, recursive=True)
 
 
+def replace_atomically(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """Write a local file whole: `write(f)` into a temporary file, fsync, rename over `path`; a kill leaves the
+    old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def write_json(target: Location, value: Any) -> None:
-    """Write JSON whole: a local file through a temporary file, fsync and rename; an object in one PUT."""
+    """Write JSON whole: a local file by `replace_atomically`, an object in one PUT."""
     data = json.dumps(value).encode()
     if is_url(target):
         fs, path = filesystem(str(target))
         fs.pipe(path, data)
         return
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, target)
+    replace_atomically(Path(target), lambda f: f.write(data))
 
 
 def json_files(folder: Location) -> list[bytes]:
