@@ -10,7 +10,7 @@ from typing import Any, Callable
 import click
 
 from softcache import __version__
-from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
+from softcache.config import DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
 from softcache.errors import SoftcacheError
 from softcache.names import BACKENDS, POLICIES, TARGET_KINDS
 from softcache.names import LOSS_NAMES as LOSSES
@@ -152,6 +152,25 @@ def _optim(kw: dict[str, Any]) -> OptimConfig:
                                                  "sync_bn")})
 
 
+def loss_options(f: Callable) -> Callable:
+    """The loss terms and their settings, shared by train-student and train-online."""
+    for opt in reversed([
+        _option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}"),
+        _option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
+                help="student layer distilled from a teacher layer, for every pair loss it fits (feature maps: "
+                     "fitnets, at, sp, nst; embeddings: rkd, pkt) or, with TERM:, that loss only; repeatable"),
+        _option("--pair-reduce", type=click.Choice(["sum", "mean"]), default=StudentConfig.pair_reduce,
+                help="a loss over several pairs: their sum (RepDistiller) or their mean"),
+        _option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha"),
+        _option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature, help="kd temperature T"),
+        _option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight"),
+        _option("--hint-weight", type=click.FloatRange(min=0), default=StudentConfig.hint_weight, help="fitnets weight"),
+        _option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable"),
+    ]):
+        f = opt(f)
+    return f
+
+
 # ---------------------------------------------------------------- commands
 
 @click.group(cls=SoftcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -246,17 +265,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--cache", required=True, type=click.Path(), help="cache folder written by dump-teacher")
 @_option("--student", required=True, help="student model name")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
-@_option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}")
-@_option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
-         help="student layer distilled from a cached teacher layer, for every pair loss it fits (feature maps: "
-              "fitnets, at, sp, nst; embeddings: rkd, pkt) or, with TERM:, that loss only; repeatable")
-@_option("--pair-reduce", type=click.Choice(["sum", "mean"]), default=StudentConfig.pair_reduce,
-         help="a loss over several pairs: their sum (RepDistiller) or their mean")
-@_option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha")
-@_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature, help="kd temperature T")
-@_option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight")
-@_option("--hint-weight", type=click.FloatRange(min=0), default=StudentConfig.hint_weight, help="fitnets weight")
-@_option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable")
+@loss_options
 @_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default=StudentConfig.data_path,
@@ -270,6 +279,27 @@ def train_student_cmd(**kw: Any) -> None:
     _report(train_student_from_config(cfg), cfg.out)
 
 
+@cli.command("train-online")
+@_option("--teacher", required=True, help="teacher model name")
+@_option("--weights", "teacher_weights", required=True, help="teacher state_dict file (e.g. RUN/model.pt)")
+@_option("--student", required=True, help="student model name")
+@_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in --views-from]")
+@augment
+@image_size
+@_option("--views-from", default=None, type=click.Path(), metavar="CACHE",
+         help="replay this cache's stored views as train-student would, targets computed online [default: fresh "
+              "views of --augment each epoch]")
+@loss_options
+@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=OnlineConfig.data_path,
+         help="resident: images decoded once, views gathered on the device; loader: DataLoader workers")
+@training_options
+def train_online_cmd(**kw: Any) -> None:
+    """Train a student with the teacher in the loop (online KD): the baseline a cache replaces, same losses and run folder."""
+    from softcache.train import train_online_from_config
+    cfg = OnlineConfig(optim=_optim(kw), **kw)
+    _report(train_online_from_config(cfg), cfg.out)
+
+
 @cli.command("run")
 @click.argument("pipeline", type=click.Path(exists=True, dir_okay=False))
 @_option("--root", default=None, help="folder for the stages' outputs [default: the recipe's defaults.root]")
@@ -278,8 +308,23 @@ def train_student_cmd(**kw: Any) -> None:
 def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None) -> None:
     """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped."""
     from softcache.pipeline import format_table, load_pipeline, run_pipeline
-    rows = run_pipeline(load_pipeline(pipeline, root=root, device=device, seed=seed), echo=click.echo)
-    click.echo("\n" + format_table(rows))
+    from softcache.report import cost_table, write_report
+    recipe = load_pipeline(pipeline, root=root, device=device, seed=seed)
+    rows = run_pipeline(recipe, echo=click.echo)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+        return
+    report, md, png = write_report(recipe.root)
+    click.echo("\n" + format_table(rows) + "\n\n" + cost_table(report) + f"\n\nreport: {md}, {png}")
+
+
+@cli.command("report")
+@click.argument("root", type=click.Path(exists=True, file_okay=False))
+def report_cmd(root: str) -> None:
+    """Write ROOT/report.md and ROOT/report.png: accuracy of every run under ROOT, and what the cache cost against
+    the teacher in the loop."""
+    from softcache.report import cost_table, write_report
+    report, md, png = write_report(root)
+    click.echo(cost_table(report) + f"\n\nreport: {md}, {png}")
 
 
 @cli.command("ensemble")

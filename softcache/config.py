@@ -98,6 +98,38 @@ class StudentConfig:
     overwrite: bool = False
 
 
+@dataclass(frozen=True)
+class OnlineConfig:
+    """train-online: a student trained with the teacher in the loop (the online-KD baseline a cache replaces).
+
+    The loss options are train-student's. Views are fresh each epoch, drawn from the policy as train-teacher
+    draws them, unless `views_from` names a cache: then the student replays that cache's stored views in the
+    order train-student would, and only the targets are computed online."""
+
+    teacher: str                    # teacher model name
+    teacher_weights: str            # its state_dict file (e.g. RUN/model.pt)
+    student: str                    # student model name
+    out: str                        # run folder
+    data: str | None = None         # dataset spec; None: the one recorded in `views_from`
+    augment: str = "cifar"          # augmentation policy (fresh views)
+    image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
+    views_from: str | None = None   # a cache whose stored views are replayed instead of fresh ones
+    losses: tuple[str, ...] = ("kd",)
+    pairs: tuple[tuple[str, str], ...] = ()
+    pair_reduce: str = "sum"
+    alpha: float = 0.9
+    temperature: float = 4.0
+    beta: float = 1000.0
+    hint_weight: float = 100.0
+    weights: tuple[tuple[str, float], ...] = ()
+    data_path: str = "auto"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    device: str = field(default_factory=default_device)
+    seed: int = 0
+    download: bool = False
+    overwrite: bool = False
+
+
 def to_json(config: Any) -> dict[str, Any]:
     """A configuration as plain JSON types (tuples become lists)."""
     return dataclasses.asdict(config)

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -158,6 +159,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     `writer_threads` shards are compressed at once (0: `default_writer_threads()`). Only the shards not yet
     committed are computed; under torchrun (`world`) each rank computes its own share of them, whole shards,
     and rank 0 completes the cache once all are committed."""
+    started = time.perf_counter()
     if existing.action == "reuse":
         return DumpResult(where.location(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
@@ -201,24 +203,34 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     batches = [span for k in mine for span in _batches(k * shard, min(k * shard + shard, len(source)), shard,
                                                         samples_per_batch)]
 
-    def launch(flat: torch.Tensor) -> tuple[list, torch.cuda.Event | None]:
-        """Queue the teachers on one batch and the copies of what is stored to host memory; returns at once on CUDA."""
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+
+    def launch(flat: torch.Tensor) -> tuple[list, Any]:
+        """Queue the teachers on one batch and the copies of what is stored to host memory; returns at once on CUDA.
+        The last item times the teachers: seconds on CPU, a pair of CUDA events read once the batch is done."""
         outputs = []
+        began = torch.cuda.Event(enable_timing=True) if dev.type == "cuda" else time.perf_counter()
+        if dev.type == "cuda":
+            began.record()
         for name, teacher in zip(names, tapped):
             logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
             stored = {key: value for layer, f in features.items()
                       for key, value in feature_targets(storage["targets"], layer, f).items()}
             outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
         if dev.type != "cuda":
-            return outputs, None
-        event = torch.cuda.Event()
+            return outputs, None, time.perf_counter() - began
+        event = torch.cuda.Event(enable_timing=True)
         event.record()
-        return outputs, event
+        return outputs, event, began
+
+    last = started  # a batch's wall time runs from the previous store (the first's from the start: set-up included)
 
     def store(span: tuple[int, int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, outputs: list,
-              event: torch.cuda.Event | None) -> None:
+              event: torch.cuda.Event | None, timing: Any) -> None:
+        nonlocal last
         if event is not None:
             event.synchronize()
+            timing = timing.elapsed_time(event) / 1000
         b = span[1] - span[0]
         rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
@@ -229,7 +241,10 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
                 rows[prefix + suffix] = value.reshape(b, num_views, *value.shape[1:])
             for layer, value in features.items():
                 rows[feature_name(manifest, layer)] = value.numpy().reshape(b, num_views, *value.shape[1:])
-        writer.write(span[0], rows)
+        now = time.perf_counter()
+        writer.write(span[0], rows, cost={"wall_s": now - last, "teacher_s": timing, "views": b * num_views,
+                                          "device": device_name})
+        last = now
 
     # One batch in flight: while the device runs batch k, the host encodes batch k - 1 and hands it to the
     # writer thread, which compresses and writes whole shards.

@@ -20,7 +20,7 @@ from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from softcache.config import DumpConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
+from softcache.config import DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.errors import SoftcacheError
 from softcache.store import read_manifest
 from softcache.store.manifest import differences
@@ -34,8 +34,9 @@ class Pipeline:
 
     teacher: TeacherConfig | None
     dumps: tuple[tuple[str, DumpConfig], ...]
-    students: tuple[tuple[str, StudentConfig], ...]
+    students: tuple[tuple[str, StudentConfig | OnlineConfig], ...]
     born_again: "BornAgain | None" = None
+    root: str = "runs"   # where the stages' outputs land (what `softcache report` reads)
 
     @property
     def dump(self) -> DumpConfig | None:
@@ -58,7 +59,7 @@ class BornAgain:
 
 # Recipe keys whose TOML form differs from the config field's type; the rest take the field's type.
 _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]",
-                              "cache": "str"},
+                              "cache": "str", "online": "bool"},
               BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
                            "views": "int | str"}}
@@ -193,13 +194,20 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
                 table[key] = tuple(table[key])
         return _build(DumpConfig, table, section)
 
-    def build_student(entry: dict[str, Any], name: str) -> StudentConfig:
+    def build_student(entry: dict[str, Any], name: str, online: DumpConfig | None = None) -> StudentConfig | OnlineConfig:
+        """A train-student stage, or with `online` (the dump it would read) the train-online stage that runs
+        that dump's (first) teacher in the loop on fresh views of the dump's policy instead."""
         entry = dict(entry)
         if "loss" in entry:
             entry["losses"] = tuple(entry.pop("loss"))
         entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
         entry["weights"] = tuple(dict(entry.get("weights", {})).items())
-        return _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")
+        if online is None:
+            return _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")
+        entry.pop("cache", None)
+        entry = {"teacher": online.teacher[0], "teacher_weights": online.weights[0], "data": online.data,
+                 "augment": online.augment, "image_size": online.image_size, **entry}
+        return _build(OnlineConfig, with_defaults(OnlineConfig, entry), f"student {name}")
 
     teacher = None
     if "teacher" in doc:
@@ -216,8 +224,16 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     for k, entry in enumerate(doc.get("student", [])):
         entry = dict(entry)
         name = str(entry.pop("name", f"student{k}"))
+        online = entry.pop("online", False)
         entry.setdefault("out", f"students/{name}")
         named = dict(dumps)
+        if online:  # the teacher in the loop: the dump it would otherwise read names teacher, data and policy
+            dump = named.get(entry.get("cache", ""), dumps[0][1] if len(dumps) == 1 else None)
+            if dump is None:
+                raise SoftcacheError(f"[student {name}] online = true needs cache = the [[dump]] whose teacher it runs "
+                                     f"({', '.join(named) or 'the recipe has no [dump]'})")
+            students.append((name, build_student(entry, name, online=dump)))
+            continue
         if "cache" in entry and entry["cache"] in named:
             entry["cache"] = named[entry["cache"]].out
         elif "cache" in entry:
@@ -235,7 +251,7 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     born_again = None
     if "born_again" in doc:
         born_again = _born_again(dict(doc["born_again"]), with_defaults, build_dump, build_student)
-    return Pipeline(teacher, tuple(dumps), tuple(students), born_again)
+    return Pipeline(teacher, tuple(dumps), tuple(students), born_again, root=str(base))
 
 
 def _born_again(table: dict[str, Any], with_defaults, build_dump, build_student) -> BornAgain:
@@ -292,7 +308,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     """Run every stage not already complete; return one row per student for the comparison table."""
     # Imported here so that reading a recipe stays cheap (and tests can patch the stages).
     from softcache.dump import dump_from_config
-    from softcache.train import train_student_from_config, train_teacher_from_config
+    from softcache.train import train_online_from_config, train_student_from_config, train_teacher_from_config
 
     rows = []
 
@@ -313,14 +329,17 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
         else:
             echo(f"[{name}] {'+'.join(cfg.teacher)} -> {cfg.out} ({result.action})")
 
-    def student_stage(cfg: StudentConfig, name: str, label: str) -> None:
+    def student_stage(cfg: StudentConfig | OnlineConfig, name: str, label: str) -> None:
+        online = isinstance(cfg, OnlineConfig)
+        losses = "+".join(cfg.losses) + (" online" if online else "")
         summary = _finished_run(cfg.out, cfg)
         if summary:
             echo(f"[{label}] {cfg.out} is finished: skipped")
         else:
-            echo(f"[{label}] {cfg.student} with {'+'.join(cfg.losses)} -> {cfg.out}{_resuming(cfg.out)}")
-            summary = train_student_from_config(cfg)
-        rows.append({"name": name, "student": cfg.student, "losses": "+".join(cfg.losses), **summary})
+            teacher = f" ({cfg.teacher} in the loop)" if online else ""
+            echo(f"[{label}] {cfg.student} with {'+'.join(cfg.losses)}{teacher} -> {cfg.out}{_resuming(cfg.out)}")
+            summary = (train_online_from_config if online else train_student_from_config)(cfg)
+        rows.append({"name": name, "student": cfg.student, "losses": losses, **summary})
 
     if pipeline.teacher is not None:
         teacher_stage(pipeline.teacher, "teacher")

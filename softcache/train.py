@@ -29,15 +29,15 @@ from torch import nn
 from tqdm import tqdm
 
 from softcache import distributed
-from softcache.batches import Targets, augmented_batches, eval_batches, student_data
-from softcache.config import OptimConfig, StudentConfig, TeacherConfig, to_json
+from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
+from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source, recorded_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
-from softcache.models import Tapped, build_model
+from softcache.models import Tapped, build_model, check_layers, load_weights
 from softcache.store import where
 from softcache.store import CacheReader, differences, feature_name, local_only, open_cache, read_manifest
 from softcache.streaming import StreamingTargets
@@ -217,7 +217,7 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         best = max(best, test_acc)
         record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in sums.items()},
                   "train_acc": 100.0 * correct.item() / max(1, seen), "test_acc": test_acc, "test_loss": test_loss,
-                  "epoch_s": round(train_s, 3), "images_per_s": round(seen / train_s, 1)}
+                  "epoch_s": round(train_s, 3), "images": seen, "images_per_s": round(seen / train_s, 1)}
         records.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -235,7 +235,8 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         return {}
     _save_atomic(model.state_dict(), out / "model.pt")
     summary = {"test_acc": test_acc, "best_test_acc": best, "epochs": optim.epochs,
-               "wall_s": round(earlier_s + time.perf_counter() - started, 2)}
+               "wall_s": round(earlier_s + time.perf_counter() - started, 2),
+               "images": sum(r.get("images", 0) for r in records)}  # training views seen, every epoch
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (out / CHECKPOINT).unlink(missing_ok=True)
     distributed.barrier(world)
@@ -329,41 +330,62 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
     routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"])
+    aug = manifest["augment"]
+    augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
+                      scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+
+    def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
+        loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, temperature=temperature,
+                                        teachers=teachers, image_size=augment.image_size, batch_size=optim.batch_size,
+                                        seed=seed, workers=optim.workers, device=dev, data_path=data_path,
+                                        targets=targets, world=world)
+        return loader, found
+
     with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
-        torch.manual_seed(seed)
-        dev = torch.device(device)
-        aug = manifest["augment"]
-        augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
-                          scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
-        tapped = prepare_model(tapped, dev)
-        teacher_layers = sorted({t for used in routes.values() for _, t in used})
-        train_loader, targets, _ = student_data(reader, train_source, teacher_layers=teacher_layers,
-                                                temperature=temperature, teachers=teachers, image_size=augment.image_size,
-                                                batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
-                                                data_path=data_path, targets=targets, world=world)
-        criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
-                                reduce=pair_reduce, labels=train_source.labels, seed=seed).to(dev)
-        criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
-        mean, std = train_source.mean, train_source.std
-        step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
-                                 device=dev)
-        try:
-            return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
-                       modules={"model": student, "criterion": criterion},
-                       train_loader=train_loader,
-                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                                device=dev, data_path="loader" if data_path == "loader" else "auto")
-                       if world.main else None,
-                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world)
-        finally:
-            if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
-                targets.close()
+        return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
+                       temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
+                       labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
+                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world)
 
 
-def plan_pairs(tapped: Tapped, reader: CacheReader, weights: Mapping[str, float], pairs: Sequence[tuple[str, str]],
-               image_size: int) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]]]:
+def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device, list[str]], tuple[Any, Targets]],
+            test_source: Source, run: Path, *, augment: Augment, weights: Mapping[str, float], temperature: float,
+            routes: dict[str, list[tuple[str, str]]], channels: dict[tuple[str, str], tuple[int, int]],
+            pair_reduce: str, labels: Sequence[int], mean: Sequence[float], std: Sequence[float], optim: OptimConfig,
+            device: str, seed: int, data_path: str = "auto",
+            on_step: Callable[[int, dict[str, float]], None] | None = None,
+            world: distributed.World = distributed.World()) -> dict[str, Any]:
+    """The training loop of a student (train-student and train-online alike) in the run folder `run`:
+    `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
+    `plan_pairs` says; `fit`."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    tapped = prepare_model(tapped, dev)
+    train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
+    criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
+                            reduce=pair_reduce, labels=labels, seed=seed).to(dev)
+    criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
+    step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
+                             device=dev)
+    try:
+        return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+                   modules={"model": student, "criterion": criterion},
+                   train_loader=train_loader,
+                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                            device=dev, data_path="loader" if data_path == "loader" else "auto")
+                   if world.main else None,
+                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world)
+    finally:
+        if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
+            targets.close()
+
+
+def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ...]], weights: Mapping[str, float],
+               pairs: Sequence[tuple[str, str]], image_size: int
+               ) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]]]:
     """Which pairs each loss term uses (`route_pairs`) and each pair's `(student C, teacher C)`, from one probe
-    forward of the student (on its current device) and the cached arrays' shapes."""
+    forward of the student (on its current device) and the teacher's outputs: a cache (its arrays' shapes), or
+    `{layer: shape of one sample's output}` for a teacher run online."""
     with torch.no_grad():
         tapped.eval()
         device = next(tapped.parameters()).device
@@ -371,14 +393,17 @@ def plan_pairs(tapped: Tapped, reader: CacheReader, weights: Mapping[str, float]
     kinds, channels, planned = {}, {}, []
     for key, t in pairs:
         s = split_pair(key)[1]
-        shape = reader.shape(feature_name(reader.manifest, t))  # [N, V, ...]
-        t_kind = {3: "vector", 4: "attention"}.get(len(shape), "map")
+        if isinstance(teacher, CacheReader):
+            shape = teacher.shape(feature_name(teacher.manifest, t))[2:]  # [N, V, ...] -> one view's
+        else:
+            shape = teacher[t]
+        t_kind = {1: "vector", 2: "attention"}.get(len(shape), "map")
         if (probe[s].dim() == 2) != (t_kind == "vector"):
             raise SoftcacheError(f"--pair {key}={t} pairs a student {'embedding' if probe[s].dim() == 2 else 'feature map'} "
                                  f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
         if t_kind == "attention" and probe[s].shape[-1] < shape[-1]:
-            t = pooled_map(reader, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]))
-        kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[2])
+            t = pooled_map(teacher, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]))
+        kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[0])
         planned.append((key, t))
     return route_pairs(list(weights), planned, kinds), channels
 
@@ -450,3 +475,85 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
                          device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
                          config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path)
+
+
+def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
+                 augment: Augment, weights: Mapping[str, float], temperature: float = 4.0,
+                 pairs: Sequence[tuple[str, str]] = (), pair_reduce: str = "sum", views_from: CacheReader | None = None,
+                 optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
+                 config: Mapping[str, Any] | None = None, data_path: str = "auto",
+                 on_step: Callable[[int, dict[str, float]], None] | None = None,
+                 world: distributed.World = distributed.World()) -> dict[str, Any]:
+    """Train `student` with `teacher` run on every batch (online KD): the baseline the cache replaces, with
+    train-student's losses and outputs. Views are fresh each epoch (`augmented_batches`), or with `views_from`
+    the stored views of that cache replayed exactly as train-student replays them (same batches, same loss
+    values up to the cache's float16 rounding, which the online teacher's outputs share)."""
+    pairs = list(pairs)
+    if pairs and not any(t in weights for t in FEATURE_LOSSES):
+        raise SoftcacheError(f"--pair is given, but no loss uses it; add one of {', '.join(FEATURE_LOSSES)} to --loss "
+                             f"(now: {', '.join(weights)})")
+    if views_from is not None:
+        check_data_matches(views_from, train_source)
+    check_batch_fits(train_source, optim.batch_size)
+    distributed.check_global_batch(optim.batch_size, world)
+    teacher_layers = sorted({t for _, t in pairs})
+    check_layers(teacher, teacher_layers)
+    dev = torch.device(device)
+    online = OnlineTargets(teacher, teacher_layers, mean=train_source.mean, std=train_source.std, device=dev)
+    with torch.no_grad():  # one sample's output shape per teacher layer, for the pairs and the regressors
+        _, probe = online(torch.zeros(1, 3, augment.image_size, augment.image_size, dtype=torch.uint8), None, None)
+    student = sync_batchnorm(student, optim.sync_bn, world, device)
+    tapped = Tapped(student, sorted({split_pair(key)[1] for key, _ in pairs}))
+    routes, channels = plan_pairs(tapped, {t: tuple(f.shape[1:]) for t, f in probe.items()}, weights, pairs,
+                                  augment.image_size)
+
+    def batches(dev: torch.device, layers: list[str]) -> tuple[Any, Targets]:
+        if views_from is not None:
+            loader, _, _ = student_data(views_from, train_source, teacher_layers=layers, temperature=temperature,
+                                        teachers="mean", image_size=augment.image_size, batch_size=optim.batch_size,
+                                        seed=seed, workers=optim.workers, device=dev, data_path=data_path,
+                                        targets=online, world=world)
+        else:
+            loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
+                                       workers=optim.workers, device=dev,
+                                       data_path="auto" if data_path == "stream" else data_path, world=world)
+        return loader, online
+
+    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
+        return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
+                       temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
+                       labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
+                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world)
+
+
+def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
+    """The train-online command."""
+    if cfg.views_from is None and cfg.data is None:
+        raise SoftcacheError("train-online needs --data SPEC (or --views-from CACHE, whose dataset it takes)")
+    if not Path(cfg.teacher_weights).is_file():
+        raise SoftcacheError(f"weights file '{cfg.teacher_weights}' does not exist; give the model.pt a train-teacher "
+                             "run wrote, or a torch.save'd state_dict")
+    reader = open_cache(cfg.views_from) if cfg.views_from else None
+    if cfg.data:
+        train_source = load_source(cfg.data, "train", download=cfg.download)
+        test_source = load_source(cfg.data, "test", download=cfg.download)
+    else:
+        train_source = recorded_source(reader.manifest["dataset"], "train", download=cfg.download)
+        test_source = recorded_source(reader.manifest["dataset"], "test", download=cfg.download)
+    if reader is not None:  # the cache's policy and view size
+        aug = reader.manifest["augment"]
+        augment = Augment(aug["policy"], image_size=cfg.image_size or aug["image_size"], pad=aug["pad"],
+                          scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+    else:
+        augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
+                              overrides=dict(cfg.weights))
+    world = distributed.init(cfg.device)
+    teacher = load_weights(build_model(cfg.teacher, num_classes=len(train_source.classes)), cfg.teacher_weights)
+    torch.manual_seed(cfg.seed)  # the student's initial weights, as train-student makes them
+    student = build_model(cfg.student, num_classes=len(train_source.classes))
+    return train_online(student, teacher, train_source, test_source, cfg.out, augment=augment, weights=weights,
+                        temperature=cfg.temperature, pairs=list(cfg.pairs), pair_reduce=cfg.pair_reduce,
+                        views_from=reader, optim=cfg.optim, device=distributed.local_device(cfg.device, world),
+                        seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path,
+                        world=world)

@@ -178,7 +178,7 @@ class DumpViews(torch.utils.data.Dataset):
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label)`: a fresh view for plain training; epoch < 0 is the eval view.
+    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label, i, epoch)`: a fresh view for plain training; epoch < 0 is the eval view.
 
     Finite policies take view `epoch_choice(N, (seed, epoch))[i]` of `all_views`, imagenet draws from
     `(seed, epoch, i)`.
@@ -207,7 +207,7 @@ class AugmentedViews(torch.utils.data.Dataset):
         i, epoch = key
         image, label = self.source[i]
         box, flip = self.view_of(i, epoch, *image.shape[-2:])
-        return apply_view(image, box, flip, self.augment.image_size), label
+        return apply_view(image, box, flip, self.augment.image_size), label, i, epoch
 
 
 class ReplayViews(torch.utils.data.Dataset):

@@ -15,8 +15,8 @@ from softcache.dump import dump_teacher
 from softcache.losses import ATLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import open_cache
-from softcache.batches import OnlineTargets
-from softcache.train import train_student
+from softcache.config import OptimConfig
+from softcache.train import train_online, train_student
 from softcache.views import Augment, DumpViews, ReplayViews, apply_view
 
 FP16_TOL = dict(rtol=2e-3, atol=2e-3)
@@ -79,15 +79,20 @@ def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_wei
         assert (boxes[i, :, 2:] == 32).all()
 
 
-def _steps(cache, source, test_source, out, targets, pairs, losses):
+def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None):
+    """The loss terms of each step of a 2-epoch train-student run from `cache`, or of the train-online run that
+    replays the same views with `online_teacher` in the loop."""
     recorded = []
     torch.manual_seed(0)
     student = build_model("resnet8", num_classes=10)
     weights = resolve_weights(losses, alpha=0.9, beta=1000.0, hint_weight=100.0)
-    from softcache.config import OptimConfig
-    train_student(student, cache, source, test_source, out, weights=weights, pairs=pairs, targets=targets,
-                  optim=OptimConfig(epochs=2, batch_size=8, workers=0), seed=3,
-                  on_step=lambda step, terms: recorded.append(terms))
+    options = dict(weights=weights, pairs=list(pairs.items()), optim=OptimConfig(epochs=2, batch_size=8, workers=0),
+                   seed=3, on_step=lambda step, terms: recorded.append(terms))
+    if online_teacher is None:
+        train_student(student, cache, source, test_source, out, **options)
+    else:
+        train_online(student, online_teacher, source, test_source, out, augment=Augment("cifar", image_size=32),
+                     views_from=open_cache(cache), **options)
     return recorded
 
 
@@ -102,17 +107,15 @@ def embedding_cache(tmp_path_factory, teacher_weights):
 
 
 @pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst", "crd")])
-def test_cached_training_matches_online_kd(small_cache, embedding_cache, teacher_weights, tmp_path, losses):
+def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cache, embedding_cache, teacher_weights, tmp_path, losses):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
     cache = small_cache
     if "rkd" in losses:  # relation terms: sp and nst on layer3, rkd and pkt on the embedding
         cache, pairs = embedding_cache, {"layer3": "layer3", "embedding": "embedding"}
         assert open_cache(cache).shape("features/embedding") == (20, 5, 64)
-    cached = _steps(cache, source, test_source, tmp_path / "cached", None, pairs, losses)
-    online = OnlineTargets(load_teacher(teacher_weights), sorted(pairs.values()), mean=source.mean, std=source.std,
-                           device=torch.device("cpu"))
-    live = _steps(cache, source, test_source, tmp_path / "online", online, pairs, losses)
+    cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses)
+    live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights))
     assert len(cached) == len(live) == 4  # 2 epochs x (20 // 8) steps
     for a, b in zip(cached, live):
         assert a.keys() == b.keys() and set(losses) <= set(a)

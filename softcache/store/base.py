@@ -88,6 +88,20 @@ def read_markers(folder: where.Location, cache_id: str | None = None) -> dict[in
     return found
 
 
+def dump_cost(per_shard: list[dict[str, Any]]) -> dict[str, Any]:
+    """The dump's cost from its shards' markers: seconds summed over every shard (and so over every process
+    that computed one; a resumed dump counts each shard once), and the devices that computed them."""
+    total: dict[str, Any] = {"wall_s": 0.0, "teacher_s": 0.0, "views": 0}
+    devices = []
+    for cost in per_shard:
+        for key in total:
+            total[key] += cost.get(key, 0)
+        if cost.get("device") and cost["device"] not in devices:
+            devices.append(cost["device"])
+    return {"wall_s": round(total["wall_s"], 3), "teacher_s": round(total["teacher_s"], 3), "views": total["views"],
+            "devices": devices}
+
+
 class ShardWriter:
     """Buffers the rows of one shard at a time and writes whole shards; subclasses store the blocks.
 
@@ -113,6 +127,7 @@ class ShardWriter:
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="softcache-writer")
         self._in_flight: deque[Future] = deque()
         self._failed = False                # once a shard fails, no later shard is committed
+        self._cost: dict[str, Any] = {}     # what the shard being buffered cost to compute (see `write`)
 
     # --- backend hooks
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
@@ -138,10 +153,13 @@ class ShardWriter:
         return [k for k in range(self.num_shards) if k not in self.committed]
 
     # --- shared logic
-    def write(self, start: int, rows: dict[str, np.ndarray]) -> None:
+    def write(self, start: int, rows: dict[str, np.ndarray], cost: dict[str, Any] | None = None) -> None:
         """Append rows `[start, start + B)` of every array; a shard goes to disk as soon as its rows are in.
         Rows arrive in order within a shard, and a new shard is started at its first sample (rows that run
-        past a shard's end continue into the next one)."""
+        past a shard's end continue into the next one). `cost` (seconds, e.g. `{"wall_s", "teacher_s"}`) is
+        added up per shard, kept in its marker and summed over all shards in the finished cache's record."""
+        for key, value in (cost or {}).items():
+            self._cost[key] = self._cost.get(key, 0) + value if isinstance(value, (int, float)) else value
         assert rows.keys() == self.pending.keys(), f"every array needs rows: got {sorted(rows)}, expected {sorted(self.pending)}"
         count, offset = len(rows["labels"]), 0
         while offset < count:
@@ -164,9 +182,10 @@ class ShardWriter:
         blocks = {name: np.concatenate(parts) if len(parts) > 1 else parts[0] for name, parts in self.pending.items()}
         self.pending = {name: [] for name in self.layout}
         self.pending_rows = 0
+        cost, self._cost = self._cost, {}
         while len(self._in_flight) > self.threads:
             self._in_flight.popleft().result()
-        self._in_flight.append(self._pool.submit(self._store, lo, hi, blocks))
+        self._in_flight.append(self._pool.submit(self._store, lo, hi, blocks, cost))
 
     def wait(self) -> None:
         """Block until every handed-over shard is on disk and committed (raising the writer's error, if any)."""
@@ -179,7 +198,7 @@ class ShardWriter:
         self.wait()
         self._pool.shutdown()
 
-    def _store(self, lo: int, hi: int, blocks: dict[str, np.ndarray]) -> None:
+    def _store(self, lo: int, hi: int, blocks: dict[str, np.ndarray], cost: dict[str, Any] | None = None) -> None:
         """Write one shard of every array and make it durable (in any thread), then commit it."""
         if self._failed:
             return
@@ -189,7 +208,7 @@ class ShardWriter:
             self._sync(lo)
             k = lo // self.shard_samples
             write_marker(self.progress_dir, k, {"id": self.manifest.get("id"), "shard": k, "samples": [lo, hi],
-                                                "sums": self._checksums(lo, hi)})
+                                                "sums": self._checksums(lo, hi), "cost": cost or {}})
             with _COUNT_LOCK:
                 self.stored_shards += 1
         except OSError as err:
@@ -214,7 +233,9 @@ class ShardWriter:
         assert not missing, f"shards {missing[:5]} of {self.num_shards} are not committed"
         shards = {name: [committed[k]["sums"][name] for k in range(self.num_shards)] for name in self.layout}
         final = {**self.manifest, "complete": True}
-        self._set_manifest(final, build_record(final, self.layout, self.shard_samples, shards))
+        record = build_record(final, self.layout, self.shard_samples, shards)
+        record["cost"] = dump_cost([committed[k].get("cost", {}) for k in range(self.num_shards)])
+        self._set_manifest(final, record)
         where.remove(self.progress_dir)
         return final
 
@@ -232,6 +253,12 @@ class CacheReader:
     decoded_bytes: int = 0  # bytes of the chunks decoded so far (whole chunks: what a read really costs)
 
     # --- what the integrity checks need
+    @property
+    def cost(self) -> dict[str, Any] | None:
+        """What the dump cost, from the shard record: `wall_s` and `teacher_s` (the teachers' forward passes)
+        summed over the shards, `views` computed, `devices`; None for a cache written before it was recorded."""
+        return (self.record or {}).get("cost")
+
     def array_meta(self, name: str) -> tuple[tuple[int, ...], np.dtype] | None:
         """Shape and dtype of array `name`, or None when it is missing."""
         return (self.shape(name), self.dtype(name)) if name in self.names() else None
