@@ -175,12 +175,20 @@ def loss_options(f: Callable) -> Callable:
 
 @click.group(cls=SoftcacheGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="softcache")
-@click.option("-v", "--verbose", is_flag=True, help="log progress messages")
+@click.option("-v", "--verbose", is_flag=True, help="more detail: log messages besides the progress lines")
+@click.option("-q", "--quiet", is_flag=True, help="no progress bars or lines; results and errors only")
 @click.option("--storage-option", "storage_options", multiple=True, metavar="KEY=VALUE",
               help="an option of the object store's file system (fsspec), e.g. endpoint_url=http://host:9000; "
                    "repeatable [default: credentials from the environment]")
-def cli(verbose: bool, storage_options: tuple[str, ...]) -> None:
-    """Run the teacher once, cache its outputs on replayable views, distill many students from the cache."""
+def cli(verbose: bool, quiet: bool, storage_options: tuple[str, ...]) -> None:
+    """Run the teacher once, cache its outputs on replayable views, distill many students from the cache.
+
+    Progress goes to stderr: tqdm bars on a terminal, plain lines (one per epoch and per stage, and at least
+    every 30 s) when stderr is a file. Results go to stdout."""
+    from softcache import progress
+    if verbose and quiet:
+        raise click.UsageError("-v and -q contradict each other; give one")
+    progress.set_level(progress.QUIET if quiet else progress.VERBOSE if verbose else progress.NORMAL)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if storage_options:
         from softcache.store import where

@@ -19,9 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
-
-from softcache import distributed
+from softcache import distributed, progress
 from softcache.config import DumpConfig, to_json
 from softcache.device import prepare_model, teacher_outputs, to_host
 from softcache.data import Source, absolute_spec, load_source
@@ -250,8 +248,13 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     # writer thread, which compresses and writes whole shards.
     pending = None
     views = _view_batches(dataset, batches, shard, workers, dev, data_path)
-    for span, (flat, labels, boxes, flips) in tqdm(zip(batches, views), total=len(batches), desc="dump-teacher",
-                                                   unit="batch", disable=None):
+    todo = sum(b - a for a, b in batches)
+    progress.say(f"dump-teacher: {todo:,} samples x {num_views} views to compute on {device_name} "
+                 f"({len(mine)} of {writer.num_shards} shards" + (f"; {resumed_from:,} samples were committed before)"
+                                                                 if resumed_from else ")"))
+    for span, (flat, labels, boxes, flips) in progress.track(zip(batches, views), what="dump-teacher",
+                                                             total=len(batches), count=lambda item: item[0][1] - item[0][0],
+                                                             amount=todo, amount_unit="samples", final=True):
         if pending is None:
             log.info("first batch: samples %d-%d of %d", span[0], span[1], len(source))
         launched = (span, labels, boxes, flips, *launch(flat))

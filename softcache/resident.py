@@ -15,14 +15,15 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
+from softcache import progress
 from softcache.data import ArraySource, Source
 
 RESIDENT_BYTES = 4 << 30  # images and targets up to this size are held in memory (on the device)
 
 
 DECODE_BATCH = 256  # images a worker decodes and hands over in one transfer
+PROGRESS_IMAGES = 10_000  # decoding at least this many images ends with a line (without a terminal)
 
 
 class _DecodeBatches(torch.utils.data.Dataset):
@@ -59,7 +60,8 @@ def decode_all(source: Source, workers: int = 0, indices: Sequence[int] | None =
     loader = torch.utils.data.DataLoader(_DecodeBatches(source), sampler=batches, batch_size=None,
                                          num_workers=min(workers, len(batches)))
     out, at = None, 0
-    for batch in tqdm(loader, total=len(batches), desc="decode", unit="batch", leave=False, disable=None):
+    for batch in progress.track(loader, what="decode", total=len(batches), count=lambda b: 0 if b is None else len(b),
+                                amount=len(wanted), amount_unit="images", final=len(wanted) >= PROGRESS_IMAGES):
         if batch is None or (out is not None and batch.shape[1:] != out.shape[1:]):
             return None
         if out is None:

@@ -26,9 +26,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from tqdm import tqdm
-
-from softcache import distributed
+from softcache import distributed, progress
 from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, load_source, recorded_source
@@ -133,7 +131,7 @@ def evaluate(model: nn.Module, loader: Iterable, *, mean: Sequence[float], std: 
     """Top-1 accuracy (%) and mean cross-entropy of `model` over `loader` (batches of views, labels, ...)."""
     model.eval()
     correct, loss, count = 0, 0.0, 0
-    for batch in loader:
+    for batch in progress.track(loader, what="evaluate", unit="batch"):
         views, labels = batch[:2]
         x, labels = model_inputs(views, mean, std, device), labels.to(device)
         with autocast(device, torch.bfloat16):
@@ -188,8 +186,7 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         model.train()
         sums: dict[str, torch.Tensor] = {}
         correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
-        for batch in tqdm(train_loader, desc=f"epoch {epoch + 1}/{optim.epochs}", unit="batch", leave=False,
-                          disable=None if world.main else True):
+        for batch in progress.track(train_loader, what=f"{out.name} epoch {epoch + 1}/{optim.epochs}", unit="batch"):
             if trace is not None:
                 trace.write(json.dumps({"rank": world.rank, "epoch": epoch, "step": step,
                                         "index": batch[2].tolist(), "view": batch[3].tolist()}) + "\n")
@@ -227,7 +224,9 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
                       "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                      out / CHECKPOINT)
-        log.info("epoch %d: test_acc %.2f%%", epoch + 1, test_acc)
+        progress.say(f"{out.name}: epoch {epoch + 1}/{optim.epochs}, loss {record['train_loss']:.4f}, train "
+                     f"{record['train_acc']:.2f}%, test {test_acc:.2f}%, {record['images_per_s']:,.0f} images/s, "
+                     f"{earlier_s + time.perf_counter() - started:,.1f} s elapsed")
     if trace is not None:
         trace.close()
     if not world.main:

@@ -79,5 +79,40 @@ def test_quickstart_pipeline_runs_offline_and_skips_finished_stages(tmp_path):
     table = first.stdout.splitlines()
     assert any(line.startswith("kd_at") and "kd+at" in line for line in table)
     assert any(line.startswith("teacher") for line in table)
+    # output to a pipe, not a terminal: a plain line for every epoch of every stage, and for the dump
+    for run, epochs in (("teacher", 12), ("ce", 6), ("kd_at", 6)):
+        for epoch in range(1, epochs + 1):
+            assert re.search(rf"^{run}: epoch {epoch}/{epochs}, loss [0-9.]+, .* images/s, .* s elapsed$",
+                             first.stderr, re.M), (run, epoch, first.stderr)
+    assert re.search(r"^dump-teacher: 2,000 samples in [0-9.]+ s", first.stderr, re.M), first.stderr
+    check_report(env_root, first.stdout)
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 4
+
+
+def check_report(root: Path, stdout: str) -> None:
+    """report.png is a PNG of a sensible size; report.md and the amortisation table hold the runs' own numbers."""
+    from PIL import Image
+    with Image.open(root / "report.png") as image:
+        assert image.format == "PNG" and 1000 <= image.width <= 3000 and 400 <= image.height <= 1500
+        image.load()  # decodes the whole image
+    report = (root / "report.md").read_text()
+    teacher = json.loads((root / "teacher" / "summary.json").read_text())
+    for name in ("ce", "kd_at"):
+        summary = json.loads((root / "students" / name / "summary.json").read_text())
+        assert summary["images"] == 6 * (2000 // 128) * 128  # every training view of every epoch, counted
+        row = f"| students/{name} | cached | resnet8 | {name.replace('_', '+')} | 0 | 6 | {summary['test_acc']:.2f}% |"
+        assert row in report
+        assert re.search(rf"^train-student students/{name} +{summary['wall_s']:,.1f} ", stdout, re.M)
+    assert f"| train-teacher teacher | {teacher['wall_s']:,.1f} |" in report
+    # the dump: its size on disk, and the online estimate of kd_at from the dump's measured teacher rate
+    from softcache.store import open_cache, where
+    cache = open_cache(root / "cache")
+    size, cost = where.total_size(root / "cache"), cache.cost
+    assert cost["views"] == 2000 * 4 and cost["devices"] == ["cpu"] and 0 < cost["teacher_s"] < cost["wall_s"]
+    assert re.search(rf"^dump-teacher cache +{cost['wall_s']:,.1f} +{size / 2**20:,.1f} +{size / 2000:,.0f} ", stdout,
+                     re.M)
+    kd_at = json.loads((root / "students" / "kd_at" / "summary.json").read_text())
+    estimate = kd_at["wall_s"] + kd_at["images"] * cost["teacher_s"] / cost["views"]
+    assert f"| train-student students/kd_at | {kd_at['wall_s']:,.1f} | - | - | {estimate:,.1f} |" in report
+    assert re.search(r"saving [0-9.]+x", stdout)
