@@ -357,20 +357,54 @@ def ensemble_cmd(runs: tuple[str, ...], data: str | None, batch_size: int, save:
 
 @cli.command("inspect")
 @click.argument("cache", type=click.Path())
-def inspect_cmd(cache: str) -> None:
-    """Show a cache's manifest and its arrays: shapes, dtypes, bytes on disk and per sample, compression."""
+@_option("--json", "as_json", is_flag=True, help="print everything as one JSON object: the full manifest, the arrays, "
+                                                  "the dump's recorded cost")
+def inspect_cmd(cache: str, as_json: bool) -> None:
+    """Show a cache: a summary (teacher, data, views, targets, size, what the dump cost), then its arrays
+    (shapes, dtypes, bytes on disk and per sample, compression)."""
     from softcache.store import open_cache
     reader = open_cache(cache)
-    click.echo(json.dumps(reader.manifest, indent=2))
     rows = reader.describe()
-    n = reader.shape("labels")[0]
-    click.echo(f"\n{'array':<30} {'shape':<24} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>12} {'B/sample':>10} {'ratio':>6}")
-    for r in rows:
-        click.echo(f"{r['name']:<30} {str(tuple(r['shape'])):<24} {r['dtype']:<8} {r['chunks']:>6} {r['shards']:>6} "
-                   f"{r['bytes']:>12,} {r['bytes_per_sample']:>10.1f} {r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
+    if as_json:
+        arrays = [{**r, "shape": list(r["shape"])} for r in rows]
+        click.echo(json.dumps({"path": str(reader.path), "manifest": reader.manifest, "arrays": arrays,
+                               "cost": reader.cost}, indent=2))
+        return
+    m, n = reader.manifest, reader.shape("labels")[0]
     total, raw = sum(r["bytes"] for r in rows), sum(r["raw_bytes"] for r in rows)
-    click.echo(f"{'total':<30} {'':<24} {'':<8} {'':>6} {'':>6} {total:>12,} {total / max(1, n):>10.1f} "
+    aug, data, storage = m["augment"], m["dataset"], m["storage"]
+    teachers = ", ".join(f"{t['name']} ({t.get('arch', t['name'])}, weights sha256 {t['weights_sha256'][:12]})"
+                         for t in m["teachers"])
+    logits = storage["logits"]["format"] + "".join(f" {k}={v}" for k, v in storage["logits"].items() if k != "format")
+    layers = f"; {storage['targets']}: {', '.join(m['layers'])}" if m["layers"] else ""
+    cost = reader.cost
+    spent = "not recorded (a cache from before softcache recorded it)"
+    if cost and cost.get("teacher_s"):
+        spent = (f"{cost['wall_s']:,.1f} s on {', '.join(cost['devices']) or '?'}; teacher forward "
+                 f"{cost['views'] / cost['teacher_s']:,.0f} views/s")
+    summary = [("cache", f"{m['id']} {'complete' if m.get('complete') else 'INCOMPLETE'}: {reader.path}"),
+               ("teacher", teachers),
+               ("dataset", f"{data['spec']} ({n:,} samples, {len(data['classes'])} classes)"),
+               ("views", f"{aug['policy']}, {aug['num_views']} per sample, {aug['image_size']}x{aug['image_size']}, "
+                         f"seed {aug['seed']}"),
+               ("targets", f"logits {logits}{layers}"),
+               ("size", f"{total / 2**20:,.1f} MiB on disk ({total / max(1, n):,.0f} B/sample, "
+                        f"{raw / max(1, total):.1f}x compression), shards of {reader.shard_samples():,} samples"),
+               ("dump", spent),
+               ("created", f"{m.get('created', '?')}, softcache {m.get('softcache_version', '?')}")]
+    for key, value in summary:
+        click.echo(f"{key:<8} {value}")
+    width = max(len(r["name"]) for r in rows + [{"name": "total"}])
+    shape_w = max(len(str(tuple(r["shape"]))) for r in rows)
+    click.echo(f"\n{'array':<{width}} {'shape':<{shape_w}} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>12} "
+               f"{'B/sample':>10} {'ratio':>6}")
+    for r in rows:
+        click.echo(f"{r['name']:<{width}} {str(tuple(r['shape'])):<{shape_w}} {r['dtype']:<8} {r['chunks']:>6} "
+                   f"{r['shards']:>6} {r['bytes']:>12,} {r['bytes_per_sample']:>10.1f} "
+                   f"{r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
+    click.echo(f"{'total':<{width}} {'':<{shape_w}} {'':<8} {'':>6} {'':>6} {total:>12,} {total / max(1, n):>10.1f} "
                f"{raw / max(1, total):>5.1f}x")
+    click.echo("\n(the full manifest: softcache inspect --json CACHE)")
 
 
 @cli.command("ls")
@@ -380,12 +414,18 @@ def ls_cmd(root: str) -> None:
     from softcache.store import find_caches, where
     if not where.exists(root):
         raise SoftcacheError(f"'{root}' does not exist; give a folder that holds caches")
-    click.echo(f"{'id':<17} {'teacher':<18} {'dataset':<28} {'views':>5} {'layers':<16} {'MiB':>9} {'complete':<8} path")
+    rows = []
     for path, m in find_caches(root):
-        size = where.total_size(path)
         teachers = "+".join(t["name"] for t in m.get("teachers", [m.get("teacher", {})]))
-        click.echo(f"{m.get('id', '-'):<17} {teachers:<18} {m['dataset']['spec']:<28} {m['augment']['num_views']:>5} "
-                   f"{','.join(m['layers']) or '-':<16} {size / 2**20:>9.1f} {'yes' if m.get('complete') else 'NO':<8} {path}")
+        rows.append((m.get("id", "-"), teachers, m["dataset"]["spec"], str(m["augment"]["num_views"]),
+                     ",".join(m["layers"]) or "-", f"{where.total_size(path) / 2**20:.1f}",
+                     "yes" if m.get("complete") else "NO", str(path)))
+    header = ("id", "teacher", "dataset", "views", "layers", "MiB", "complete", "path")
+    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
+    right = {3, 5}  # numbers
+    for row in [header, *rows]:
+        cells = [cell.rjust(w) if k in right else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths))]
+        click.echo(" ".join(cells[:-1]) + " " + row[-1])
 
 
 @cli.command("verify")

@@ -13,6 +13,7 @@ from softcache import cifar_resnet, models
 from softcache.cli import cli
 from softcache.data import load_source
 from softcache.dump import dump_teacher
+from softcache.store import open_cache
 from softcache.models import build_model
 from softcache.views import Augment
 
@@ -154,7 +155,15 @@ def test_finished_run_is_not_overwritten(tmp_path, small_cache):
 def test_inspect_shows_arrays_and_bytes(small_cache):
     result = invoke("inspect", small_cache)
     assert result.exit_code == 0, result.output
-    assert '"complete": true' in result.output
+    lines = result.stdout.splitlines()
+    manifest = open_cache(small_cache).manifest
+    assert lines[0] == f"cache    {manifest['id']} complete: {small_cache}"  # the summary first
+    assert lines[2] == "dataset  synthetic:20 (20 samples, 10 classes)"
+    assert lines[3] == "views    cifar, 5 per sample, 32x32, seed 7"
+    assert lines[4] == "targets  logits fp16; features: layer2, layer3"
+    whole = invoke("inspect", "--json", small_cache)
+    assert whole.exit_code == 0 and json.loads(whole.stdout)["manifest"] == manifest
+    assert {a["name"] for a in json.loads(whole.stdout)["arrays"]} >= {"logits", "features/layer3", "views/box"}
     row = next(line for line in result.stdout.splitlines() if line.startswith("features/layer3"))
     assert "(20, 5, 64, 8, 8)" in row and "float16" in row
     on_disk = int(row.split()[-3].replace(",", ""))

@@ -59,6 +59,15 @@ def test_cifar_jpeg_subset_teacher_dump_student(tmp_path, cifar_subset, cache_na
     assert shapes == {"labels": (120,), "logits": (120, 3, 10), "views/box": (120, 3, 4), "views/flip": (120, 3),
                       "features/layer2": (120, 3, 32, 16, 16), "features/layer3": (120, 3, 64, 8, 8)}
     assert "features/layer3" in ok("inspect", cache)
+    # ls keeps its columns aligned with a long dataset spec (the subset's absolute folder)
+    listed = ok("ls", tmp_path).splitlines()
+    header, row = listed[0], listed[1]
+    assert len(manifest["dataset"]["resolved"]) > 30 and row.endswith(str(cache))
+    for column in ("teacher", "dataset", "layers", "complete", "path"):  # left-aligned: starts line up
+        assert row[header.index(column) - 1] == " " and row[header.index(column)] != " ", (column, listed)
+    for column in ("views", "MiB"):  # right-aligned: ends line up
+        end = header.index(column) + len(column)
+        assert row[end - 1] != " " and row[end] == " ", (column, listed)
     ok("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at,fitnets", "--pair", "layer3=layer3",
        "--pair", "layer2=layer2", "--epochs", "2", "--batch-size", "32", "--workers", "1", "--out", student)
     config = check_run_folder(student, {"ce", "kd", "at", "fitnets"}, 2)
