@@ -313,16 +313,35 @@ def train_online_cmd(**kw: Any) -> None:
 @_option("--root", default=None, help="folder for the stages' outputs [default: the recipe's defaults.root]")
 @_option("--device", default=None, help="device for every stage [default: the recipe's, else cuda when available]")
 @_option("--seed", type=int, default=None, help="seed for every stage [default: the recipe's, else 0]")
-def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None) -> None:
-    """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped."""
+@_option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+         help="a value (TOML: 3, 0.1, true, or text) for KEY in every stage that has it, over the recipe's, e.g. "
+              "--set epochs=1 --set data=imagefolder:data/cifar10-jpeg; repeatable")
+def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None, sets: tuple[str, ...]) -> None:
+    """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped.
+    Ends with the accuracy and cost tables, and writes ROOT/report.md and ROOT/report.png."""
     from softcache.pipeline import format_table, load_pipeline, run_pipeline
     from softcache.report import cost_table, write_report
-    recipe = load_pipeline(pipeline, root=root, device=device, seed=seed)
+    recipe = load_pipeline(pipeline, root=root, device=device, seed=seed, sets=_settings(sets))
     rows = run_pipeline(recipe, echo=click.echo)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
         return
     report, md, png = write_report(recipe.root)
     click.echo("\n" + format_table(rows) + "\n\n" + cost_table(report) + f"\n\nreport: {md}, {png}")
+
+
+def _settings(items: tuple[str, ...]) -> dict[str, Any]:
+    """--set KEY=VALUE items: VALUE read as a TOML value (a number, a boolean, a list), else taken as text."""
+    import tomllib
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise click.BadParameter(f"'{item}' is not KEY=VALUE (e.g. epochs=1)", param_hint="'--set'")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 @cli.command("report")

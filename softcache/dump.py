@@ -151,13 +151,13 @@ def usable_cores() -> int:
 
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
              existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu",
-             data_path: str = "auto", writer_threads: int = 0, world: distributed.World = distributed.World()
-             ) -> DumpResult:
+             data_path: str = "auto", writer_threads: int = 0, world: distributed.World = distributed.World(),
+             since: float | None = None) -> DumpResult:
     """Run the teachers over the views the manifest describes and write (or finish) the cache at `out`;
     `writer_threads` shards are compressed at once (0: `default_writer_threads()`). Only the shards not yet
     committed are computed; under torchrun (`world`) each rank computes its own share of them, whole shards,
     and rank 0 completes the cache once all are committed."""
-    started = time.perf_counter()
+    started = time.perf_counter() if since is None else since  # the first shard's wall time includes set-up
     if existing.action == "reuse":
         return DumpResult(where.location(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
@@ -307,6 +307,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
 
 def dump_from_config(cfg: DumpConfig) -> DumpResult:
     """The dump-teacher command: identify the dump first, so a cache already made is reused without a teacher."""
+    since = time.perf_counter()
     if len(cfg.weights) != len(cfg.teacher):
         raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per --teacher")
     source = load_source(cfg.data, "train", download=cfg.download)
@@ -343,4 +344,5 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
             teachers.append(load_weights(teacher, weights))
         check_layers(teachers[0], cfg.layers)
         return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
-                        device=device, data_path=cfg.data_path, writer_threads=cfg.writer_threads, world=world)
+                        device=device, data_path=cfg.data_path, writer_threads=cfg.writer_threads, world=world,
+                        since=since)

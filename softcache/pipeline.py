@@ -59,14 +59,14 @@ class BornAgain:
 
 # Recipe keys whose TOML form differs from the config field's type; the rest take the field's type.
 _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]",
-                              "cache": "str", "online": "bool"},
+                              "cache": "str", "online": "bool", "seeds": "list[int]"},
               BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
                            "views": "int | str"}}
 _EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]', "dict[str, str]": 'a table of strings, e.g. '
              '{ layer3 = "layer3" }', "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
              "str | list[str]": 'a string or a list of strings', "int | str": 'an integer or "all"',
-             "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+             "list[int]": "a list of integers, e.g. [0, 1]", "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
              "int | None": "an integer", "str | None": "a string"}
 
 
@@ -134,8 +134,9 @@ _WHERE = {"weights": ", or a [teacher] section whose model.pt it takes", "cache"
 
 
 def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None,
-                  seed: int | None = None) -> Pipeline:
-    """Read a recipe; `root`, `device` and `seed` override the file's."""
+                  seed: int | None = None, sets: dict[str, Any] | None = None) -> Pipeline:
+    """Read a recipe; `root`, `device` and `seed` override the file's, and `sets` (`softcache run --set`) a
+    key of every stage that has it (e.g. {"epochs": 1, "data": "synthetic:200"})."""
     try:
         doc = tomllib.loads(Path(path).read_text())
     except tomllib.TOMLDecodeError as err:
@@ -167,11 +168,20 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     base = Path(root or defaults.pop("root", "runs"))
     defaults.pop("root", None)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
+    sets = dict(sets or {})
+    stage_keys = set(_OPTIM_KEYS) | {f.name for c in (TeacherConfig, DumpConfig, StudentConfig, OnlineConfig)
+                                     for f in fields(c)}
+    for key, value in sets.items():
+        if key not in stage_keys - {"out", "cache", "optim"}:
+            raise SoftcacheError(f"--set {key}: no stage has the key '{key}'; valid: "
+                                 f"{', '.join(sorted(stage_keys - {'out', 'cache', 'optim'}))}")
+        _check_types({key: value}, f"--set {key}", (TeacherConfig, DumpConfig, StudentConfig))
 
     def with_defaults(cls: type, table: dict[str, Any]) -> dict[str, Any]:
         accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())
         merged = {k: v for k, v in defaults.items() if k in accepted}
         merged.update(table)
+        merged.update({k: v for k, v in sets.items() if k in accepted})
         merged.update(overrides)  # command-line values win over the recipe's
         if "out" in merged:
             merged["out"] = str(base / merged["out"])
@@ -221,9 +231,21 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
             raise SoftcacheError(f"two [[dump]] tables are named '{name}'; give each its own name")
         dumps.append((name, build_dump(table, "dump" if one_dump else f"dump {name}", teacher)))
     students = []
-    for k, entry in enumerate(doc.get("student", [])):
+    entries = []
+    for k, entry in enumerate(doc.get("student", [])):  # `seeds = [0, 1]`: one run per seed, named NAME_sSEED
         entry = dict(entry)
         name = str(entry.pop("name", f"student{k}"))
+        seeds = entry.pop("seeds", None)
+        if seeds is not None and "seed" in entry:
+            raise SoftcacheError(f"[student {name}] has both seed and seeds; give one")
+        if seeds is not None and seed is not None:
+            raise SoftcacheError(f"--seed {seed} would give every run of [student {name}] (seeds = {seeds}) one seed; "
+                                 "run the recipe without --seed, or give its students one seed each")
+        if seeds is not None and len(set(seeds)) != len(seeds):
+            raise SoftcacheError(f"[student {name}] seeds = {seeds} repeats a seed; give each once")
+        entries += [({**entry, "seed": s}, f"{name}_s{s}") for s in seeds] if seeds is not None else [(entry, name)]
+    for entry, name in entries:
+        entry = dict(entry)
         online = entry.pop("online", False)
         entry.setdefault("out", f"students/{name}")
         named = dict(dumps)

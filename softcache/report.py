@@ -302,6 +302,7 @@ def figure(report: Report, path: str | Path) -> Path:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
+    from matplotlib.ticker import MaxNLocator
 
     configs = report.configurations()
     fig = Figure(figsize=(16, 5.4), dpi=100, layout="constrained")
@@ -316,8 +317,14 @@ def figure(report: Report, path: str | Path) -> Path:
         k = config["runs"].index(run.name)
         epochs, accs = zip(*run.curve) if run.curve else ((), ())
         curves.plot(epochs, accs, styles[k % len(styles)], color=color_of[config["label"]], lw=1.6,
-                    label=config["label"] if k == 0 else None)
+                    marker="o" if len(epochs) <= 20 else None, ms=3, label=config["label"] if k == 0 else None)
     curves.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    last = max([e for run in report.runs for e, _ in run.curve] + [1])
+    curves.set_xlim(0.5, last + 0.5)
+    if last <= 15:
+        curves.set_xticks(range(1, last + 1))
+    else:
+        curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.grid(alpha=0.3)
     curves.legend(fontsize=8, loc="lower right", ncol=1 if len(configs) <= 8 else 2)
 
@@ -326,14 +333,14 @@ def figure(report: Report, path: str | Path) -> Path:
     spread = [[c["mean"] - c["min"] for c in configs], [c["max"] - c["mean"] for c in configs]]
     finals.barh(list(ys), means, xerr=spread, color=[color_of[c["label"]] for c in configs], alpha=0.85,
                 capsize=3, height=0.6)
+    top = min(100.0, max([c["max"] for c in configs] + [1.0]))
     for y, c in zip(ys, configs):
         finals.plot(c["accs"], [y] * len(c["accs"]), "k.", ms=5)
         seeds = f" (n={len(c['accs'])})" if len(c["accs"]) > 1 else ""
-        finals.text(c["max"] + 1.5, y, f"{c['mean']:.1f}%{seeds}", va="center", fontsize=8)
+        finals.text(c["max"] + 0.03 * top, y, f"{c['mean']:.1f}%{seeds}", va="center", fontsize=8)
     finals.set_yticks(list(ys), [f"{c['label']}\n{c['model']}: {c['losses']}" for c in configs], fontsize=8)
     finals.invert_yaxis()
-    top = min(100.0, max([c["max"] for c in configs] + [1.0]))
-    finals.set_xlim(0, top * 1.2)
+    finals.set_xlim(0, top * 1.3)
     finals.set_xticks([t for t in finals.get_xticks() if t <= 100])
     finals.set(title="Final test accuracy (mean; bar: min..max over seeds)", xlabel="test accuracy (%)")
     finals.grid(axis="x", alpha=0.3)
@@ -366,7 +373,7 @@ def figure(report: Report, path: str | Path) -> Path:
     note = ("estimate: each student's wall time + its training views at the teacher forward rate the dump "
             "measured, " + ("; ".join(rates) or "none recorded"))
     if measured:
-        note += ". Measured online runs: " + ", ".join(f"{m['run']} {m['wall_s']:,.0f} s" for m in measured)
+        note += ". Measured online runs: " + ", ".join(f"{m['run']} {m['wall_s']:,.1f} s" for m in measured)
     cost.set(title=title, xlabel="wall time (s)\n\n" + "\n".join(textwrap.wrap(note, 70)))
     cost.xaxis.label.set_fontsize(8.5)
     cost.grid(axis="x", alpha=0.3)

@@ -146,8 +146,8 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
         params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: Iterable,
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
-        modules: Mapping[str, nn.Module] | None = None, world: distributed.World = distributed.World()
-        ) -> dict[str, Any]:
+        modules: Mapping[str, nn.Module] | None = None, world: distributed.World = distributed.World(),
+        since: float | None = None) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
 
     `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
@@ -160,7 +160,8 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
     modules = dict(modules or {"model": model})
     opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
-    started, best, step, first, records, earlier_s = time.perf_counter(), 0.0, 0, 0, [], 0.0
+    started = time.perf_counter() if since is None else since  # `since`: when the stage began (set-up included)
+    best, step, first, records, earlier_s = 0.0, 0, 0, [], 0.0
     test_acc = 0.0
     if (out / CHECKPOINT).exists():
         state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
@@ -245,9 +246,11 @@ def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Ten
 def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
-                     data_path: str = "auto", world: distributed.World = distributed.World()) -> dict[str, Any]:
+                     data_path: str = "auto", world: distributed.World = distributed.World(),
+                     since: float | None = None) -> dict[str, Any]:
     """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`); under torchrun
     (`world`) with DistributedDataParallel, `optim.batch_size` being the global batch."""
+    since = time.perf_counter() if since is None else since
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     model = sync_batchnorm(model, optim.sync_bn, world, device)
@@ -270,7 +273,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                             device=dev, data_path=data_path) if world.main else None,
-                   optim=optim, mean=mean, std=std, device=dev, out=run, world=world)
+                   optim=optim, mean=mean, std=std, device=dev, out=run, world=world, since=since)
 
 
 def check_batch_fits(source: Source, batch_size: int) -> None:
@@ -301,7 +304,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
                   teachers: str = "mean", data_path: str = "auto",
                   on_step: Callable[[int, dict[str, float]], None] | None = None,
-                  world: distributed.World = distributed.World()) -> dict[str, Any]:
+                  world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
 
     At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
@@ -309,6 +312,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     teacher outputs (tests compare online KD this way). `data_path` (auto, resident, loader, stream) says where
     images and targets come from; see `softcache.batches.choose_data_path`.
     """
+    since = time.perf_counter() if since is None else since
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest = reader.manifest
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
@@ -344,7 +348,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
                        temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
                        labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
-                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world)
+                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world, since=since)
 
 
 def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device, list[str]], tuple[Any, Targets]],
@@ -353,7 +357,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             pair_reduce: str, labels: Sequence[int], mean: Sequence[float], std: Sequence[float], optim: OptimConfig,
             device: str, seed: int, data_path: str = "auto",
             on_step: Callable[[int, dict[str, float]], None] | None = None,
-            world: distributed.World = distributed.World()) -> dict[str, Any]:
+            world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
     """The training loop of a student (train-student and train-online alike) in the run folder `run`:
     `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
     `plan_pairs` says; `fit`."""
@@ -373,7 +377,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                             device=dev, data_path="loader" if data_path == "loader" else "auto")
                    if world.main else None,
-                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world)
+                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since)
     finally:
         if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
             targets.close()
@@ -444,6 +448,7 @@ def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, me
 
 def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     """The train-teacher command."""
+    since = time.perf_counter()  # the run's wall time includes loading data and models
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
@@ -452,11 +457,13 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     model = build_model(cfg.model, num_classes=len(train_source.classes))
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
                             device=distributed.local_device(cfg.device, world), seed=cfg.seed,
-                            overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path, world=world)
+                            overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path, world=world,
+                            since=since)
 
 
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     """The train-student command: the cache names the dataset unless `cfg.data` overrides it."""
+    since = time.perf_counter()  # the run's wall time includes loading data and models
     reader = open_cache(cfg.cache)
     if cfg.data:
         train_source = load_source(cfg.data, "train", download=cfg.download)
@@ -473,7 +480,7 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
                          temperature=cfg.temperature, pairs=list(cfg.pairs), image_size=cfg.image_size,
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
                          device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
-                         config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path)
+                         config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path, since=since)
 
 
 def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
@@ -482,11 +489,12 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
                  optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                  config: Mapping[str, Any] | None = None, data_path: str = "auto",
                  on_step: Callable[[int, dict[str, float]], None] | None = None,
-                 world: distributed.World = distributed.World()) -> dict[str, Any]:
+                 world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
     """Train `student` with `teacher` run on every batch (online KD): the baseline the cache replaces, with
     train-student's losses and outputs. Views are fresh each epoch (`augmented_batches`), or with `views_from`
     the stored views of that cache replayed exactly as train-student replays them (same batches, same loss
     values up to the cache's float16 rounding, which the online teacher's outputs share)."""
+    since = time.perf_counter() if since is None else since
     pairs = list(pairs)
     if pairs and not any(t in weights for t in FEATURE_LOSSES):
         raise SoftcacheError(f"--pair is given, but no loss uses it; add one of {', '.join(FEATURE_LOSSES)} to --loss "
@@ -522,11 +530,12 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
         return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
                        temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
                        labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
-                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world)
+                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world, since=since)
 
 
 def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     """The train-online command."""
+    since = time.perf_counter()  # the run's wall time includes loading data and models
     if cfg.views_from is None and cfg.data is None:
         raise SoftcacheError("train-online needs --data SPEC (or --views-from CACHE, whose dataset it takes)")
     if not Path(cfg.teacher_weights).is_file():
@@ -555,4 +564,4 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
                         temperature=cfg.temperature, pairs=list(cfg.pairs), pair_reduce=cfg.pair_reduce,
                         views_from=reader, optim=cfg.optim, device=distributed.local_device(cfg.device, world),
                         seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path,
-                        world=world)
+                        world=world, since=since)
