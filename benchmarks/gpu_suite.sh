@@ -26,7 +26,7 @@ if [ ! -s "$OUT/bench.txt" ]; then
     # shellcheck disable=SC2086  # SUITE_BENCH_ARGS is a list of options
     softcache -q bench --data "$DATA" --out "$OUT/bench" ${SUITE_BENCH_ARGS:-} > "$OUT/bench.txt.partial"
     mv "$OUT/bench.txt.partial" "$OUT/bench.txt"
-    find "$OUT/bench" -mindepth 1 -maxdepth 1 -type d -exec rm -rf {} +  # its caches; bench.json stays
+    find "$OUT/bench" -mindepth 1 -maxdepth 1 ! -name bench.json -exec rm -rf {} +  # its caches; bench.json stays
 fi
 
 sets=(--set "data=$DATA")
@@ -64,6 +64,6 @@ fi
         echo "![report](runs/report.png)"
     fi
 } > "$OUT/suite.md"
-if [ "${SUITE_DROP_CACHE:-0}" = 1 ]; then rm -rf "$OUT/runs/cache"; fi
+if [ "${SUITE_DROP_CACHE:-0}" = 1 ]; then rm -rf "$OUT/runs/cache" "$OUT/runs/cache.lock"; fi
 echo "gpu_suite: $OUT/suite.md"
 exit "$status"

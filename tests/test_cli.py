@@ -249,3 +249,35 @@ def test_the_names_the_cli_offers_are_the_implemented_ones():
     assert (POLICIES, TARGET_KINDS, BACKENDS) == (names.POLICIES, names.TARGET_KINDS, names.BACKENDS)
     for policy in names.POLICIES:
         Augment(policy, image_size=32)  # each one is a policy Augment knows
+
+
+def test_train_online_draws_fresh_views_as_train_teacher_does(tmp_path, teacher_weights):
+    """With ce alone, train-online is train-teacher with a teacher idling beside it: the same fresh views each
+    epoch, the same steps, the same final weights."""
+    common = ["--data", "synthetic:40", "--epochs", "2", "--batch-size", "8", "--workers", "0", "--device", "cpu",
+              "--seed", "5"]
+    plain = invoke("train-teacher", "--model", "resnet8", *common, "--out", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    online = invoke("train-online", "--teacher", "resnet8", "--weights", teacher_weights, "--student", "resnet8",
+                    "--loss", "ce", *common, "--out", tmp_path / "online")
+    assert online.exit_code == 0, online.output
+    a = torch.load(tmp_path / "plain" / "model.pt", weights_only=True)
+    b = torch.load(tmp_path / "online" / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kd_at = invoke("train-online", "--teacher", "resnet8", "--weights", teacher_weights, "--student", "resnet8",
+                   "--loss", "kd,at", "--pair", "layer3=layer3", *common, "--out", tmp_path / "kd_at")
+    assert kd_at.exit_code == 0, kd_at.output
+    config = json.loads((tmp_path / "kd_at" / "config.json").read_text())
+    assert config["teacher_weights"] == str(teacher_weights) and config["views_from"] is None
+    metrics = [json.loads(line) for line in (tmp_path / "kd_at" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2 and {"train_kd", "train_at", "train_ce"} <= set(metrics[-1])
+    for args, message in [
+        (["--loss", "kd"], r"train-online needs --data SPEC \(or --views-from CACHE"),
+        (["--loss", "kd", "--data", "synthetic:40", "--weights", tmp_path / "none.pt"], r"weights file .*none\.pt' does not exist"),
+        (["--loss", "kd,at", "--data", "synthetic:40", "--pair", "layer3=layer9"], r"layer9"),
+    ]:
+        options = ["--teacher", "resnet8", "--weights", teacher_weights, "--student", "resnet8", "--out",
+                   tmp_path / "bad", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--device", "cpu", *args]
+        result = invoke("train-online", *options)
+        assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+        assert re.search(message, result.stderr), result.stderr

@@ -8,6 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from softcache.cli import cli
+from softcache.errors import SoftcacheError
 from softcache.pipeline import load_pipeline
 
 RECIPE = """
@@ -59,6 +60,31 @@ def test_rerun_skips_and_a_changed_stage_is_refused(tmp_path):
     bad.write_text("[teacher]\nmodel = 'resnet8'\ndata = 'synthetic:20'\nepoch = 3\n")
     result = CliRunner().invoke(cli, ["run", str(bad), "--root", root])
     assert result.exit_code != 0 and "unknown key 'epoch' in [teacher]; valid:" in result.stderr
+
+
+def test_set_seeds_and_online_students(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(RECIPE.format(epochs=3) + '\n[[student]]\nname = "kd"\nstudent = "resnet8"\nseeds = [0, 4]\n'
+                      '\n[[student]]\nname = "live"\nonline = true\nstudent = "resnet8"\nloss = ["kd"]\n')
+    p = load_pipeline(recipe, root=str(tmp_path / "runs"), sets={"epochs": 1, "data": "synthetic:30", "lr": 0.2})
+    assert p.teacher.optim.epochs == 1 and p.teacher.data == "synthetic:30" and p.dump.data == "synthetic:30"
+    names = [name for name, _ in p.students]
+    assert names == ["kd_at", "kd_s0", "kd_s4", "live"]
+    students = dict(p.students)
+    assert [students["kd_s0"].seed, students["kd_s4"].seed] == [0, 4]
+    assert students["kd_s4"].out == str(tmp_path / "runs" / "students" / "kd_s4")
+    assert all(s.optim.epochs == 1 and s.optim.lr == 0.2 for s in students.values())
+    live = students["live"]  # train-online: the dump's teacher, weights, data and policy
+    assert type(live).__name__ == "OnlineConfig" and live.teacher == "resnet8" and live.augment == p.dump.augment
+    assert live.teacher_weights == str(tmp_path / "runs" / "teacher" / "model.pt") and live.data == "synthetic:30"
+    for sets, message in [({"epoch": 1}, r"--set epoch: no stage has the key 'epoch'; valid: .*epochs"),
+                          ({"epochs": "x"}, r"\[--set epochs\] epochs = \"x\" is a string; expected an integer")]:
+        with pytest.raises(SoftcacheError, match=message):
+            load_pipeline(recipe, sets=sets)
+    with pytest.raises(SoftcacheError, match=r"--seed 3 would give every run of \[student kd\]"):
+        load_pipeline(recipe, seed=3)
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--set", "epochs"])
+    assert result.exit_code == 2 and "'epochs' is not KEY=VALUE" in result.stderr
 
 
 def test_shipped_recipes_load():
@@ -127,6 +153,11 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     ('[dump]\nteacher = "resnet8"\ndata = "synthetic"\n', r"\[dump\] needs 'weights' \(a string or a list"),
     ('[defaults]\nseed = 1\n', r"has no stage; add a \[teacher\], a \[dump\], a \[\[student\]\] or a \[born_again\] section"),
     ('[student]\nstudent = "resnet8"\n', r"\[student\] must be an array of tables: write each student as"),
+    ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nseeds = [0, 0]\n', r"seeds = \[0, 0\] repeats a seed"),
+    ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nseeds = 2\n',
+     r"\[student a\] seeds = 2 is an integer; expected a list of integers, e.g. \[0, 1\]"),
+    ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nonline = true\n',
+     r"\[student a\] online = true needs cache = the \[\[dump\]\] whose teacher it runs"),
 ])
 def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
     recipe = tmp_path / "r.toml"
