@@ -322,8 +322,9 @@ def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | Non
     from softcache.pipeline import format_table, load_pipeline, run_pipeline
     from softcache.report import cost_table, write_report
     recipe = load_pipeline(pipeline, root=root, device=device, seed=seed, sets=_settings(sets))
-    rows = run_pipeline(recipe, echo=click.echo)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports for all
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for all
+    rows = run_pipeline(recipe, echo=click.echo if main_rank else lambda line: None)
+    if not main_rank:
         return
     report, md, png = write_report(recipe.root)
     click.echo("\n" + format_table(rows) + "\n\n" + cost_table(report) + f"\n\nreport: {md}, {png}")

@@ -125,3 +125,15 @@ def check_report(root: Path, stdout: str) -> None:
     estimate = kd_at["wall_s"] + kd_at["images"] * cost["teacher_s"] / cost["views"]
     assert f"| train-student students/kd_at | {kd_at['wall_s']:,.1f} | - | - | {estimate:,.1f} |" in report
     assert re.search(r"saving [0-9.]+x", stdout)
+
+
+def test_the_readme_figure_is_the_current_quickstarts():
+    """docs/quickstart_report.png is regenerated whenever pipelines/quickstart.toml changes (README says how)."""
+    import hashlib
+    from PIL import Image
+    recipe = hashlib.sha256((REPO / "pipelines" / "quickstart.toml").read_bytes()).hexdigest()
+    assert (REPO / "docs" / "quickstart_report.sha256").read_text().strip() == recipe, \
+        "pipelines/quickstart.toml changed: regenerate docs/quickstart_report.png (see README, Quickstart)"
+    with Image.open(REPO / "docs" / "quickstart_report.png") as image:
+        assert image.format == "PNG" and image.width >= 1000
+    assert "docs/quickstart_report.png" in (REPO / "README.md").read_text()

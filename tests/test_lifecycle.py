@@ -263,7 +263,7 @@ def test_overwrite_keeps_the_old_cache_until_the_new_one_is_complete(tmp_path, t
     bad = sorted((data / "train" / "truck").iterdir())[5]  # sample 113 of 120
     good = bad.read_bytes()
     bad.write_bytes(good[:200])
-    failed = invoke(*base, *new_options, "--out", cache)
+    failed = invoke("-q", *base, *new_options, "--out", cache)  # -q: no progress lines, the error alone
     assert failed.exit_code != 0 and len(failed.stderr.strip().splitlines()) == 1, failed.output
     assert f"image '{bad}' cannot be read" in failed.stderr
     committed = committed_samples(tmp_path / "cache.new")
@@ -286,7 +286,7 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path, teacher_weights, ci
     shutil.copytree(cifar_subset, data)
     bad = sorted((data / "train" / "cat").iterdir())[3]
     bad.write_bytes({"empty": b"", "truncated": bad.read_bytes()[:300], "text": b"not an image\n"}[kind])
-    result = invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data",
+    result = invoke("-q", "dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data",
                     f"imagefolder:{data}", "--out", tmp_path / "cache")  # default options: 2 decode workers
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]

@@ -16,7 +16,7 @@ from softcache.cli import cli
 from softcache.store import committed_samples, open_cache
 
 moto_server = pytest.importorskip("moto.server", reason="the s3 extra (pip install -e '.[s3]') is not installed")
-pytest.importorskip("s3fs")
+s3fs = pytest.importorskip("s3fs")
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,15 @@ def test_a_cache_in_s3_dumps_resumes_verifies_lists_and_trains(tmp_path, teacher
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
-    while proc.poll() is None and time.monotonic() < deadline and committed_samples(url) < 96:
-        time.sleep(0.05)
+    fs = s3fs.S3FileSystem()
+
+    def markers() -> int:  # one listing per look (reading every marker would let the dump outrun the watcher)
+        try:
+            return sum(name.endswith(".json") for name in fs.ls(f"{url}/progress", refresh=True))
+        except FileNotFoundError:
+            return 0
+    while proc.poll() is None and time.monotonic() < deadline and markers() < 12:  # 12 shards of 8 samples
+        time.sleep(0.02)
     proc.kill()
     proc.wait()
     committed = committed_samples(url)

@@ -35,6 +35,11 @@ epochs = 1
 """
 
 
+def accuracy_table(stdout: str) -> str:
+    """The accuracy table `softcache run` prints (before the cost table)."""
+    return next(block for block in stdout.split("\n\n") if block.startswith("run "))
+
+
 def test_recipe_wires_the_stages_together(tmp_path):
     (tmp_path / "r.toml").write_text(RECIPE.format(epochs=1))
     p = load_pipeline(tmp_path / "r.toml", root=str(tmp_path / "runs"), seed=3)
@@ -194,7 +199,7 @@ def test_born_again_generations_and_their_ensemble(tmp_path):
     recipe.write_text(BORN_AGAIN)
     first = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(root)])
     assert first.exit_code == 0, first.output
-    table = first.output.split("\n\n")[-1]
+    table = accuracy_table(first.stdout)
     assert [line.split()[0] for line in table.splitlines()[2:]] == ["gen1", "gen2", "gen3", "ensemble"]
     gens = [root / "born_again" / f"gen{k}" for k in (1, 2, 3)]
     assert json.loads((gens[1] / "config.json").read_text())["cache"] == str(root / "born_again" / "gen1_cache")
@@ -254,7 +259,7 @@ def test_the_seed_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
     result = CliRunner().invoke(cli, ["run", str(tmp_path / "seed.toml"), "--root", str(tmp_path / "runs"),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
-    rows = [line.split()[0] for line in result.output.split("\n\n")[-1].splitlines()[2:]]
+    rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
     assert rows == ["teacher", "ce", "kd", "fitnets", "at", "rkd", "combined", "gen1", "gen2", "gen3", "ensemble"]
     metrics = json.loads((tmp_path / "runs" / "students" / "combined" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_kd", "train_ce", "train_fitnets", "train_at", "train_rkd"} <= set(metrics)

@@ -279,8 +279,8 @@ def test_at_from_an_attention_only_cache_equals_at_from_features(tmp_path, teach
         assert exact.item() == pytest.approx(online.item(), rel=1e-3)
         assert abs(pooled.item() - online.item()) > 10 * abs(exact.item() - online.item())  # pooling the map is not AT
         # and through training: the first step of each (same initial student) agrees
-        full = _steps(caches["features"], source, test_source, tmp_path / f"f{k}", None, {layer: "layer1"}, ("kd", "at"))
-        maps = _steps(caches["attention"], source, test_source, tmp_path / f"a{k}", None, {layer: "layer1"}, ("kd", "at"))
+        full = _steps(caches["features"], source, test_source, tmp_path / f"f{k}", {layer: "layer1"}, ("kd", "at"))
+        maps = _steps(caches["attention"], source, test_source, tmp_path / f"a{k}", {layer: "layer1"}, ("kd", "at"))
         assert maps[0]["at"] == pytest.approx(full[0]["at"], rel=1e-3)
     from softcache.config import OptimConfig
     from softcache.errors import SoftcacheError
