@@ -257,9 +257,10 @@ def _saving_line(report: Report, costs: dict[str, Any]) -> str:
     if costs["saving"] is None:
         return ("online_s: no estimate (a cache without a recorded teacher rate, or a run without an image count); "
                 "re-dump with this version to record it")
-    return (f"with the cache: {_seconds(costs['cached_s'])} s; the same runs with the teacher in the loop: "
-            f"~{_seconds(costs['online_s'])} s (estimate: each student's time plus its training views at the dump's "
-            f"measured teacher rate, {'; '.join(rates) or 'no teacher needed'}); saving {costs['saving']:.2f}x")
+    return (f"with the cache {_seconds(costs['cached_s'])} s, with the teacher in the loop ~{_seconds(costs['online_s'])} s "
+            f"(estimate): saving {costs['saving']:.2f}x\n"
+            f"online_s estimate: a student's time + its training views at the teacher forward rate the dump measured "
+            f"({'; '.join(rates) or 'no teacher needed'})")
 
 
 def markdown(report: Report) -> str:
