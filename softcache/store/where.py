@@ -132,6 +132,19 @@ def size(target: Location) -> int | None:
         return None
 
 
+def file_sizes(folder: Location) -> dict[str, int]:
+    """Bytes of every file under `folder`, by path relative to it ('c/0/0'); for an object store one recursive
+    listing, not a request per file."""
+    if not is_url(folder):
+        root = Path(folder)
+        return {f.relative_to(root).as_posix(): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+    fs, path = filesystem(str(folder))
+    fs.invalidate_cache()
+    prefix = path.rstrip("/") + "/"
+    return {name[len(prefix):]: int(info["size"]) for name, info in fs.find(prefix, detail=True).items()
+            if name.startswith(prefix)}
+
+
 def read_bytes(target: Location) -> bytes:
     if not is_url(target):
         return Path(target).read_bytes()

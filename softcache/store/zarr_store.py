@@ -198,7 +198,11 @@ class ZarrReader(CacheReader):
 
     def shard_sizes(self, name: str, count: int) -> list[int | None]:
         ndim = len(self.shape(name))
-        return [where.size(where.join(self.path, *shard_key(name, k, ndim).split("/"))) for k in range(count)]
+        keys = [shard_key(name, k, ndim) for k in range(count)]
+        if where.is_url(self.path):  # one listing per array, not a request per shard
+            found = where.file_sizes(where.join(self.path, *name.split("/")))
+            return [found.get(key[len(name) + 1:]) for key in keys]
+        return [where.size(where.join(self.path, *key.split("/"))) for key in keys]
 
     def shard_bytes(self, name: str, k: int) -> bytes:
         return where.read_bytes(where.join(self.path, *shard_key(name, k, len(self.shape(name))).split("/")))
