@@ -136,7 +136,8 @@ class Report:
             elif run.kind == "teacher" and not self._is_teacher(run):
                 rows.append({"stage": f"train-teacher {run.name} (baseline)", "wall_s": run.summary["wall_s"], "bytes": None,
                              "per_sample": None, "online_s": run.summary["wall_s"], "kind": "student"})
-        known = all(r["wall_s"] is not None and r["online_s"] is not None for r in rows)
+        known = (all(r["wall_s"] is not None and r["online_s"] is not None for r in rows)
+                 and any(r["kind"] == "student" for r in rows))  # no student yet: nothing to compare
         cached = sum(r["wall_s"] for r in rows if r["wall_s"] is not None)
         online = sum(r["online_s"] for r in rows if r["online_s"] is not None)
         measured = [r for r in self.runs if r.kind == "online"]
@@ -254,6 +255,8 @@ def cost_table(report: Report) -> str:
 def _saving_line(report: Report, costs: dict[str, Any]) -> str:
     rates = [f"{c.teacher_rate:,.0f} views/s on {', '.join(c.cost.get('devices') or ['?'])}"
              for c in report.caches if c.teacher_rate]
+    if not any(r["kind"] == "student" for r in costs["rows"]):
+        return "no student has been trained yet: nothing to compare the cache with"
     if costs["saving"] is None:
         return ("online_s: no estimate (a cache without a recorded teacher rate, or a run without an image count); "
                 "re-dump with this version to record it")
@@ -327,7 +330,8 @@ def figure(report: Report, path: str | Path) -> Path:
     else:
         curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.grid(alpha=0.3)
-    curves.legend(fontsize=8, loc="lower right", ncol=1 if len(configs) <= 8 else 2)
+    if configs:
+        curves.legend(fontsize=8, loc="lower right", ncol=1 if len(configs) <= 8 else 2)
 
     ys = range(len(configs))
     means = [c["mean"] for c in configs]
