@@ -44,10 +44,9 @@ class Run:
 
     @property
     def images(self) -> int:
-        """Training views seen: summary.json's count, or from the epochs' rates for a run written before it."""
-        if "images" in self.summary:
-            return int(self.summary["images"])
-        return 0
+        """Training views seen (summary.json's `images`; 0 for a run written before it was recorded, which
+        then gets no online estimate)."""
+        return int(self.summary.get("images", 0))
 
     @property
     def weights_sha256(self) -> str | None:
