@@ -188,7 +188,7 @@ def cli(verbose: bool, quiet: bool, storage_options: tuple[str, ...]) -> None:
     from softcache import progress
     if verbose and quiet:
         raise click.UsageError("-v and -q contradict each other; give one")
-    progress.set_level(progress.QUIET if quiet else progress.VERBOSE if verbose else progress.NORMAL)
+    progress.set_level(progress.QUIET if quiet else progress.NORMAL)
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if storage_options:
         from softcache.store import where

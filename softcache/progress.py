@@ -4,7 +4,7 @@ Every long loop (decoding, the dump, each epoch, evaluation) goes through `track
 bar; when stderr is not a terminal (a log file, a batch job) it is a plain line at most every `LINE_EVERY_S`
 seconds and one at the end, saying what, how far, how fast and for how long. `say` writes the one line per
 epoch and per stage. All of it goes to stderr (stdout keeps the results), from rank 0 only under torchrun.
-`softcache -q` silences it, `-v` adds detail lines.
+`softcache -q` silences it (`-v` adds log messages beside it, see cli.py).
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 T = TypeVar("T")
 
-QUIET, NORMAL, VERBOSE = 0, 1, 2
+QUIET, NORMAL = 0, 1
 LINE_EVERY_S = 30.0  # without a terminal: the longest silence inside one loop
 
 
@@ -42,9 +42,9 @@ def interactive() -> bool:
     return sys.stderr.isatty()
 
 
-def say(message: str, *, detail: bool = False) -> None:
-    """One progress line on stderr (at -v only, if `detail`); written above any tqdm bar."""
-    if _State.level >= (VERBOSE if detail else NORMAL) and _main_rank():
+def say(message: str) -> None:
+    """One progress line on stderr, written above any tqdm bar."""
+    if _State.level >= NORMAL and _main_rank():
         tqdm.write(message, file=sys.stderr)
 
 

@@ -19,6 +19,7 @@ import math
 import re
 import textwrap
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,7 +49,7 @@ class Run:
         then gets no online estimate)."""
         return int(self.summary.get("images", 0))
 
-    @property
+    @cached_property
     def weights_sha256(self) -> str | None:
         """Of the run's model.pt (what a dump records of its teacher), or None without one."""
         from softcache.models import file_sha256
