@@ -344,43 +344,44 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                                         targets=targets, world=world)
         return loader, found
 
-    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
-        return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
-                       temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
-                       labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
-                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world, since=since)
+    return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
+                   augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
+                   pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
+                   on_step=on_step, world=world, since=since)
 
 
 def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device, list[str]], tuple[Any, Targets]],
-            test_source: Source, run: Path, *, augment: Augment, weights: Mapping[str, float], temperature: float,
+            train_source: Source, test_source: Source, out: str | Path, *, config: Mapping[str, Any] | None,
+            overwrite: bool, augment: Augment, weights: Mapping[str, float], temperature: float,
             routes: dict[str, list[tuple[str, str]]], channels: dict[tuple[str, str], tuple[int, int]],
-            pair_reduce: str, labels: Sequence[int], mean: Sequence[float], std: Sequence[float], optim: OptimConfig,
-            device: str, seed: int, data_path: str = "auto",
+            pair_reduce: str, optim: OptimConfig, device: str, seed: int, data_path: str = "auto",
             on_step: Callable[[int, dict[str, float]], None] | None = None,
             world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
-    """The training loop of a student (train-student and train-online alike) in the run folder `run`:
+    """The training of a student (train-student and train-online alike) in the run folder `out`:
     `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
     `plan_pairs` says; `fit`."""
-    torch.manual_seed(seed)
-    dev = torch.device(device)
-    tapped = prepare_model(tapped, dev)
-    train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
-    criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
-                            reduce=pair_reduce, labels=labels, seed=seed).to(dev)
-    criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
-    step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
-                             device=dev)
-    try:
-        return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
-                   modules={"model": student, "criterion": criterion},
-                   train_loader=train_loader,
-                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                            device=dev, data_path="loader" if data_path == "loader" else "auto")
-                   if world.main else None,
-                   optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since)
-    finally:
-        if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
-            targets.close()
+    labels, mean, std = train_source.labels, train_source.mean, train_source.std
+    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
+        torch.manual_seed(seed)
+        dev = torch.device(device)
+        tapped = prepare_model(tapped, dev)
+        train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
+        criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
+                                reduce=pair_reduce, labels=labels, seed=seed).to(dev)
+        criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
+        step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
+                                 device=dev)
+        try:
+            return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+                       modules={"model": student, "criterion": criterion},
+                       train_loader=train_loader,
+                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
+                                                device=dev, data_path="loader" if data_path == "loader" else "auto")
+                       if world.main else None,
+                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since)
+        finally:
+            if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
+                targets.close()
 
 
 def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ...]], weights: Mapping[str, float],
@@ -526,11 +527,10 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
                                        data_path="auto" if data_path == "stream" else data_path, world=world)
         return loader, online
 
-    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
-        return distill(student, tapped, batches, test_source, run, augment=augment, weights=weights,
-                       temperature=temperature, routes=routes, channels=channels, pair_reduce=pair_reduce,
-                       labels=train_source.labels, mean=train_source.mean, std=train_source.std, optim=optim,
-                       device=device, seed=seed, data_path=data_path, on_step=on_step, world=world, since=since)
+    return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
+                   augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
+                   pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
+                   on_step=on_step, world=world, since=since)
 
 
 def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
