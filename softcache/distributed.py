@@ -6,6 +6,7 @@ Without torchrun (or with one process) everything here is a no-op and softcache 
 """
 from __future__ import annotations
 
+import atexit
 import os
 import warnings
 from dataclasses import dataclass
@@ -37,7 +38,15 @@ def init(device: str = "cpu") -> World:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if cuda else "gloo")
+        # leave the group before the interpreter tears down: a group still alive at exit can abort a rank
+        # ("terminate called without an active exception") after its work is done
+        atexit.register(_leave)
     return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_device(device: str, world: World) -> str:
