@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
@@ -92,6 +93,42 @@ def test_a_two_process_dump_equals_one_process_and_resumes_with_one(tmp_path, te
                                        resumed.stdout).groups())
     assert got == committed and computed == 50 - committed // 8  # only the missing shards were computed
     assert arrays(killed) == expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logits,targets", [("fp16", "features"), ("topk:3", "attention"), ("sampled:3", "features")])
+def test_two_processes_dump_class_sorted_data_in_tiny_shards(tmp_path, teacher_weights, cifar_subset, logits, targets):
+    # ImageFolder order is class-sorted: the first 12 labels are class 0, so 2-sample shards of labels are all
+    # zeros (the fill value) on both ranks; rank 1's reopened arrays once skipped such shards (KeyError)
+    args = ["dump-teacher", "--teacher", "resnet8", "--weights", str(teacher_weights), "--data",
+            f"imagefolder:{cifar_subset}", "--views", "2", "--layers", "layer2,layer3", "--shard-mb", "0.03",
+            "--logits", logits, "--targets", targets, "--batch-size", "16", "--workers", "0", "--device", "cpu"]
+    single = CliRunner().invoke(cli, [*args, "--out", str(tmp_path / "single")])
+    assert single.exit_code == 0, single.output
+    # shards of a few samples (attention maps are small: 1 MiB of them, the least a shard holds, is 16 samples)
+    assert open_cache(tmp_path / "single").shard_samples() <= (4 if targets == "features" else 16)
+    both = subprocess.run(torchrun(2) + [*args, "--out", str(tmp_path / "two")], env=ENV, capture_output=True,
+                          text=True, timeout=300)
+    assert both.returncode == 0, both.stderr[-3000:]
+    assert arrays(tmp_path / "two") == arrays(tmp_path / "single")
+    verified = CliRunner().invoke(cli, ["verify", str(tmp_path / "two")])
+    assert verified.exit_code == 0, verified.output
+
+
+def test_a_reopened_writer_writes_shards_of_zeros(tmp_path):
+    """A second process (or a resumed dump) reopens the arrays: zarr does not store the array config, so
+    `write_empty_chunks` must be set again, or a shard equal to the fill value is never written."""
+    from softcache.store import Existing, prepare_cache
+    layout = {"labels": ((8,), "int64"), "logits": ((8, 1, 3), "float16")}
+    manifest = {"id": "x", "storage": {"shard_bytes": 16, "planned_samples": 8}}
+    first = prepare_cache(tmp_path / "c", layout, manifest, existing=Existing("new"), backend="zarr")
+    assert first.shard_samples == 2
+    first.write(0, {"labels": np.zeros(2, np.int64), "logits": np.ones((2, 1, 3), np.float16)})
+    first.close()
+    other = prepare_cache(tmp_path / "c", layout, manifest, existing=Existing("new"), backend="zarr", create=False)
+    other.write(2, {"labels": np.zeros(2, np.int64), "logits": np.zeros((2, 1, 3), np.float16)})
+    other.close()
+    assert (tmp_path / "c" / "labels" / "c" / "1").is_file() and (tmp_path / "c" / "logits" / "c" / "1" / "0" / "0").is_file()
 
 
 def test_an_hdf5_cache_is_written_by_one_process(tmp_path, teacher_weights, monkeypatch):

@@ -21,6 +21,9 @@ from softcache.store import where
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY, crc32c
 
+# Every chunk is written, zeros included: no chunk-by-chunk comparison with the fill value (a fifth of the
+# writer's time), and a missing shard file is never a shard of zeros (a shard of class-0 labels is all zeros).
+WRITE_CONFIG = {"write_empty_chunks": True}
 PROGRESS_DIR = "progress"   # CACHE/progress/<k>.json: the shards a dump in progress has committed
 
 
@@ -57,6 +60,7 @@ class RecordingStore(WrapperStore):
 
     def take(self, key: str) -> list[int]:
         with self._sums_lock:
+            assert key in self.sums, f"shard '{key}' was not written through this store"
             return self.sums.pop(key)
 
 
@@ -71,7 +75,8 @@ class ZarrWriter(ShardWriter):
         self.store = RecordingStore(where.zarr_store(self.path, read_only=False))
         if not create:  # resuming, or another process of this dump created the store
             self.group = zarr.open_group(store=self.store, mode="r+")
-            self.arrays = {name: self.group[name] for name in layout}
+            # the array config is not stored in the metadata: a reopened array must be told again
+            self.arrays = {name: self.group[name].with_config(WRITE_CONFIG) for name in layout}
             return
         self.group = zarr.open_group(store=self.store, mode="w")
         self.group.attrs[MANIFEST_KEY] = manifest
@@ -81,10 +86,7 @@ class ZarrWriter(ShardWriter):
             group = self.group.require_group(parent) if parent else self.group
             self.arrays[name] = group.create_array(
                 leaf, shape=shape, dtype=dtype, chunks=chunks[name], shards=(shard, *shape[1:]),
-                compressors=_compressors(dtype), fill_value=0,
-                # every chunk is written, zeros included: no chunk-by-chunk comparison with the fill value
-                # (a fifth of the writer's time), and a missing shard file is never a shard of zeros
-                config={"write_empty_chunks": True})
+                compressors=_compressors(dtype), fill_value=0, config=WRITE_CONFIG)
 
     @property
     def progress_dir(self) -> where.Location:
