@@ -1,8 +1,12 @@
 """The names the command line offers, without importing torch: `softcache --help` and argument errors answer
-at once. The modules that implement them use these tuples (and a test checks they agree)."""
+at once. The loss names come from the loss registry (torch-free); the modules that implement the other names use
+these tuples (and a test checks they agree)."""
 from __future__ import annotations
 
-LOSS_NAMES = ("ce", "kd", "fitnets", "at", "rkd", "pkt", "sp", "nst", "crd")
+from softcache.losses.registry import LOSS_NAMES
+
+__all__ = ["BACKENDS", "LOSS_NAMES", "POLICIES", "TARGET_KINDS"]
+
 POLICIES = ("cifar", "imagenet", "none")
 TARGET_KINDS = ("features", "attention")
 BACKENDS = ("zarr", "hdf5")

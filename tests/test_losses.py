@@ -9,6 +9,7 @@ import torch
 from softcache.errors import SoftcacheError
 from softcache.losses import (ATLoss, CRDLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss,
                               attention_map, resolve_weights, route_pairs)
+from softcache.losses.registry import DEFAULT_WEIGHTS, FEATURE_LOSSES, REGISTRY, TRAINED_HEADS
 
 
 def test_kd_matches_hand_computation_with_t_squared():
@@ -89,7 +90,8 @@ def test_distill_loss_sums_weighted_terms():
     logits, t_logits, labels = torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,))
     f_s, f_t = torch.randn(4, 8, 4, 4), torch.randn(4, 16, 4, 4)
     weights = {"ce": 0.1, "kd": 0.9, "at": 1000.0}
-    out = DistillLoss(weights, temperature=4.0, routes={"at": [("a", "b")]})(logits, labels, {"a": f_s}, t_logits, {"b": f_t})
+    criterion = DistillLoss(weights, temperature=4.0, routes={"at": [("a", "b")]})
+    out = criterion(logits, labels, {"a": f_s}, t_logits, {"b": f_t})
     assert out["ce"].item() == pytest.approx(0.1 * torch.nn.functional.cross_entropy(logits, labels).item(), rel=1e-6)
     assert out["kd"].item() == pytest.approx(0.9 * KDLoss(4.0)(logits, t_logits).item(), rel=1e-6)
     assert out["at"].item() == pytest.approx(1000 * ATLoss()(f_s, f_t).item(), rel=1e-6)
@@ -285,3 +287,67 @@ def test_crd_negatives_are_uniform_over_the_other_classes():
     counts = torch.bincount(drawn, minlength=100).float()
     others = torch.cat([counts[:10], counts[40:]])
     assert others.min() > 0 and (others / others.mean() - 1).abs().max() < 0.2  # 286 per sample expected
+
+
+# --- the registry: every name the CLI offers is an implemented term fed what its entry declares
+
+_PAIR_INPUTS = {"map": (torch.randn(6, 4, 4, 4), torch.randn(6, 6, 2, 2), (4, 6)),
+                "attention": (torch.randn(6, 4, 4, 4), torch.rand(6, 2, 2), (4, 6)),
+                "vector": (torch.randn(6, 5), torch.randn(6, 7), (5, 7))}
+
+
+def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
+    from torch import nn
+
+    from softcache import names
+    from softcache.losses import LOSSES
+    assert names.LOSS_NAMES == tuple(REGISTRY) == tuple(LOSSES)
+    for name, spec in REGISTRY.items():
+        cls = spec.load()
+        assert isinstance(cls, type) and issubclass(cls, nn.Module), name
+        assert LOSSES[name] is cls and spec.impl == f"{cls.__module__}:{cls.__name__}", name
+        assert spec.help and "\n" not in spec.help, name
+        assert spec.takes == ("logits",) or set(spec.takes) <= set(_PAIR_INPUTS), name
+    assert sorted(FEATURE_LOSSES) == sorted(n for n, s in REGISTRY.items() if s.paired)
+    assert TRAINED_HEADS == ("fitnets", "crd") and "ce" not in DEFAULT_WEIGHTS  # the trained terms DistillLoss builds
+    # every declared default weight resolves: a constant, or one of resolve_weights's options
+    weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
+    assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "at": 7.0, "fitnets": 3.0}
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_each_term_takes_what_its_registry_entry_declares(name):
+    """Built and routed from its entry alone, each term gives a finite scalar on every kind it declares, owns
+    parameters exactly when it declares `trained`, and is refused the pair kinds it does not declare."""
+    spec = REGISTRY[name]
+    torch.manual_seed(0)
+    logits, index = torch.randn(6, 10), torch.arange(6)
+    labels = index % 3                                      # the training set's labels are arange(12) % 3
+    for kind in [k for k in spec.takes if k != "logits"] or [None]:
+        routes, s_feat, t_feat, channels = {}, {}, {}, {}
+        if kind is not None:
+            s_feat["s"], t_feat["t"], channels[("s", "t")] = _PAIR_INPUTS[kind]
+            routes = route_pairs([name], [("s", "t")], {("s", "t"): kind})
+        criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist())
+        out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index)
+        assert set(out) == {name, "loss"} and out[name].dim() == 0 and torch.isfinite(out[name]), (name, kind)
+        assert any(True for _ in criterion.parameters()) == spec.trained, (name, kind)
+    for kind in set(_PAIR_INPUTS) - set(spec.takes) if spec.paired else ():
+        with pytest.raises(SoftcacheError, match="cannot use"):
+            route_pairs([name, "at", "rkd"], [(f"{name}:s", "t")], {("s", "t"): kind})
+
+
+def test_weights_keep_the_order_terms_are_routed_summed_and_logged_in():
+    weights = resolve_weights(["rkd", "fitnets", "nst", "at", "kd"], alpha=0.5, beta=1.0, hint_weight=1.0)
+    assert list(weights) == ["ce", "kd", "at", "fitnets", "rkd", "nst"]
+
+
+def test_the_registry_and_the_package_import_without_torch():
+    import subprocess
+    import sys
+    probe = ("import sys\nimport softcache.names, softcache.losses, softcache.losses.routing\n"
+             "softcache.losses.resolve_weights(['kd', 'at'], alpha=0.9, beta=1.0, hint_weight=1.0)\n"
+             "print('torch' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"

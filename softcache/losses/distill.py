@@ -1,0 +1,81 @@
+"""The student's whole objective: every active term, weighted, by name."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from softcache.errors import SoftcacheError
+from softcache.losses.contrastive import CRDLoss
+from softcache.losses.features import FitNetsLoss
+from softcache.losses.registry import REGISTRY
+from softcache.losses.response import CELoss, KDLoss
+from softcache.losses.routing import PAIR_REDUCTIONS
+
+LOSSES: dict[str, type[nn.Module]] = {name: spec.load() for name, spec in REGISTRY.items()}
+
+
+def _key(layer: str) -> str:
+    return layer.replace(".", "__")  # ModuleDict keys cannot hold dots
+
+
+class DistillLoss(nn.Module):
+    """All active terms of a student's objective.
+
+    `routes` maps each pair-term to its (student layer, teacher layer) pairs (`route_pairs`); a term over
+    several pairs is their sum (`reduce='sum'`, as RepDistiller sums AT over layer groups) or their mean.
+    `channels[(s, t)]` gives `(student C, teacher C)` per pair (FitNets sizes its regressors from them; they
+    train with the student). A pair-term without trained parameters is one module, built without arguments and
+    called as `term(student_feature, teacher_feature)`; the trained ones (`LossSpec.trained`) get one per pair.
+    `forward(logits [B, K], labels [B], student_features {s_layer: [B, C, H, W] or [B, D]}, teacher (a KD
+    target, see KDLoss.from_target), teacher_features {t_layer: [B, C, H, W], [B, H, W] or [B, D]})
+    -> {'loss', term: weighted value ...}`.
+    """
+
+    def __init__(self, weights: Mapping[str, float], *, temperature: float = 4.0,
+                 routes: Mapping[str, Sequence[tuple[str, str]]] | None = None,
+                 channels: Mapping[tuple[str, str], tuple[int, int]] | None = None, reduce: str = "sum",
+                 labels: Sequence[int] | None = None, seed: int = 0):
+        super().__init__()
+        if reduce not in PAIR_REDUCTIONS:
+            raise SoftcacheError(f"unknown pair reduction '{reduce}'; valid: {', '.join(PAIR_REDUCTIONS)}")
+        self.weights, self.reduce = dict(weights), reduce
+        self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
+        self.ce, self.kd = CELoss(), KDLoss(temperature)
+        self.terms = nn.ModuleDict({t: LOSSES[t]() for t in self.routes if not REGISTRY[t].trained})
+        # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
+        self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
+        for s, t in self.routes.get("fitnets", []):
+            if _key(s) in self.hints:
+                raise SoftcacheError(f"fitnets pairs student layer '{s}' twice; give each student layer one hint")
+            self.hints[_key(s)] = FitNetsLoss(*channels[(s, t)])
+        self.contrast = nn.ModuleDict()  # crd: heads and memories per pair (the training set's labels draw negatives)
+        for k, (s, t) in enumerate(self.routes.get("crd", [])):
+            self.contrast[_key(s)] = CRDLoss(*channels[(s, t)], labels, seed=seed + k)
+
+    def _pair_loss(self, term: str, student: torch.Tensor, teacher: torch.Tensor, s_layer: str,
+                  index: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """Unweighted `term` on one pair: `student`, `teacher` as routed from layers (`s_layer`, ...)."""
+        if term == "fitnets":
+            return self.hints[_key(s_layer)](student, teacher)
+        if term == "crd":
+            return self.contrast[_key(s_layer)](student, teacher, index, labels)
+        return self.terms[term](student, teacher)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
+                teacher: Mapping[str, torch.Tensor] | None, teacher_features: Mapping[str, torch.Tensor],
+                index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """`index [B]`: the batch's sample indices (crd's positives and memory rows)."""
+        terms: dict[str, torch.Tensor] = {}
+        if "ce" in self.weights:
+            terms["ce"] = self.ce(logits, labels)
+        if "kd" in self.weights:
+            terms["kd"] = self.kd.from_target(logits, teacher)
+        for term, pairs in self.routes.items():
+            values = [self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels)
+                      for s, t in pairs]
+            terms[term] = sum(values) / (len(values) if self.reduce == "mean" else 1)
+        out = {name: self.weights[name] * value for name, value in terms.items()}
+        out["loss"] = sum(out.values())
+        return out

@@ -1,0 +1,85 @@
+"""Feature-map terms on one (student, teacher) pair of `[B, C, H, W]` maps: FitNets, AT, NST."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def match_spatial(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Average-pool the larger of two feature maps `[B, C, H, W]` to the other's spatial size."""
+    if a.shape[-2:] == b.shape[-2:]:
+        return a, b
+    if a.shape[-1] > b.shape[-1]:
+        return F.adaptive_avg_pool2d(a, b.shape[-2:]), b
+    return a, F.adaptive_avg_pool2d(b, a.shape[-2:])
+
+
+class FitNetsLoss(nn.Module):
+    """Romero et al., "FitNets: Hints for Thin Deep Nets" (ICLR 2015).
+
+    A 1x1 conv + BN regressor maps the student's hint layer to the teacher's channel count; the loss is the
+    mean squared error to the teacher's feature, spatial sizes matched by average pooling.
+    `forward(student_feature [B, Cs, Hs, Ws], teacher_feature [B, Ct, Ht, Wt]) -> []`.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int):
+        super().__init__()
+        self.regressor = nn.Sequential(nn.Conv2d(student_channels, teacher_channels, 1, bias=False),
+                                       nn.BatchNorm2d(teacher_channels))
+
+    def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(self.regressor(student_feature), teacher_feature.to(student_feature.dtype))
+        return F.mse_loss(s.float(), t.float())
+
+
+def attention_map(feature: torch.Tensor) -> torch.Tensor:
+    """Zagoruyko & Komodakis's spatial attention: `normalize(mean_c(f^2))`, `[B, C, H, W] -> [B, H * W]`, unit
+    L2 norm per sample."""
+    return F.normalize(feature.float().pow(2).mean(dim=1).flatten(1), dim=1)
+
+
+class ATLoss(nn.Module):
+    """Zagoruyko & Komodakis, "Paying More Attention to Attention" (ICLR 2017).
+
+    Mean over batch and positions of the squared difference of the normalised attention maps (so the usual
+    beta = 1000 applies, as in the RepDistiller benchmarks). Spatial sizes are matched by average pooling.
+    `forward(student_feature [B, Cs, H, W], teacher_feature [B, Ct, H', W']) -> []`.
+    """
+
+    def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
+        if teacher_feature.dim() == 3:  # a cached attention map [B, H, W] (--targets attention)
+            return self.from_map(student_feature, teacher_feature)
+        s, t = match_spatial(student_feature, teacher_feature)
+        return (attention_map(s) - attention_map(t)).pow(2).mean()
+
+    def from_map(self, student_feature: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+        """AT against the teacher's stored map `[B, H, W]` (already normalised). A larger student feature is
+        pooled to the map's size as on the features path; a larger map is pooled and renormalised."""
+        size = teacher_map.shape[-2:]
+        if student_feature.shape[-1] > size[-1]:
+            student_feature = F.adaptive_avg_pool2d(student_feature, size)
+        elif student_feature.shape[-1] < size[-1]:
+            teacher_map = F.adaptive_avg_pool2d(teacher_map[:, None].float(), student_feature.shape[-2:])[:, 0]
+        t = F.normalize(teacher_map.float().flatten(1), dim=1)
+        return (attention_map(student_feature) - t).pow(2).mean()
+
+
+class NSTLoss(nn.Module):
+    """Huang & Wang, "Like What You Like: Knowledge Distill via Neuron Selectivity Transfer" (2017).
+
+    Each channel's map, flattened and L2-normalised over positions, is a sample of that network's neuron
+    selectivity distribution; the loss is the squared MMD with the polynomial kernel k(a, b) = (a . b)^2:
+        mean_{i,i'} k(t_i, t_i') + mean_{j,j'} k(s_j, s_j') - 2 mean_{j,i} k(s_j, t_i)
+    per sample, averaged over the batch (channel counts may differ; the larger spatial size is average-pooled
+    to the smaller). Weight 50 in the CRD benchmark. `forward(s [B, Cs, H, W], t [B, Ct, H', W']) -> []`.
+    """
+
+    @staticmethod
+    def kernel(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(a, b.transpose(1, 2)).pow(2)   # [B, Ca, Cb]
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(student.float(), teacher.float())
+        s, t = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2).detach()
+        return self.kernel(t, t).mean() + self.kernel(s, s).mean() - 2 * self.kernel(s, t).mean()

@@ -1,0 +1,68 @@
+"""The one table of loss terms. Everything else derives from it: the CLI's names (softcache.names), which `--pair`
+kinds serve which term, the default weights, which terms own trained modules, `LOSSES`.
+
+Torch-free on purpose: `softcache --help` reads it without importing torch. Each implementation is named by
+`module:Class` and imported on first use (`LossSpec.load`). A new loss is one module in this package, one entry
+below, and its test.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Literal
+
+Takes = Literal["logits", "map", "attention", "vector"]
+WeightOption = Literal["alpha", "beta", "hint_weight"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """What one loss term declares."""
+
+    impl: str                         # "package.module:Class", imported by `load` (so this module needs no torch)
+    takes: tuple[Takes, ...]          # ("logits",): the student's logits [B, K]; otherwise the --pair kinds it fits:
+                                      # "map" [B, C, H, W], "attention" (a cached AT map [B, H, W]), "vector" [B, D]
+    weight: float | WeightOption      # default weight, or the resolve_weights option that sets it (--alpha, ...)
+    help: str                         # one line for --help and error messages
+    trained: bool = False             # owns parameters that train with the student, one module per pair
+
+    @property
+    def paired(self) -> bool:
+        """Whether the term reads a `--pair` of student and teacher tensors (every term but the logit ones)."""
+        return "logits" not in self.takes
+
+    def load(self) -> type:
+        """The implementing class (imports torch)."""
+        module, _, name = self.impl.partition(":")
+        return getattr(importlib.import_module(module), name)
+
+
+_PKG = "softcache.losses"
+REGISTRY: dict[str, LossSpec] = {
+    "ce": LossSpec(f"{_PKG}.response:CELoss", ("logits",), 1.0,
+                   "cross-entropy with the hard labels (weight 1 - alpha beside kd)"),
+    "kd": LossSpec(f"{_PKG}.response:KDLoss", ("logits",), "alpha",
+                   "Hinton's KD: T^2 KL of the softened teacher and student distributions"),
+    "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map",), "hint_weight",
+                        "FitNets hints: MSE after a trained 1x1 conv + BN regressor", trained=True),
+    "at": LossSpec(f"{_PKG}.features:ATLoss", ("map", "attention"), "beta",
+                   "attention transfer: squared distance of normalised spatial attention maps"),
+    "rkd": LossSpec(f"{_PKG}.relations:RKDLoss", ("vector",), 1.0,
+                    "relational KD: distance and angle potentials of the batch's embeddings"),
+    "pkt": LossSpec(f"{_PKG}.relations:PKTLoss", ("vector",), 30000.0,
+                    "probabilistic knowledge transfer: KL of cosine-similarity distributions"),
+    "sp": LossSpec(f"{_PKG}.relations:SPLoss", ("map",), 3000.0,
+                   "similarity-preserving KD: distance of the batch's normalised Gram matrices"),
+    "nst": LossSpec(f"{_PKG}.features:NSTLoss", ("map",), 50.0,
+                    "neuron selectivity transfer: polynomial-kernel MMD of channel maps"),
+    "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector",), 0.8,
+                    "contrastive representation distillation: NCE with trained heads and memories", trained=True),
+}
+
+LOSS_NAMES = tuple(REGISTRY)
+MAP_LOSSES = tuple(n for n, s in REGISTRY.items() if "map" in s.takes)        # pair feature maps (at: attention too)
+VECTOR_LOSSES = tuple(n for n, s in REGISTRY.items() if "vector" in s.takes)  # pair embeddings [B, D]
+FEATURE_LOSSES = MAP_LOSSES + VECTOR_LOSSES                                   # every term that needs --pair
+TRAINED_HEADS = tuple(n for n, s in REGISTRY.items() if s.trained)           # modules of their own, one per pair
+# The pair terms' fixed weights (the CRD benchmark's); kd, at and fitnets take theirs from options.
+DEFAULT_WEIGHTS = {n: s.weight for n, s in REGISTRY.items() if s.paired and isinstance(s.weight, float)}
