@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import click
@@ -99,6 +100,24 @@ def _weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
     return tuple(out)
 
 
+def _free_run(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--out of a training run, looked at first (an eager option, before --device imports torch): another
+    process writing that run folder is refused in a fraction of a second. The lock itself is taken later."""
+    from softcache.locks import refuse_if_held, run_lock_path
+    if value is not None and not ctx.resilient_parsing:
+        refuse_if_held(run_lock_path(value), f"run folder '{value}'")
+    return value
+
+
+def _free_cache(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """--out of a dump, looked at first, as `_free_run` does for a run folder."""
+    from softcache.locks import cache_lock_path, refuse_if_held
+    from softcache.store import where
+    if value is not None and not ctx.resilient_parsing and not where.is_url(value):
+        refuse_if_held(cache_lock_path(value), f"cache '{value}'")
+    return value
+
+
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
     import torch
     try:
@@ -141,7 +160,8 @@ def optim_options(f: Callable) -> Callable:
 
 def training_options(f: Callable) -> Callable:
     """Everything train-teacher and train-student share: the schedule, the run folder, device, seed."""
-    for opt in reversed([optim_options, _option("--out", required=True, type=click.Path(file_okay=False), help="run folder"),
+    for opt in reversed([optim_options, _option("--out", required=True, type=click.Path(file_okay=False),
+                                                is_eager=True, callback=_free_run, help="run folder"),
                          device, seed, download, overwrite]):
         f = opt(f)
     return f
@@ -201,6 +221,14 @@ def cli(verbose: bool, quiet: bool, storage_options: tuple[str, ...]) -> None:
         where.set_storage_options(options)
 
 
+def _check_run_first(cfg: Any) -> None:
+    """What refuses a training run, checked before the data and models are loaded: a finished run (without
+    --overwrite), an unfinished one made with other settings."""
+    from softcache.config import to_json
+    from softcache.runs import check_resumable
+    check_resumable(cfg.out, to_json(cfg), overwrite=cfg.overwrite)
+
+
 def _report(summary: dict[str, Any], out: str) -> None:
     if not summary:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -218,8 +246,9 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @training_options
 def train_teacher_cmd(**kw: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the no-KD baseline)."""
-    from softcache.train import train_teacher_from_config
     cfg = TeacherConfig(optim=_optim(kw), **kw)
+    _check_run_first(cfg)
+    from softcache.train import train_teacher_from_config
     _report(train_teacher_from_config(cfg), cfg.out)
 
 
@@ -245,7 +274,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @workers
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=DumpConfig.data_path,
          help="resident: images decoded once, views gathered on the device (crop-only views); loader: DataLoader workers")
-@_option("--out", required=True, type=click.Path(), help="cache folder (zarr) or .h5 file (hdf5)")
+@_option("--out", required=True, type=click.Path(), is_eager=True, callback=_free_cache,
+         help="cache folder (zarr) or .h5 file (hdf5)")
 @device
 @seed
 @download
@@ -282,8 +312,9 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @training_options
 def train_student_cmd(**kw: Any) -> None:
     """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""
-    from softcache.train import train_student_from_config
     cfg = StudentConfig(optim=_optim(kw), **kw)
+    _check_run_first(cfg)
+    from softcache.train import train_student_from_config
     _report(train_student_from_config(cfg), cfg.out)
 
 
@@ -303,8 +334,9 @@ def train_student_cmd(**kw: Any) -> None:
 @training_options
 def train_online_cmd(**kw: Any) -> None:
     """Train a student with the teacher in the loop (online KD): the baseline a cache replaces, same losses and run folder."""
-    from softcache.train import train_online_from_config
     cfg = OnlineConfig(optim=_optim(kw), **kw)
+    _check_run_first(cfg)
+    from softcache.train import train_online_from_config
     _report(train_online_from_config(cfg), cfg.out)
 
 
@@ -365,6 +397,9 @@ def report_cmd(root: str) -> None:
 def ensemble_cmd(runs: tuple[str, ...], data: str | None, batch_size: int, save: str | None, workers: int,
                  device: str) -> None:
     """Top-1 of the mean softmax of several finished runs on the test split (the Born-Again ensemble)."""
+    if save and not Path(save).resolve().parent.is_dir():  # before the computing, not after it
+        raise click.BadParameter(f"the folder of '{save}' does not exist; create it or give another file",
+                                 param_hint="--save")
     import numpy as np
     from softcache.ensemble import ensemble
     result = ensemble(runs, data=data, device=device, batch_size=batch_size, workers=workers)
@@ -430,22 +465,11 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
 @cli.command("ls")
 @click.argument("root", type=click.Path(), default=".")
 def ls_cmd(root: str) -> None:
-    """List the caches under ROOT: id, teacher, dataset, views, layers, size, complete."""
-    from softcache.store import find_caches, where
-    if not where.exists(root):
-        raise SoftcacheError(f"'{root}' does not exist; give a folder that holds caches")
-    rows = []
-    for path, m in find_caches(root):
-        teachers = "+".join(t["name"] for t in m.get("teachers", [m.get("teacher", {})]))
-        rows.append((m.get("id", "-"), teachers, m["dataset"]["spec"], str(m["augment"]["num_views"]),
-                     ",".join(m["layers"]) or "-", f"{where.total_size(path) / 2**20:.1f}",
-                     "yes" if m.get("complete") else "NO", str(path)))
-    header = ("id", "teacher", "dataset", "views", "layers", "MiB", "complete", "path")
-    widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header))]
-    right = {3, 5}  # numbers
-    for row in [header, *rows]:
-        cells = [cell.rjust(w) if k in right else cell.ljust(w) for k, (cell, w) in enumerate(zip(row, widths))]
-        click.echo(" ".join(cells[:-1]) + " " + row[-1])
+    """List the caches under ROOT: id, teacher, dataset, views, layers, size, complete (yes, NO, DAMAGED), then
+    what is wrong with each that cannot be used."""
+    from softcache.store.listing import ls_lines
+    for line in ls_lines(root):
+        click.echo(line)
 
 
 @cli.command("verify")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import PIL.Image
 import torch
 import torchvision
 from torchvision.transforms.v2 import functional as TF
@@ -61,6 +62,16 @@ class Source(torch.utils.data.Dataset):
         """sha256 over what identifies the split's content (file names and sizes, or the arrays)."""
         raise NotImplementedError
 
+    def image_sizes(self) -> dict[tuple[int, int], tuple[int, str]]:
+        """Every image size `(H, W)` in the split: how many images have it and the first one's name. Subclasses
+        read it without decoding where they can."""
+        found: dict[tuple[int, int], tuple[int, str]] = {}
+        for i in range(len(self)):
+            size = tuple(self[i][0].shape[-2:])
+            count, first = found.get(size, (0, f"sample {i}"))
+            found[size] = (count + 1, first)
+        return found
+
     def fingerprint(self) -> dict[str, Any]:
         """Sample count, class names and content hash; stored with every cache and checked by students."""
         return {"num_samples": len(self), "classes": list(self.classes), "sha256": self.content_hash()}
@@ -86,6 +97,9 @@ class ArraySource(Source):
     @property
     def labels(self) -> np.ndarray:
         return self._labels
+
+    def image_sizes(self) -> dict[tuple[int, int], tuple[int, str]]:
+        return {tuple(self.images.shape[1:3]): (len(self), "sample 0")} if len(self) else {}
 
     def content_hash(self) -> str:
         h = hashlib.sha256()
@@ -167,6 +181,19 @@ class FolderSource(Source):
     @property
     def labels(self) -> np.ndarray:
         return np.asarray(self.folder.targets, dtype=np.int64)
+
+    def image_sizes(self) -> dict[tuple[int, int], tuple[int, str]]:
+        """From each file's header (PIL reads no pixels for it): about 30 us an image."""
+        found: dict[tuple[int, int], tuple[int, str]] = {}
+        for path, _ in self.folder.samples:
+            try:
+                with PIL.Image.open(path) as image:
+                    width, height = image.size
+            except (OSError, ValueError):
+                self._decode_one(path, torch.empty(0, dtype=torch.uint8))  # names the file that cannot be read
+            count, first = found.get((height, width), (0, path))
+            found[(height, width)] = (count + 1, first)
+        return found
 
     def content_hash(self) -> str:
         h = hashlib.sha256()

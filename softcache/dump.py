@@ -46,12 +46,23 @@ class DumpResult:
 
 
 def resolve_image_size(policy: str, image_size: int | None, source: Source) -> int:
-    """The view side: as given, else 224 for imagenet, else the shorter side of the first source image."""
+    """The view side: as given, else 224 for imagenet, else the images' own side when they all have one size.
+    (Given a size, `cifar` and `none` crop each image in its own size and resize the crop to it.) Images of
+    several sizes without `image_size` are refused, naming the sizes: no image is shrunk to the first one's."""
     if image_size is not None:
         return image_size
     if policy == "imagenet":
         return 224
-    return int(min(source[0][0].shape[-2:]))
+    sizes = source.image_sizes()
+    if not sizes:
+        raise SoftcacheError(f"the {source.spec} split holds no images")
+    if len(sizes) > 1:
+        common = sorted(sizes.items(), key=lambda item: -item[1][0])
+        found = ", ".join(f"{h}x{w} ({count}, e.g. {first})" for (h, w), (count, first) in common[:3])
+        raise SoftcacheError(f"the {source.spec} images have {len(sizes)} sizes: {found}{', ...' if len(sizes) > 3 else ''}; "
+                             f"the '{policy}' policy makes views of the images' own size: give --image-size S to "
+                             "resize every view to S, or --augment imagenet (crops in each image's own pixels)")
+    return int(min(next(iter(sizes))))
 
 
 def state_dict_sha256(model: nn.Module) -> str:

@@ -1,13 +1,13 @@
 """`softcache ensemble RUN [RUN ...]`: top-1 of the mean of several runs' softmax outputs on the test split.
 
 This is the ensemble of Born-Again Networks (Furlanello et al., 2018): the generations of one architecture,
-each trained from the previous, averaged. Any finished train-teacher / train-student runs can be combined.
+each trained from the previous, averaged. Any finished train-teacher, train-student or train-online runs
+can be combined.
 Each run's model is rebuilt from its `config.json` and `model.pt` and evaluated at the evaluation view of
 its training policy (the teacher's augmentation for a student run, from its cache).
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,7 +22,7 @@ from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.models import build_model, load_weights
-from softcache.store import read_manifest
+from softcache.runs import RunInfo, read_run
 from softcache.views import Augment
 
 
@@ -35,22 +35,21 @@ class Ensemble:
     ensemble_accuracy: float   # top-1 % of the mean of the runs' probabilities
 
 
-def run_model(run: Path, num_classes: int) -> tuple[nn.Module, str, int | None, str]:
-    """A finished run's model (weights loaded), its policy, its input size (None: the source's) and data spec."""
-    config_path, weights = run / "config.json", run / "model.pt"
-    if not weights.is_file() or not config_path.is_file():
-        raise SoftcacheError(f"'{run}' is not a finished training run (no model.pt and config.json); give the --out "
-                             "of train-teacher or train-student runs")
-    config = json.loads(config_path.read_text())
-    if "model" in config:  # train-teacher
-        arch, policy, size, data = config["model"], config["augment"], config.get("image_size"), config["data"]
-    else:                  # train-student: the teacher's policy and view size, from its cache
-        manifest = read_manifest(config["cache"]) or {}
-        augment = manifest.get("augment", {})
-        arch, policy = config["student"], augment.get("policy", "cifar")
-        size = config.get("image_size") or augment.get("image_size")
-        data = config.get("data") or manifest.get("dataset", {}).get("resolved")
-    return load_weights(build_model(arch, num_classes), weights), policy, size, data
+def finished_runs(paths: Sequence[str | Path]) -> list[RunInfo]:
+    """The runs at `paths`; refuses one that is not a finished training run."""
+    runs = []
+    for path in map(Path, paths):
+        run = read_run(path)
+        if run is None or run.summary is None or not (path / "model.pt").is_file():
+            raise SoftcacheError(f"'{path}' is not a finished training run (no model.pt, config.json and "
+                                 "summary.json); give the --out of train-teacher, train-student or train-online runs")
+        runs.append(run)
+    return runs
+
+
+def run_model(run: RunInfo, num_classes: int) -> nn.Module:
+    """A finished run's model, its weights loaded."""
+    return load_weights(build_model(run.model, num_classes), run.path / "model.pt")
 
 
 @torch.no_grad()
@@ -71,26 +70,30 @@ def predict(model: nn.Module, loader, *, mean: Sequence[float], std: Sequence[fl
 def ensemble(runs: Sequence[str | Path], *, data: str | None = None, device: str = "cpu", batch_size: int = 256,
              workers: int = 2) -> Ensemble:
     """Evaluate every run on the test split of `data` (default: the first run's dataset) and average them."""
-    runs = [Path(r) for r in runs]
     if not runs:
         raise SoftcacheError("give at least one run folder")
-    first = json.loads((runs[0] / "config.json").read_text()) if (runs[0] / "config.json").is_file() else {}
-    spec = data or first.get("data") or (read_manifest(first.get("cache", "")) or {}).get("dataset", {}).get("resolved")
+    runs = finished_runs(runs)
+    specs = {run.data for run in runs}
+    if data is None and len(specs) > 1:
+        raise SoftcacheError("the runs were trained on different datasets ("
+                             + "; ".join(f"{run.path}: {run.data}" for run in runs)
+                             + "); pass --data SPEC to evaluate every one on that test split")
+    spec = data or runs[0].data
     if spec is None:
-        raise SoftcacheError(f"cannot tell the dataset of '{runs[0]}'; pass --data SPEC")
+        raise SoftcacheError(f"cannot tell the dataset of '{runs[0].path}'; pass --data SPEC")
     test: Source = load_source(spec, "test")
     dev = torch.device(device)
     all_probs, accuracy, labels = [], [], None
     for run in runs:
-        model, policy, size, _ = run_model(run, len(test.classes))
-        augment = Augment(policy, image_size=resolve_image_size(policy, size, test))
+        model = run_model(run, len(test.classes))
+        augment = Augment(run.policy, image_size=resolve_image_size(run.policy, run.image_size, test))
         loader = eval_batches(test, augment, batch_size=batch_size, workers=workers, device=dev)
         probs, y = predict(prepare_model(model, dev), loader, mean=test.mean, std=test.std, device=dev)
         if labels is not None and not np.array_equal(labels, y):
-            raise SoftcacheError(f"'{run}' evaluates another test split than '{runs[0]}'")
+            raise SoftcacheError(f"'{run.path}' evaluates another test split than '{runs[0].path}'")
         labels = y
         all_probs.append(probs)
         accuracy.append(100.0 * float((probs.argmax(1) == y).mean()))
     stacked = np.stack(all_probs)
     joint = 100.0 * float((stacked.mean(0).argmax(1) == labels).mean())
-    return Ensemble(runs, stacked, labels, accuracy, joint)
+    return Ensemble([run.path for run in runs], stacked, labels, accuracy, joint)

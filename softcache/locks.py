@@ -33,9 +33,23 @@ def _pid(fd: int) -> str:
     return os.read(fd, 32).decode(errors="replace").strip() or "unknown"
 
 
+def _busy(what: str, pid: str) -> SoftcacheError:
+    return SoftcacheError(f"{what} is being written by another softcache process (pid {pid}); wait for it to "
+                          "finish or stop it, or choose another --out (nothing was changed)")
+
+
+def refuse_if_held(path: Path, what: str) -> None:
+    """Refuse at once when another process holds the lock at `path`: a command calls it first, before loading
+    anything, so a second writer hears it in a fraction of a second (the lock itself is taken later)."""
+    pid = holder(path)
+    if pid is not None:
+        raise _busy(what, pid)
+
+
 class WriterLock:
     """`with WriterLock(path, what):` holds the exclusive lock on `path`, or refuses at once, naming the pid
-    of the process that holds it; `what` names the thing written, e.g. "cache 'c'"."""
+    of the process that holds it; `what` names the thing written, e.g. "cache 'c'". The lock file is removed
+    when the lock is released, so a command that was refused, or one that finished, leaves none behind."""
 
     def __init__(self, path: Path, what: str):
         self.path, self.what, self.fd = Path(path), what, -1
@@ -54,17 +68,29 @@ class WriterLock:
         except BlockingIOError:
             pid = _pid(fd)
             os.close(fd)
-            raise SoftcacheError(f"{self.what} is being written by another softcache process (pid {pid}); wait for it "
-                                 "to finish or stop it, or choose another --out (nothing was changed)") from None
+            raise _busy(self.what, pid) from None
+        if not _same_file(fd, self.path):  # its holder removed it between our open and our lock: start again
+            os.close(fd)
+            return self.__enter__()
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.fd = fd
         return self
 
     def __exit__(self, *exc) -> None:
+        # removed while still held: a process that opened the file meanwhile finds it gone once it has the
+        # lock (`_same_file`) and opens the path again
+        self.path.unlink(missing_ok=True)
         fcntl.flock(self.fd, fcntl.LOCK_UN)
         os.close(self.fd)
         self.fd = -1
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def holder(path: Path) -> str | None:

@@ -22,8 +22,8 @@ from typing import Any
 
 from softcache.config import DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.errors import SoftcacheError
+from softcache.runs import finished_run
 from softcache.store import read_manifest
-from softcache.store.manifest import differences
 
 _OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
 
@@ -307,20 +307,6 @@ def _born_again(table: dict[str, Any], with_defaults, build_dump, build_student)
     return BornAgain(first, tuple(steps))
 
 
-def _finished_run(out: str, config: Any = None) -> dict[str, Any] | None:
-    """The summary of a finished run at `out`, or None; refuses one made with another configuration."""
-    summary = Path(out) / "summary.json"
-    if not summary.exists():
-        return None
-    if config is not None:
-        recorded = json.loads((Path(out) / "config.json").read_text())
-        differ = differences(recorded, json.loads(json.dumps(to_json(config))))
-        if differ:
-            raise SoftcacheError(f"'{out}' holds a finished run made with other settings ({', '.join(differ)} differ); "
-                                 "remove it, or run the recipe with another --root")
-    return json.loads(summary.read_text())
-
-
 def _resuming(out: str) -> str:
     """' (resuming an unfinished run)' when `out` holds a training checkpoint: the stage continues from it."""
     return " (resuming an unfinished run)" if (Path(out) / "checkpoint.pt").exists() else ""
@@ -335,7 +321,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     rows = []
 
     def teacher_stage(cfg: TeacherConfig, name: str) -> None:
-        summary = _finished_run(cfg.out, cfg)
+        summary = finished_run(cfg.out, to_json(cfg))
         if summary:
             echo(f"[{name}] {cfg.out} is finished: skipped")
         else:
@@ -354,7 +340,7 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     def student_stage(cfg: StudentConfig | OnlineConfig, name: str, label: str) -> None:
         online = isinstance(cfg, OnlineConfig)
         losses = "+".join(cfg.losses) + (" online" if online else "")
-        summary = _finished_run(cfg.out, cfg)
+        summary = finished_run(cfg.out, to_json(cfg))
         if summary:
             echo(f"[{label}] {cfg.out} is finished: skipped")
         else:

@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from softcache.errors import SoftcacheError
+from softcache.runs import read_run
 
+REPORT_KINDS = {"teacher": "teacher", "student": "cached", "online": "online"}  # a run's kind, as reported
 NO_TEACHER_TERMS = {"ce"}  # terms a student trains on without any teacher output
 IGNORED_CONFIG = ("seed", "out", "overwrite", "workers", "data_path", "download", "device")
 
@@ -198,24 +200,17 @@ def collect(root: str | Path) -> Report:
                             [t.get("weights_sha256", "") for t in manifest.get("teachers", [])]))
     runs = []
     for summary_path in sorted(root.rglob("summary.json")):
-        folder = summary_path.parent
+        run = read_run(summary_path.parent)
         try:
-            config = json.loads((folder / "config.json").read_text())
-            summary = json.loads(summary_path.read_text())
-            metrics = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines() if line]
-        except (OSError, ValueError):
+            metrics = [json.loads(line) for line in (run.path / "metrics.jsonl").read_text().splitlines() if line]
+        except (AttributeError, OSError, ValueError):
             continue  # not a run folder (or a damaged one): nothing to report from it
-        if "teacher_weights" in config:
-            kind, model = "online", config["student"]
-        elif "cache" in config:
-            kind, model = "cached", config["student"]
-        elif "model" in config:
-            kind, model = "teacher", config["model"]
-        else:
+        if run.summary is None:
             continue
-        losses = "+".join(config.get("losses", ["ce"]))
-        runs.append(Run(folder, _relative(folder, root), kind, model, losses, int(config.get("seed", 0)), config,
-                        summary, [(m["epoch"], m["test_acc"]) for m in metrics]))
+        losses = "+".join(run.config.get("losses", ["ce"]))
+        runs.append(Run(run.path, _relative(run.path, root), REPORT_KINDS[run.kind], run.model, losses,
+                        int(run.config.get("seed", 0)), run.config, run.summary,
+                        [(m["epoch"], m["test_acc"]) for m in metrics]))
     if not runs and not caches:
         raise SoftcacheError(f"'{root}' holds no finished run (summary.json) and no complete cache")
     return Report(root, runs, caches)

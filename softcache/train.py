@@ -15,14 +15,13 @@ epoch), and the checkpoint holds the rest of the state.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -33,65 +32,15 @@ from softcache.data import Source, load_source, recorded_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
-from softcache.locks import WriterLock, file_in_the_way, run_lock_path
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model, check_layers, load_weights
+from softcache.runs import CHECKPOINT, run_folder
 from softcache.store import where
-from softcache.store import CacheReader, differences, feature_name, local_only, open_cache, read_manifest
+from softcache.store import CacheReader, feature_name, open_cache
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
 log = logging.getLogger(__name__)
-
-@contextlib.contextmanager
-def prepare_run(out: str | Path, config: Mapping[str, Any], *, overwrite: bool) -> Iterator[Path]:
-    """`with prepare_run(...) as run:` creates the run folder and holds its writer lock (`RUN/.lock`) while the
-    run writes; refuses a finished run (it has summary.json) unless `overwrite`, and a folder another process
-    is writing to."""
-    out = local_only(out)
-    if (out / "summary.json").exists() and not overwrite:
-        raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise SoftcacheError(f"--out '{out}' is a file; give a folder for the run")
-    if read_manifest(out) is not None:
-        raise SoftcacheError(f"--out '{out}' is a softcache cache; give a folder for the run, not the cache")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        blocker = file_in_the_way(out)
-        reason = f"'{blocker}' is a file, not a folder" if blocker else err.strerror
-        raise SoftcacheError(f"cannot create the run folder '{out}' ({reason}); give --out a folder that can be "
-                             "written") from None
-    with WriterLock(run_lock_path(out), f"run folder '{out}'"):
-        config = json.loads(json.dumps(config))
-        checkpoint = out / CHECKPOINT
-        if checkpoint.exists() and not overwrite:  # an unfinished run: continue it, if it is this one
-            try:
-                recorded = json.loads((out / "config.json").read_text())
-            except (OSError, ValueError):
-                recorded = None
-            differ = differences({k: v for k, v in (recorded or {}).items() if k not in HOW_KEYS},
-                                 {k: v for k, v in config.items() if k not in HOW_KEYS})
-            if recorded is None or differ:
-                raise SoftcacheError(f"'{out}' holds an unfinished run made with other settings "
-                                     f"({', '.join(differ) or 'config.json unreadable'} differ); rerun it with its own "
-                                     "settings to continue it, pass --overwrite to start over, or choose another --out")
-        else:
-            checkpoint.unlink(missing_ok=True)
-            (out / "metrics.jsonl").unlink(missing_ok=True)
-        (out / "summary.json").unlink(missing_ok=True)
-        (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        yield out
-
-
-@contextlib.contextmanager
-def run_folder(out: str | Path, config: Mapping[str, Any], *, overwrite: bool,
-               world: distributed.World) -> Iterator[Path]:
-    """`prepare_run` on rank 0 (the one writer of the run folder); the other ranks wait until it is ready."""
-    with (prepare_run(out, config, overwrite=overwrite) if world.main else contextlib.nullcontext(Path(out))) as run:
-        distributed.barrier(world)
-        yield run
-
 
 def wrap(module: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
     """`module` in DistributedDataParallel under torchrun (gradients averaged over the ranks in backward),
@@ -109,10 +58,6 @@ def sync_batchnorm(model: nn.Module, sync_bn: bool, world: distributed.World, de
     """BatchNorm layers with statistics over the global batch under torchrun with --sync-bn (SyncBatchNorm on
     CUDA, `distributed.GlobalBatchNorm` on CPU)."""
     return distributed.sync_batchnorm(model, torch.device(device)) if sync_bn and world.size > 1 else model
-
-
-CHECKPOINT = "checkpoint.pt"
-HOW_KEYS = ("workers", "data_path", "download", "overwrite")  # settings that do not change what a run computes
 
 
 def _save_atomic(value: Any, path: Path) -> None:
@@ -254,7 +199,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     model = sync_batchnorm(model, optim.sync_bn, world, device)
-    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
+    with run_folder(out, config or {}, kind="teacher", overwrite=overwrite, world=world) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
         model = prepare_model(model, dev)
@@ -356,12 +301,13 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             routes: dict[str, list[tuple[str, str]]], channels: dict[tuple[str, str], tuple[int, int]],
             pair_reduce: str, optim: OptimConfig, device: str, seed: int, data_path: str = "auto",
             on_step: Callable[[int, dict[str, float]], None] | None = None,
-            world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
+            world: distributed.World = distributed.World(), since: float | None = None,
+            kind: str = "student") -> dict[str, Any]:
     """The training of a student (train-student and train-online alike) in the run folder `out`:
     `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
     `plan_pairs` says; `fit`."""
     labels, mean, std = train_source.labels, train_source.mean, train_source.std
-    with run_folder(out, config or {}, overwrite=overwrite, world=world) as run:
+    with run_folder(out, config or {}, kind=kind, overwrite=overwrite, world=world) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
         tapped = prepare_model(tapped, dev)
@@ -530,7 +476,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
                    pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
-                   on_step=on_step, world=world, since=since)
+                   on_step=on_step, world=world, since=since, kind="online")
 
 
 def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:

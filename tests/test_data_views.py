@@ -165,3 +165,30 @@ def test_test_labels_follow_the_training_classes_by_name(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "test" / "dog" / "0.png")
     with pytest.raises(SoftcacheError, match="class folder 'dog', which the training split does not have"):
         load_source(f"imagefolder:{tmp_path}", "test")
+
+
+def test_images_of_several_sizes_are_refused_without_an_image_size_and_never_shrunk(tmp_path, cifar_subset, teacher_weights):
+    """One 16 x 16 image first in a 32 x 32 ImageFolder once made the whole cache 16 x 16."""
+    import shutil
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from softcache.cli import cli
+    from softcache.store import open_cache
+    data = tmp_path / "data"
+    shutil.copytree(cifar_subset, data)
+    small = data / "train" / "airplane" / "0000.jpg"
+    Image.open(small).resize((16, 16)).save(small)
+    args = ["dump-teacher", "--teacher", "resnet8", "--weights", str(teacher_weights), "--data", f"imagefolder:{data}",
+            "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "cache")]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.output
+    assert "images have 2 sizes: 32x32 (119, e.g." in refused.stderr and f"16x16 (1, e.g. {small})" in refused.stderr
+    assert "--image-size" in refused.stderr and not (tmp_path / "cache").exists()
+
+    done = CliRunner().invoke(cli, [*args, "--image-size", "32"])
+    assert done.exit_code == 0, done.output
+    cache = open_cache(tmp_path / "cache")
+    assert cache.manifest["augment"]["image_size"] == 32
+    assert cache.read("views/box", 0, 2)[:, 0, 2:].tolist() == [[16, 16], [32, 32]]  # boxes in each image's pixels
