@@ -64,7 +64,8 @@ def test_identical_dump_is_reused_without_a_teacher(tmp_path, teacher_weights, r
     assert "reused (same cache id, no teacher run)" in result.output
     print(f"reuse answered in {time.perf_counter() - started:.2f} s")  # the closing note compares it to a dump
     changed = invoke(*dump_args(teacher_weights, cache, "--logits", "topk:3"))
-    assert changed.exit_code != 0 and "(storage.logits.format, storage.logits.k, storage.logits.temperatures differ)" in changed.stderr
+    assert changed.exit_code != 0
+    assert "(storage.logits.format, storage.logits.k, storage.logits.temperatures differ)" in changed.stderr
 
 
 @pytest.mark.slow
@@ -116,8 +117,8 @@ def test_flipped_bytes_are_named_by_verify_and_train_student(tmp_path, teacher_w
     assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+: its shard fails the crc32c recorded at "
                      r"commit \(and 1 more\)", result.stderr)  # the record's crc32c, then the chunk's own
     assert re.search(r"DAMAGED array 'features/layer3' samples \d+-\d+: a chunk fails its checksum", result.stdout)
-    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair", "layer3=layer3",
-                 "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
+    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair",
+                 "layer3=layer3", "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
     assert run.exit_code != 0 and isinstance(run.exception, SystemExit)
     assert re.search(r"is damaged: array 'features/layer3' samples \d+-\d+ fail their checksum", run.stderr)
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -168,8 +169,8 @@ def test_a_missing_or_changed_part_is_named_by_verify_and_train_student(tmp_path
     result = invoke("verify", cache)
     assert result.exit_code != 0 and len(result.stderr.strip().splitlines()) == 1, result.output
     assert re.search(f"cache '{re.escape(str(cache))}' is damaged: {named}", result.stderr), result.stderr
-    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair", "layer3=layer3",
-                 "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
+    run = invoke("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at", "--pair",
+                 "layer3=layer3", "--epochs", "1", "--workers", "0", "--out", tmp_path / "run")
     assert run.exit_code != 0 and isinstance(run.exception, SystemExit) and len(run.stderr.strip().splitlines()) == 1
     assert re.search(named, run.stderr), run.stderr
     assert not (tmp_path / "run" / "summary.json").exists()
@@ -291,7 +292,8 @@ def test_an_unreadable_image_is_one_line_naming_it(tmp_path, teacher_weights, ci
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
     assert re.fullmatch(rf"Error: image '{re.escape(str(bad))}' cannot be read \(.+\); replace or remove it and "
-                        r"rerun", result.stderr.strip()), result.stderr
+                        r"rerun \(that changes the dataset: a dump it stopped then starts over, with --overwrite\)",
+                        result.stderr.strip()), result.stderr
     teacher = invoke("train-teacher", "--model", "resnet8", "--data", f"imagefolder:{data}", "--epochs", "1",
                      "--batch-size", "32", "--out", tmp_path / "run")
     assert teacher.exit_code != 0 and f"image '{bad}' cannot be read" in teacher.stderr
@@ -366,3 +368,55 @@ def test_a_killed_training_run_resumes_to_the_same_model(tmp_path, reference, st
     assert expected.keys() == resumed.keys() and all(torch.equal(expected[k], resumed[k]) for k in expected)
     assert epochs(run) == epochs(tmp_path / "whole") and [r["epoch"] for r in epochs(run)] == [1, 2, 3, 4]
     assert not (run / "checkpoint.pt").exists()  # removed once the run finished
+
+
+def _truncate(path: Path) -> None:  # as an interrupted copy or a full disk leaves a file
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+@pytest.mark.parametrize("name", ["cache", "cache.h5"])
+def test_a_truncated_cache_is_damaged_for_every_command_and_replaced_by_overwrite(tmp_path, teacher_weights, name):
+    cache = tmp_path / name
+    args = dump_args(teacher_weights, cache, "--data", "synthetic:40")
+    assert invoke(*args).exit_code == 0
+    damaged = cache / "zarr.json" if name == "cache" else cache
+    _truncate(damaged)
+    before = damaged.read_bytes()
+    student = ["train-student", "--cache", cache, "--student", "resnet8", "--epochs", "1", "--workers", "0",
+               "--out", tmp_path / "run"]
+    for command in (["verify", cache], ["inspect", cache], student):
+        result = invoke(*command)
+        assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert re.search(f"cache '{re.escape(str(cache))}' is damaged: .*; re-dump it: rerun its dump-teacher "
+                         "command with --overwrite", result.stderr), result.stderr
+    refused = invoke(*args)
+    assert refused.exit_code != 0 and "holds a damaged cache" in refused.stderr and "--overwrite" in refused.stderr
+    assert damaged.read_bytes() == before  # nothing was changed
+    replaced = invoke(*args, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert open_cache(cache).manifest["complete"] and invoke("verify", cache).exit_code == 0
+
+
+def test_ls_shows_damage_what_is_stored_and_sizes_at_any_scale(tmp_path, teacher_weights, reference):
+    shutil.copytree(reference, tmp_path / "good")
+    shutil.copytree(reference, tmp_path / "garbled")
+    _truncate(tmp_path / "garbled" / "zarr.json")
+    shutil.copytree(reference, tmp_path / "holed")
+    _delete_shard(tmp_path / "holed")
+    small = tmp_path / "small-attention"  # an HDF5 cache without the .h5 suffix: known by its signature
+    assert invoke(*dump_args(teacher_weights, small, "--data", "synthetic:40", "--targets", "attention",
+                             "--format", "hdf5")).exit_code == 0
+    result = invoke("ls", tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.strip().splitlines()
+    rows = {Path(line.split()[-1]).name: line for line in lines[1:5]}
+    assert set(rows) == {"good", "garbled", "holed", "small-attention"}, result.stdout
+    assert " yes " in rows["good"] and re.search(r" \d+\.\d MiB ", rows["good"])
+    assert " DAMAGED " in rows["garbled"] and " DAMAGED " in rows["holed"]
+    assert "layer3 (attention)" in rows["small-attention"] and " yes " in rows["small-attention"]
+    assert re.search(r" \d+\.\d KiB ", rows["small-attention"]), rows["small-attention"]  # not "0.0"
+    notes = "\n".join(lines[5:])
+    assert re.search(r"garbled: damaged: its root zarr.json is not valid JSON .*--overwrite", notes), notes
+    assert re.search(r"holed: damaged: array 'logits' samples 16-24: its shard is missing", notes), notes

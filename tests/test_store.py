@@ -4,14 +4,16 @@ from __future__ import annotations
 import errno
 import json
 
+import h5py
 import numpy as np
 import pytest
 import torch
 import zarr
 
+from softcache import names
 from softcache.errors import SoftcacheError
-from softcache.store import (Existing, array_layout, build_manifest, check_existing, committed_samples, open_cache,
-                             prepare_cache)
+from softcache.store import (Existing, array_layout, build_manifest, check_existing, committed_samples, find_caches,
+                             open_cache, prepare_cache)
 from softcache.store import base
 
 BACKENDS = [("zarr", "c"), ("hdf5", "c.h5")]
@@ -20,9 +22,11 @@ BACKENDS = [("zarr", "c"), ("hdf5", "c.h5")]
 def _manifest(layers=("layer3",), views=3):
     return build_manifest(teachers=[{"name": "t", "arch": "t", "weights_sha256": "x"}],
                           dataset={"spec": "s", "fingerprint": {"sha256": "f"}},
-                          augment={"policy": "cifar", "views": views, "num_views": views, "seed": 0, "image_size": 32,
-                                   "pad": 4, "scale": [0.08, 1], "ratio": [0.75, 1.33], "mean": [0.5] * 3, "std": [0.2] * 3},
-                          layers=layers, storage={"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features"})
+                          augment={"policy": "cifar", "views": views, "num_views": views, "seed": 0,
+                                   "image_size": 32, "pad": 4, "scale": [0.08, 1], "ratio": [0.75, 1.33],
+                                   "mean": [0.5] * 3, "std": [0.2] * 3},
+                          layers=layers,
+                          storage={"backend": "zarr", "logits": {"format": "fp16"}, "targets": "features"})
 
 
 def _layout(n, v, layers=True):
@@ -73,7 +77,8 @@ def test_both_backends_round_trip_bit_identical(tmp_path, small_shards):
         assert cache.manifest["complete"] and set(cache.names()) == set(rows)
         read[backend] = {k: cache.read(k) for k in rows}
         for k, expected in rows.items():
-            assert read[backend][k].dtype == expected.dtype and read[backend][k].tobytes() == expected.tobytes(), (backend, k)
+            got = read[backend][k]
+            assert got.dtype == expected.dtype and got.tobytes() == expected.tobytes(), (backend, k)
         index = np.array([0, 3, 17, 36])
         assert cache.rows("logits", index).tobytes() == rows["logits"][index].tobytes()
     assert all(read["zarr"][k].tobytes() == read["hdf5"][k].tobytes() for k in rows)
@@ -157,7 +162,8 @@ def test_disk_full_leaves_an_incomplete_cache_that_resumes(tmp_path, small_shard
         real(self, name_, lo, hi, block)
 
     monkeypatch.setattr(writer_cls, "_write_block", full_disk)
-    with pytest.raises(SoftcacheError, match=r"out of disk space .* stays incomplete with 16 samples committed; free space and rerun"):
+    with pytest.raises(SoftcacheError,
+                       match=r"out of disk space .* stays incomplete with 16 samples committed; free space and rerun"):
         _write(tmp_path / name, backend, rows, [8] * 5, manifest).finish()  # the writer thread's error surfaces
     with pytest.raises(SoftcacheError, match="incomplete"):
         open_cache(tmp_path / name)
@@ -190,3 +196,90 @@ def test_hdf5_reader_opens_its_file_inside_each_worker(tmp_path, small_shards):
     loader = torch.utils.data.DataLoader(_RowsOf(reader, "logits"), batch_size=5, num_workers=2)
     got = torch.cat(list(loader))
     assert torch.equal(got, torch.from_numpy(rows["logits"].astype(np.float32)))
+
+
+def test_the_backend_registry_is_what_the_cli_offers():
+    from softcache.store import backends
+    assert tuple(backends.BACKENDS) == names.BACKENDS  # the torch-free names --format offers
+    for name, backend in backends.BACKENDS.items():
+        assert backend.name == name and not backend.__abstractmethods__, name
+        assert issubclass(backend.writer, base.ShardWriter) and issubclass(backend.reader, base.CacheReader), name
+
+
+def test_an_incomplete_cache_with_other_options_is_refused_in_words(tmp_path, small_shards):
+    rows = _random_rows(40, 2, np.random.default_rng(5), layers=False)
+    writer = _write(tmp_path / "c", "zarr", rows, (7,), _manifest(layers=(), views=2))
+    writer.wait()
+    del writer
+    with pytest.raises(SoftcacheError, match=r"holds an incomplete cache made with other options \(augment.views"):
+        check_existing(tmp_path / "c", _manifest(layers=(), views=5), overwrite=False, backend="zarr")
+
+
+def _truncate(path):  # as an interrupted copy or a full disk leaves a file
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 2])
+
+
+def _garble_hdf5_manifest(path):
+    with h5py.File(path, "r+") as f:
+        f.attrs["softcache"] = f.attrs["softcache"][:40]
+
+
+def _files(path):
+    return {p: p.read_bytes() for p in sorted([path, *path.rglob("*")]) if p.is_file()}
+
+
+@pytest.mark.parametrize("backend, name, damage, named", [
+    ("hdf5", "c.h5", _truncate, r"the file has the HDF5 signature but cannot be opened \(.*truncated file"),
+    ("hdf5", "c.h5", _garble_hdf5_manifest, r"its manifest \(root attribute 'softcache'\) is not valid JSON"),
+    ("zarr", "c", lambda path: _truncate(path / "zarr.json"), r"its root zarr.json is not valid JSON"),
+    ("zarr", "c", lambda path: (path / "zarr.json").unlink(), r"its root zarr.json is missing"),
+])
+def test_a_damaged_cache_is_called_damaged_and_kept(tmp_path, small_shards, backend, name, damage, named):
+    path, manifest = tmp_path / name, _manifest(layers=(), views=2)
+    _write(path, backend, _random_rows(8, 2, np.random.default_rng(6), layers=False), (8,), manifest).finish()
+    damage(path)
+    before = _files(path)
+    with pytest.raises(SoftcacheError, match=f"cache '.*' is damaged: {named}.*with --overwrite"):
+        open_cache(path)
+    with pytest.raises(SoftcacheError, match=f"holds a damaged cache \\({named}.*pass --overwrite to replace it"):
+        check_existing(path, manifest, overwrite=False, backend=backend)
+    assert _files(path) == before  # nothing was changed
+    assert check_existing(path, manifest, overwrite=True, backend=backend).action == "replace"
+
+
+def test_what_is_not_a_cache_of_ours_is_still_not_a_cache(tmp_path):
+    with h5py.File(tmp_path / "theirs.h5", "w") as f:
+        f["x"] = np.arange(3)
+    zarr.open_group(str(tmp_path / "theirs"), mode="w").attrs["tool"] = "theirs"
+    (tmp_path / "theirs.bin").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for path in ("theirs.h5", "theirs", "theirs.bin"):
+        with pytest.raises(SoftcacheError, match="is not a softcache cache"):
+            open_cache(tmp_path / path)
+    assert list(find_caches(tmp_path)) == []
+
+
+def test_an_hdf5_cache_is_found_by_its_signature_not_its_name(tmp_path, small_shards):
+    rows = _random_rows(8, 2, np.random.default_rng(7), layers=False)
+    _write(tmp_path / "caches" / "teacher-cache", "hdf5", rows, (8,), _manifest(layers=(), views=2)).finish()
+    found = [path.name for path, _ in find_caches(tmp_path)]
+    assert found == ["teacher-cache"]
+    assert open_cache(tmp_path / "caches" / "teacher-cache").read("logits").tobytes() == rows["logits"].tobytes()
+
+
+def test_sizes_and_layers_read_at_any_scale():
+    from softcache.store.listing import human_size, stored_layers
+    sizes = [0, 1023, 1536, 20 * 2**20 + 2**19, 5 * 2**30 + 2**29]
+    assert [human_size(n) for n in sizes] == ["0 B", "1023 B", "1.5 KiB", "20.5 MiB", "5.5 GiB"]
+    features, attention = _manifest(layers=("layer2", "layer3")), _manifest(layers=("layer3", "embedding"))
+    attention["storage"]["targets"] = "attention"
+    assert stored_layers(features) == "layer2,layer3"
+    assert stored_layers(attention) == "layer3 (attention), embedding (features)"
+    assert stored_layers(_manifest(layers=())) == "-"
+
+
+def test_an_array_whose_metadata_is_cut_short_is_damage_named(tmp_path, small_shards):
+    _write(tmp_path / "c", "zarr", _random_rows(8, 2, np.random.default_rng(8)), (8,)).finish()
+    _truncate(tmp_path / "c" / "features" / "layer3" / "zarr.json")
+    with pytest.raises(SoftcacheError, match=r"cache '.*' is damaged: its arrays cannot be opened \(.*with --overwrite"):
+        open_cache(tmp_path / "c")

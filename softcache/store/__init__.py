@@ -1,6 +1,6 @@
 """The cache format behind one small interface: `prepare_cache` to write (new, resumed or reused),
-`open_cache` to read, `read_manifest` to look. Zarr v3 directories and HDF5 files (`.h5`, `.hdf5`, or
-`format="hdf5"`) hold the same hierarchy and manifest:
+`open_cache` to read, `read_manifest` to look, `find_caches` / `survey` to list. Each backend (backends.py:
+zarr v3 directories, HDF5 files) holds the same hierarchy and manifest:
 
     CACHE/                 attrs["softcache"] = manifest (see manifest.py)
     labels                 (N,)            int64
@@ -19,18 +19,17 @@ from typing import Any, Iterator
 
 from softcache.errors import SoftcacheError
 from softcache.locks import cache_lock_path, holder
-from softcache.store import where
+from softcache.store import backends, where
 from softcache.store.base import CacheReader, ShardWriter, read_markers
-from softcache.store.hdf5_store import SUFFIXES, HDF5Reader, HDF5Writer, read_hdf5_manifest
 from softcache.store.manifest import (FORMAT_VERSION, array_layout, build_manifest, differences, feature_name,
                                       logits_prefix)
-from softcache.store.zarr_store import PROGRESS_DIR, ZarrReader, ZarrWriter, is_empty_dir, read_zarr_manifest
 
-__all__ = ["FORMAT_VERSION", "CacheReader", "Existing", "array_layout", "backend_of", "build_manifest", "check_existing",
-           "feature_name", "find_caches", "logits_prefix", "open_cache", "prepare_cache", "read_manifest", "swap_in", "committed_samples",
-           "progress_dir"]
+__all__ = ["BACKENDS", "FORMAT_VERSION", "CacheReader", "Existing", "Found", "array_layout", "backend_of",
+           "build_manifest", "check_existing", "committed_samples", "diagnose", "feature_name", "find_caches",
+           "logits_prefix", "open_cache", "prepare_cache", "progress_dir", "read_manifest", "survey", "swap_in",
+           "writing"]
 
-from softcache.names import BACKENDS  # noqa: E402  ("zarr", "hdf5")
+BACKENDS = tuple(backends.BACKENDS)  # the backends' names, in registry order (the registry: backends.BACKENDS)
 
 
 def local_only(path: str | Path) -> Path:
@@ -42,21 +41,21 @@ def local_only(path: str | Path) -> Path:
 
 
 def backend_of(path: str | Path, format: str | None = None) -> str:
-    """`format` if given, else hdf5 for a `.h5`/`.hdf5` path, else zarr; a URL is zarr (HDF5 on a URL is refused)."""
-    if format is not None and format not in BACKENDS:
-        raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(BACKENDS)}")
-    hdf5 = format == "hdf5" or (format is None and Path(str(path)).suffix in SUFFIXES)
-    if where.is_url(path) and hdf5:
-        raise SoftcacheError(f"'{path}': an HDF5 cache is one file written in place, which object stores cannot do; "
-                             "give a zarr --out (no .h5 suffix) for an object store, or a local .h5 path")
-    return "hdf5" if hdf5 else "zarr"
+    """The backend a dump to `path` writes: `format` if given, else by suffix (hdf5 for `.h5`/`.hdf5`, else
+    zarr); refused for a URL when the backend cannot live in an object store."""
+    if format is not None and format not in backends.BACKENDS:
+        raise SoftcacheError(f"unknown cache format '{format}'; valid: {', '.join(backends.BACKENDS)}")
+    name = format or backends.by_suffix(path)
+    refusal = backends.BACKENDS[name].url_refusal
+    if where.is_url(path) and refusal:
+        raise SoftcacheError(f"'{path}': {refusal}")
+    return name
 
 
 def progress_dir(path: str | Path, backend: str | None = None) -> where.Location:
     """Where a dump in progress keeps its per-shard commit markers: `CACHE/progress/`, `CACHE.h5.progress/`."""
     path = where.location(path)
-    backend = backend or backend_of(path)
-    return where.join(path, PROGRESS_DIR) if backend == "zarr" else where.sibling(path, ".progress")
+    return backends.BACKENDS[backend or backend_of(path)].progress_dir(path)
 
 
 def committed_samples(path: str | Path, backend: str | None = None) -> int:
@@ -68,14 +67,21 @@ def committed_samples(path: str | Path, backend: str | None = None) -> int:
 
 def read_manifest(path: str | Path) -> dict[str, Any] | None:
     """The manifest of the cache at `path`, or None if `path` holds no readable softcache cache."""
-    if where.is_url(path):
-        return read_zarr_manifest(where.location(path))
-    path = Path(path)
-    if path.is_dir():
-        return read_zarr_manifest(path)
-    if path.is_file():
-        return read_hdf5_manifest(path)
-    return None
+    path = where.location(path)
+    backend = backends.recognising(path)
+    return backend.read_manifest(path) if backend else None
+
+
+def diagnose(path: str | Path) -> str | None:
+    """What is wrong with the cache at `path` when its manifest cannot be read but it is recognisably one of
+    ours (an HDF5 file; a zarr folder with our arrays or markers, or with a root zarr.json cut short);
+    None for a readable cache and for anything that is not ours."""
+    return backends.diagnose(where.location(path))
+
+
+def writing(path: str | Path) -> str | None:
+    """The pid of the dump writing the cache at `path` now, if any (object stores hold no lock: None)."""
+    return None if where.is_url(path) else holder(cache_lock_path(path))
 
 
 @dataclass(frozen=True)
@@ -120,13 +126,13 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
     """Decide what a dump does at `path`; refuse what would lose data or mix configurations.
 
     A complete cache with the same id is reused; an incomplete one with the same id and committed shards is
-    resumed; one with another id is refused, naming what differs, unless `overwrite`. Anything at `path`
-    that is not a cache is never touched.
+    resumed; one with another id, or a damaged one (`diagnose`), is refused, naming what differs or what is
+    wrong, unless `overwrite`. Anything at `path` that is not a cache is never touched.
     """
     path = where.location(path)
     if not where.is_url(path):
         recover_swap(path)
-        if not path.exists() or is_empty_dir(path):
+        if not path.exists() or where.is_empty_dir(path):
             return Existing("new")
     elif not where.exists(path):
         return Existing("new")
@@ -134,7 +140,13 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
     if existing is None:
         if where.exists(progress_dir(path, backend)):  # our own dump died before its store became readable
             return Existing("restart")
-        raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was changed)")
+        damage = diagnose(path)
+        if damage is None:
+            raise SoftcacheError(f"'{path}' exists and is not a softcache cache; choose another --out (nothing was "
+                                 "changed)")
+        if not overwrite:
+            raise SoftcacheError(f"'{path}' holds a damaged cache ({damage}); pass --overwrite to replace it with a "
+                                 "new dump, or choose another --out (nothing was changed)")
     if overwrite and where.is_url(path):
         raise SoftcacheError(f"--overwrite builds the new cache beside the old one and renames it in, which object "
                              f"stores cannot do; delete '{path}' first (nothing was changed)")
@@ -146,12 +158,13 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
                 return Existing("replace", markers)
         return Existing("replace")
     if existing.get("format_version") != FORMAT_VERSION:
-        raise SoftcacheError(f"'{path}' holds a cache in format {existing.get('format_version')} (this softcache writes "
-                             f"format {FORMAT_VERSION}); pass --overwrite to re-dump it, or choose another --out")
+        raise SoftcacheError(f"'{path}' holds a cache in format {existing.get('format_version')} (this softcache "
+                             f"writes format {FORMAT_VERSION}); pass --overwrite to re-dump it, or choose another "
+                             "--out")
     differ = differences(existing.get("identity", {}), manifest["identity"])
     if differ:
-        state = "complete" if existing.get("complete") else "incomplete"
-        raise SoftcacheError(f"'{path}' holds a {state} cache made with other options ({', '.join(differ)} differ); "
+        state = "a complete" if existing.get("complete") else "an incomplete"
+        raise SoftcacheError(f"'{path}' holds {state} cache made with other options ({', '.join(differ)} differ); "
                              "choose another --out, or pass --overwrite to replace it")
     if existing.get("complete"):
         return Existing("reuse")
@@ -165,7 +178,7 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
     that compresses and writes up to `threads` shards at once. `create=False`: open the store another process
     of the same dump prepared (torchrun ranks other than 0)."""
     path = where.location(path)
-    writer_cls = ZarrWriter if backend == "zarr" else HDF5Writer
+    writer_cls = backends.BACKENDS[backend].writer
     if existing.action == "replace":  # built beside, swapped in by the dump when complete (`swap_in`)
         path = staging_path(path)
     if existing.committed or not create:
@@ -182,41 +195,73 @@ def prepare_cache(path: str | Path, layout: dict[str, tuple[tuple[int, ...], str
 
 
 def open_cache(path: str | Path, *, check: bool = True) -> CacheReader:
-    """A complete cache for reading; refuses a missing, foreign or incomplete one with a message that says which,
-    and (`check`) one with a shard, an array or the manifest missing or changed since the dump committed it."""
+    """A complete cache for reading; refuses a missing, foreign, damaged or incomplete one with a message that
+    says which, and (`check`) one with a shard, an array or the manifest missing or changed since the dump
+    committed it."""
     path = where.location(path)
     if not where.exists(path):
         raise SoftcacheError(f"cache '{path}' does not exist; give the --out of a dump-teacher run")
-    manifest = read_manifest(path)
+    backend = backends.recognising(path)
+    manifest = backend.read_manifest(path) if backend else None
     if manifest is None:
-        raise SoftcacheError(f"'{path}' is not a softcache cache (no softcache manifest); give the --out of a dump-teacher run")
+        damage, pid = diagnose(path), writing(path)
+        if damage is None:
+            raise SoftcacheError(f"'{path}' is not a softcache cache (no softcache manifest); give the --out of a "
+                                 "dump-teacher run")
+        if pid is not None:  # an HDF5 file is locked while it is written
+            raise SoftcacheError(f"cache '{path}' is incomplete: a dump is writing it now (pid {pid}); "
+                                 "wait for it to finish")
+        raise SoftcacheError(f"cache '{path}' is damaged: {damage}; re-dump it: rerun its dump-teacher command with "
+                             "--overwrite")
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise SoftcacheError(f"cache '{path}' is in format {manifest.get('format_version')}, this softcache reads format "
-                             f"{FORMAT_VERSION} (format 4 records every shard's size and checksum); re-dump it: rerun "
-                             "its dump-teacher command with --overwrite")
+        raise SoftcacheError(f"cache '{path}' is in format {manifest.get('format_version')}, this softcache reads "
+                             f"format {FORMAT_VERSION} (format 4 records every shard's size and checksum); re-dump it: "
+                             "rerun its dump-teacher command with --overwrite")
     if not manifest.get("complete"):
-        pid = None if where.is_url(path) else holder(cache_lock_path(path))
+        pid = writing(path)
         if pid is not None:
             raise SoftcacheError(f"cache '{path}' is incomplete: a dump is writing it now (pid {pid}); "
                                  "wait for it to finish")
         raise SoftcacheError(f"cache '{path}' is incomplete: its dump died; rerun its dump-teacher command to "
                              "resume it")
-    reader = ZarrReader(path, manifest) if where.is_url(path) or path.is_dir() else HDF5Reader(path, manifest)
+    try:
+        reader = backend.reader(path, manifest)
+    except (OSError, KeyError, ValueError) as err:  # an array's metadata cut short, a root attribute gone
+        raise SoftcacheError(f"cache '{path}' is damaged: its arrays cannot be opened ({type(err).__name__}: {err}); "
+                             "re-dump it: rerun its dump-teacher command with --overwrite") from None
     return reader.check() if check else reader
 
 
-def find_caches(root: str | Path) -> Iterator[tuple[Path, dict[str, Any]]]:
-    """Every cache under `root` (zarr folders and HDF5 files), complete or not, with its manifest."""
+@dataclass(frozen=True)
+class Found:
+    """A cache `survey` came upon."""
+
+    path: where.Location
+    manifest: dict[str, Any] | None  # None: recognisably a cache of ours, its manifest unreadable
+    damage: str | None = None        # with no manifest: what is wrong (`diagnose`)
+
+
+def survey(root: str | Path, *, damaged: bool = True) -> Iterator[Found]:
+    """Every cache under `root`, complete or not, in path order: any backend's, each known by its format (an
+    HDF5 file by its signature, whatever its name); `damaged`: also those whose manifest cannot be read."""
     root = where.location(root)
-    if read_manifest(root) is not None:
-        yield root, read_manifest(root)
+    manifest = read_manifest(root)
+    if manifest is not None:
+        yield Found(root, manifest)
         return
-    if where.is_url(root):  # zarr caches only: HDF5 files do not live in object stores
-        for entry in where.subfolders(root):
-            yield from find_caches(entry)
+    damage = diagnose(root) if damaged else None
+    if damage is not None:
+        yield Found(root, None, damage)
         return
-    for entry in sorted(root.iterdir()) if root.is_dir() else []:
-        if entry.is_dir():
-            yield from find_caches(entry)
-        elif entry.suffix in SUFFIXES and (manifest := read_manifest(entry)) is not None:
-            yield entry, manifest
+    if where.is_url(root):  # prefixes only: files written in place (HDF5) do not live in object stores
+        entries = where.subfolders(root)
+    else:
+        entries = sorted(root.iterdir()) if root.is_dir() else []
+    for entry in entries:
+        yield from survey(entry, damaged=damaged)
+
+
+def find_caches(root: str | Path) -> Iterator[tuple[where.Location, dict[str, Any]]]:
+    """Every cache under `root` whose manifest can be read, complete or not, with its manifest."""
+    for found in survey(root, damaged=False):
+        yield found.path, found.manifest

@@ -1,4 +1,5 @@
-"""What both backends share: shard planning, whole-shard buffered writes, committed progress, checked reads.
+"""What every backend shares: the `Backend` interface, shard planning, whole-shard buffered writes, committed
+progress, checked reads.
 
 A dump hands rows over shard by shard, in sample order within each shard. The writer buffers them and writes
 each shard (the same sample range in every array) once, whole; after a shard of every array is on disk it
@@ -14,10 +15,11 @@ import errno
 import json
 import math
 import threading
+from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar, Iterator
 
 import numpy as np
 
@@ -62,7 +64,8 @@ def plan_shards(layout: Layout, shard_bytes: int | None = None,
     view_bytes = {name: row_bytes[name] // max(1, shape[1]) if len(shape) > 1 else row_bytes[name]
                   for name, (shape, _) in layout.items()}
     num_samples = planned_samples or next(iter(layout.values()))[0][0]
-    by_count = max(_pow2_floor(max(1, num_samples // SHARD_FRACTION)), _pow2_ceil(MIN_SHARD_BYTES / sum(row_bytes.values())))
+    by_count = max(_pow2_floor(max(1, num_samples // SHARD_FRACTION)),
+                   _pow2_ceil(MIN_SHARD_BYTES / sum(row_bytes.values())))
     shard = min(_pow2_floor(shard_bytes / max(row_bytes.values())), by_count, _pow2_ceil(max(1, num_samples)))
     chunk = min(shard, _pow2_floor(CHUNK_BYTES / max(1, max(view_bytes.values()))))
     chunks = {name: (chunk, 1, *shape[2:]) if len(shape) > 1 else (chunk,) for name, (shape, _) in layout.items()}
@@ -160,14 +163,16 @@ class ShardWriter:
         added up per shard, kept in its marker and summed over all shards in the finished cache's record."""
         for key, value in (cost or {}).items():
             self._cost[key] = self._cost.get(key, 0) + value if isinstance(value, (int, float)) else value
-        assert rows.keys() == self.pending.keys(), f"every array needs rows: got {sorted(rows)}, expected {sorted(self.pending)}"
+        assert rows.keys() == self.pending.keys(), \
+            f"every array needs rows: got {sorted(rows)}, expected {sorted(self.pending)}"
         count, offset = len(rows["labels"]), 0
         while offset < count:
             at = start + offset
             if not self.pending_rows:
                 assert at % self.shard_samples == 0, f"a shard starts at a multiple of {self.shard_samples}, not {at}"
                 self._lo = at
-            assert at == self._lo + self.pending_rows, f"rows must arrive in order: got {at}, expected {self._lo + self.pending_rows}"
+            assert at == self._lo + self.pending_rows, \
+                f"rows must arrive in order: got {at}, expected {self._lo + self.pending_rows}"
             end = min(self._lo + self.shard_samples, self.num_samples)
             take = min(count - offset, end - at)
             for name, value in rows.items():
@@ -283,8 +288,8 @@ class CacheReader:
         found = self.problems()
         if found:
             more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise SoftcacheError(f"cache '{self.path}' is damaged: {found[0]}{more}; run 'softcache verify {self.path}' "
-                                 "and re-dump it")
+            raise SoftcacheError(f"cache '{self.path}' is damaged: {found[0]}{more}; run 'softcache verify "
+                                 f"{self.path}' and re-dump it")
         return self
 
     def names(self) -> list[str]:
@@ -367,3 +372,39 @@ class CacheReader:
                          "shards": self.shard_samples(), "bytes": stored, "raw_bytes": raw,
                          "bytes_per_sample": stored / max(1, shape[0])})
         return rows
+
+
+class Backend(ABC):
+    """One cache format as the store sees it: its name, its writer and reader, how a path in the format is
+    recognised and its manifest read, where a dump keeps its progress markers, and what the format cannot do.
+    A new format is one module (a ShardWriter, a CacheReader and a Backend) and one entry in
+    `backends.BACKENDS`. Backends hold no state: the registry holds the classes, and every method is a
+    classmethod taking the cache's location (a Path, or a URL string for a backend that allows them)."""
+
+    name: ClassVar[str]                           # as --format and the manifest's storage.backend spell it
+    writer: ClassVar[type[ShardWriter]]
+    reader: ClassVar[type[CacheReader]]
+    suffixes: ClassVar[tuple[str, ...]] = ()      # an --out ending so gets this backend without --format
+    url_refusal: ClassVar[str | None] = None      # why it cannot live in an object store, what to do (None: it can)
+    torchrun_refusal: ClassVar[str | None] = None  # why torchrun ranks cannot write one together (None: they can)
+
+    @classmethod
+    @abstractmethod
+    def recognises(cls, path: where.Location) -> bool:
+        """Whether `path` is in this format, readable or not: the backend that reads it."""
+
+    @classmethod
+    @abstractmethod
+    def read_manifest(cls, path: where.Location) -> dict[str, Any] | None:
+        """The manifest at a `path` this backend recognises; None when it holds no manifest that can be read."""
+
+    @classmethod
+    @abstractmethod
+    def diagnose(cls, path: where.Location) -> str | None:
+        """For a `path` without a readable manifest: what is wrong with it, as a phrase ("its root zarr.json is
+        missing"), when it is recognisably a cache of this format; None for anything else (not ours)."""
+
+    @classmethod
+    @abstractmethod
+    def progress_dir(cls, path: where.Location) -> where.Location:
+        """Where a dump in progress at `path` keeps its per-shard commit markers (see ShardWriter)."""

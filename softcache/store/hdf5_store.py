@@ -1,4 +1,5 @@
-"""The HDF5 backend: one file with the same hierarchy and manifest as the Zarr backend.
+"""The HDF5 backend: one local file with the same hierarchy and manifest as the Zarr backend, written by one
+process, and known by its HDF5 signature whatever its name.
 
 Datasets are chunked along samples (about 1 MiB a chunk), gzip-compressed with byte shuffling, and carry a
 Fletcher-32 checksum per chunk. The manifest is the root attribute `softcache` (JSON text). Readers open the
@@ -17,10 +18,11 @@ import google_crc32c
 import h5py
 import numpy as np
 
-from softcache.store.base import MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
+from softcache.store import where
+from softcache.store.base import MANIFEST_KEY, Backend, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY
 
-SUFFIXES = (".h5", ".hdf5")
+SHARD_SAMPLES_KEY = "softcache_shard_samples"
 
 
 def stored_chunks(dataset: h5py.Dataset, lo: int, hi: int) -> Iterator[bytes]:
@@ -43,16 +45,17 @@ class HDF5Writer(ShardWriter):
             return
         self.file = h5py.File(self.path, "w")
         self.file.attrs[MANIFEST_KEY] = json.dumps(manifest)
-        self.file.attrs["softcache_shard_samples"] = shard
+        self.file.attrs[SHARD_SAMPLES_KEY] = shard
         for name, (shape, dtype) in layout.items():
-            self.file.create_dataset(name, shape=shape, dtype=dtype, chunks=(min(chunks[name][0], shape[0]) or 1, *chunks[name][1:]),
+            self.file.create_dataset(name, shape=shape, dtype=dtype,
+                                     chunks=(min(chunks[name][0], shape[0]) or 1, *chunks[name][1:]),
                                      compression="gzip", compression_opts=4, shuffle=np.dtype(dtype).itemsize > 1,
                                      fletcher32=True, fillvalue=0)
         self.file.flush()
 
     @property
     def progress_dir(self) -> Path:
-        return self.path.with_name(self.path.name + ".progress")
+        return HDF5Backend.progress_dir(self.path)
 
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.file[name][lo:hi] = block
@@ -76,15 +79,6 @@ class HDF5Writer(ShardWriter):
         self.file.close()
 
 
-def read_hdf5_manifest(path: Path) -> dict[str, Any] | None:
-    try:
-        with h5py.File(path, "r") as f:
-            text = f.attrs.get(MANIFEST_KEY)
-    except OSError:  # not an HDF5 file, or one a killed writer left unreadable
-        return None
-    return json.loads(text) if text is not None else None
-
-
 class HDF5Reader(CacheReader):
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.path, self.manifest = Path(path), manifest
@@ -98,7 +92,7 @@ class HDF5Reader(CacheReader):
 
         with h5py.File(self.path, "r") as f:
             f.visititems(collect)
-            self._shard = int(f.attrs["softcache_shard_samples"])
+            self._shard = int(f.attrs[SHARD_SAMPLES_KEY])
             record = f.attrs.get(SHARDS_KEY)
         self.record = json.loads(record) if record is not None else None
 
@@ -138,3 +132,49 @@ class HDF5Reader(CacheReader):
 
     def _raw(self, name: str, selection: Any) -> np.ndarray:
         return self.file[name][selection]
+
+
+class HDF5Backend(Backend):
+    name = "hdf5"
+    writer = HDF5Writer
+    reader = HDF5Reader
+    suffixes = (".h5", ".hdf5")
+    url_refusal = ("an HDF5 cache is one file written in place, which object stores cannot do; give a zarr --out "
+                   "(no .h5 suffix) for an object store, or a local .h5 path")
+    torchrun_refusal = ("an HDF5 cache is written by one process; use a zarr --out (a folder) under torchrun, or run "
+                        "dump-teacher without torchrun")
+
+    @classmethod
+    def recognises(cls, path: where.Location) -> bool:
+        # the signature, not the suffix: a cache renamed without `.h5` is still one (and a truncated one too)
+        return not where.is_url(path) and Path(path).is_file() and h5py.is_hdf5(str(path))
+
+    @classmethod
+    def read_manifest(cls, path: where.Location) -> dict[str, Any] | None:
+        try:
+            with h5py.File(path, "r") as f:
+                text = f.attrs.get(MANIFEST_KEY)
+            return json.loads(text) if text is not None else None
+        except (OSError, ValueError):  # truncated, locked by a writer, or its manifest cut short (`diagnose`)
+            return None
+
+    @classmethod
+    def diagnose(cls, path: where.Location) -> str | None:
+        if not cls.recognises(path):
+            return None
+        try:
+            with h5py.File(path, "r") as f:
+                text, ours = f.attrs.get(MANIFEST_KEY), "labels" in f or SHARD_SAMPLES_KEY in f.attrs
+        except OSError as err:
+            return f"the file has the HDF5 signature but cannot be opened ({err})"
+        if text is None:  # another program's HDF5 file, unless it holds our arrays
+            return f"its manifest (root attribute '{MANIFEST_KEY}') is missing" if ours else None
+        try:
+            json.loads(text)
+        except ValueError as err:
+            return f"its manifest (root attribute '{MANIFEST_KEY}') is not valid JSON ({err})"
+        return None
+
+    @classmethod
+    def progress_dir(cls, path: where.Location) -> where.Location:
+        return where.sibling(path, ".progress")  # CACHE.h5.progress/, beside the file

@@ -49,7 +49,8 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
     identity = {
         "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"]} for t in teachers],
         "dataset": dataset["fingerprint"],
-        "augment": {k: augment[k] for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean", "std")},
+        "augment": {k: augment[k]
+                    for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean", "std")},
         "layers": list(layers),
         "storage": storage,
     }
@@ -70,7 +71,8 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
 
 
 def logits_prefix(manifest: dict[str, Any], teacher: str) -> str:
-    """Where teacher `teacher`'s logits arrays live: `logits` for a single teacher, `teachers/<name>/logits` otherwise."""
+    """Where teacher `teacher`'s logits arrays live: `logits` for a single teacher, `teachers/<name>/logits`
+    otherwise."""
     return "logits" if len(manifest["teachers"]) == 1 else f"teachers/{teacher}/logits"
 
 

@@ -64,6 +64,10 @@ def exists(target: Location) -> bool:
     return fs.exists(path)
 
 
+def is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(os.scandir(path))
+
+
 def remove(target: Location) -> None:
     """Delete a file or a folder (all objects under a prefix), if there."""
     if not is_url(target):

@@ -1,4 +1,5 @@
-"""The Zarr v3 backend: a directory holding a group with sharded, compressed, checksummed arrays.
+"""The Zarr v3 backend: a directory (or an object-store prefix) holding a group with sharded, compressed,
+checksummed arrays; the one backend several processes (torchrun ranks) write together.
 
 Arrays are split along samples only. Inner chunks (the unit a reader decompresses) hold about 1 MiB and are
 compressed with Blosc/zstd and checksummed with crc32c (zarr's `Crc32cCodec`); shards (one file each, zarr's
@@ -6,6 +7,7 @@ compressed with Blosc/zstd and checksummed with crc32c (zarr's `Crc32cCodec`); s
 """
 from __future__ import annotations
 
+import json
 import os
 import threading
 from pathlib import Path
@@ -15,16 +17,19 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.abc.store import SuffixByteRequest
-from zarr.storage import LocalStore, WrapperStore
+from zarr.storage import WrapperStore
 
 from softcache.store import where
-from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, CacheReader, Layout, ShardWriter, plan_shards
+from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, Backend, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY, crc32c
 
 # Every chunk is written, zeros included: no chunk-by-chunk comparison with the fill value (a fifth of the
 # writer's time), and a missing shard file is never a shard of zeros (a shard of class-0 labels is all zeros).
 WRITE_CONFIG = {"write_empty_chunks": True}
 PROGRESS_DIR = "progress"   # CACHE/progress/<k>.json: the shards a dump in progress has committed
+ROOT = "zarr.json"          # the root group's metadata: its attributes hold the manifest
+# what only a cache of ours holds, besides its root zarr.json: the arrays every cache has, and a dump's markers
+OURS = ("labels/zarr.json", "views/zarr.json", PROGRESS_DIR)
 
 
 # Chosen by measurement (BENCHMARKS.md, "Writer"): zstd at Blosc clevel 1 compresses teacher logits, feature
@@ -90,7 +95,7 @@ class ZarrWriter(ShardWriter):
 
     @property
     def progress_dir(self) -> where.Location:
-        return where.join(self.path, PROGRESS_DIR)
+        return ZarrBackend.progress_dir(self.path)
 
     def _write_block(self, name: str, lo: int, hi: int, block: np.ndarray) -> None:
         self.arrays[name][lo:hi] = block
@@ -116,16 +121,6 @@ class ZarrWriter(ShardWriter):
 
     def _set_manifest(self, manifest: dict[str, Any], record: dict[str, Any]) -> None:
         self.group.attrs.update({MANIFEST_KEY: manifest, SHARDS_KEY: record})
-
-
-def read_zarr_manifest(path: where.Location) -> dict[str, Any] | None:
-    if where.size(where.join(path, "zarr.json")) is None:
-        return None
-    try:
-        manifest = zarr.open_group(store=where.zarr_store(path, read_only=True), mode="r").attrs.get(MANIFEST_KEY)
-    except Exception:  # a bare array or a damaged group: not a readable cache
-        return None
-    return dict(manifest) if manifest is not None else None
 
 
 class CountingStore(WrapperStore):
@@ -216,5 +211,43 @@ class ZarrReader(CacheReader):
         return arr.get_orthogonal_selection((np.asarray(selection),))
 
 
-def is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(os.scandir(path))
+class ZarrBackend(Backend):
+    name = "zarr"
+    writer = ZarrWriter
+    reader = ZarrReader
+
+    @classmethod
+    def recognises(cls, path: where.Location) -> bool:
+        if where.is_url(path):
+            return where.size(where.join(path, ROOT)) is not None
+        return (Path(path) / ROOT).is_file()
+
+    @classmethod
+    def read_manifest(cls, path: where.Location) -> dict[str, Any] | None:
+        try:
+            manifest = zarr.open_group(store=where.zarr_store(path, read_only=True), mode="r").attrs.get(MANIFEST_KEY)
+        except Exception:  # a bare array or a damaged group: not a readable cache (`diagnose` says which)
+            return None
+        return dict(manifest) if manifest is not None else None
+
+    @classmethod
+    def diagnose(cls, path: where.Location) -> str | None:
+        if not where.is_url(path) and not Path(path).is_dir():
+            return None
+        ours = next((part for part in OURS if where.exists(where.join(path, *part.split("/")))), None)
+        if not cls.recognises(path):
+            return f"its root {ROOT} is missing (it holds {ours})" if ours else None
+        try:
+            meta = json.loads(where.read_bytes(where.join(path, ROOT)))
+        except ValueError as err:  # cut short or overwritten: nobody's zarr group
+            return f"its root {ROOT} is not valid JSON ({err})"
+        has_manifest = isinstance(meta, dict) and MANIFEST_KEY in (meta.get("attributes") or {})
+        try:
+            zarr.open_group(store=where.zarr_store(path, read_only=True), mode="r")
+        except Exception as err:  # valid JSON that zarr refuses: ours if it holds our manifest or our arrays
+            return f"its root {ROOT} is not a zarr group's metadata ({err})" if has_manifest or ours else None
+        return f"its manifest (attribute '{MANIFEST_KEY}' of the root {ROOT}) is missing" if ours else None
+
+    @classmethod
+    def progress_dir(cls, path: where.Location) -> where.Location:
+        return where.join(path, PROGRESS_DIR)
