@@ -46,7 +46,8 @@ class SoftcacheGroup(click.Group):
 # ---------------------------------------------------------------- options, defined once
 
 def _option(*names: str, **kwargs: Any) -> Callable:
-    return click.option(*names, show_default=True, **kwargs)
+    """click.option showing its default, unless its help says the default in words ("[default: ...]")."""
+    return click.option(*names, show_default="[default:" not in kwargs.get("help", ""), **kwargs)
 
 
 def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[str, ...]:
@@ -119,14 +120,11 @@ def _free_cache(ctx: click.Context, param: click.Parameter, value: str | None) -
 
 
 def _device(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    import torch
+    from softcache.device import check_device
     try:
-        kind = torch.device(value).type
-    except (RuntimeError, ValueError):
-        raise click.BadParameter(f"'{value}' is not a torch device; e.g. cpu, cuda, cuda:1") from None
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise click.BadParameter(f"'{value}' asks for CUDA, which this machine does not have; use --device cpu")
-    return value
+        return check_device(value)
+    except SoftcacheError as err:
+        raise click.BadParameter(str(err)) from None
 
 
 device = _option("--device", default=default_device, callback=_device,  # called only when needed

@@ -176,7 +176,8 @@ class FolderSource(Source):
             return TF.pil_to_tensor(self.folder.loader(path))
         except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
             what = "it is empty" if data.numel() == 0 else f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            raise SoftcacheError(f"image '{path}' cannot be read ({what}); replace or remove it and rerun") from None
+            raise SoftcacheError(f"image '{path}' cannot be read ({what}); replace or remove it and rerun (that changes "
+                                 "the dataset: a dump it stopped then starts over, with --overwrite)") from None
 
     @property
     def labels(self) -> np.ndarray:
@@ -189,8 +190,11 @@ class FolderSource(Source):
             try:
                 with PIL.Image.open(path) as image:
                     width, height = image.size
-            except (OSError, ValueError):
-                self._decode_one(path, torch.empty(0, dtype=torch.uint8))  # names the file that cannot be read
+            except (OSError, ValueError):  # name the file that cannot be read, and why
+                with open(path, "rb") as f:
+                    raw = bytearray(f.read())
+                data = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+                height, width = self._decode_one(path, data).shape[-2:]
             count, first = found.get((height, width), (0, path))
             found[(height, width)] = (count + 1, first)
         return found
@@ -366,3 +370,15 @@ def load_source(spec: str, split: str, *, download: bool = False) -> Source:
             raise SoftcacheError("imagefolder needs a folder: imagefolder:ROOT")
         return _folder_source(arg, split)
     raise SoftcacheError(f"unknown dataset '{spec}'; valid: cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT, synthetic[:N]")
+
+
+def check_data_matches(cache: Any, source: Source) -> None:
+    """Refuse a training set that is not the one the cache (a CacheReader) was dumped from."""
+    recorded = cache.manifest["dataset"]
+    if len(recorded["classes"]) != len(source.classes):
+        raise SoftcacheError(f"class-count mismatch: the cache has {len(recorded['classes'])} classes, "
+                             f"--data {source.spec} has {len(source.classes)}")
+    if recorded["fingerprint"] != source.fingerprint():
+        raise SoftcacheError(f"--data {source.spec} is not the dataset the cache was dumped from "
+                             f"({recorded['spec']}, {recorded['num_samples']} samples): fingerprints differ; "
+                             "give the same data, or dump a cache for this one")

@@ -16,6 +16,18 @@ from softcache.models import Tapped
 _CONSTANTS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
+def check_device(value: str) -> str:
+    """Refuse a device string torch does not know, or CUDA on a machine without it."""
+    from softcache.errors import SoftcacheError
+    try:
+        kind = torch.device(value).type
+    except (RuntimeError, ValueError):
+        raise SoftcacheError(f"'{value}' is not a torch device; e.g. cpu, cuda, cuda:1") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise SoftcacheError(f"device '{value}' asks for CUDA, which this machine does not have; use --device cpu")
+    return value
+
+
 def autocast(device: torch.device, dtype: torch.dtype = torch.float16):
     """Mixed precision on CUDA, full precision elsewhere."""
     if device.type == "cuda":

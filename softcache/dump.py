@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from softcache import distributed, progress
 from softcache.config import DumpConfig, to_json
-from softcache.device import prepare_model, teacher_outputs, to_host
+from softcache.device import check_device, prepare_model, teacher_outputs, to_host
 from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
-from softcache.models import Tapped, build_model, check_layers, file_sha256, load_weights
+from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
@@ -260,10 +260,11 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     pending = None
     views = _view_batches(dataset, batches, shard, workers, dev, data_path)
     todo = sum(b - a for a, b in batches)
-    progress.say(f"dump-teacher: {todo:,} samples x {num_views} views to compute on {device_name} "
+    what = f"dump-teacher {Path(str(out)).name}"  # the cache's name: a recipe may dump several
+    progress.say(f"{what}: {todo:,} samples x {num_views} views to compute on {device_name} "
                  f"({len(mine)} of {writer.num_shards} shards" + (f"; {resumed_from:,} samples were committed before)"
                                                                  if resumed_from else ")"))
-    for span, (flat, labels, boxes, flips) in progress.track(zip(batches, views), what="dump-teacher",
+    for span, (flat, labels, boxes, flips) in progress.track(zip(batches, views), what=what,
                                                              total=len(batches), count=lambda item: item[0][1] - item[0][0],
                                                              amount=todo, amount_unit="samples", final=True):
         if pending is None:
@@ -316,11 +317,30 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                         device=device, data_path=data_path, writer_threads=writer_threads)
 
 
+def check_dump(cfg: DumpConfig) -> None:
+    """The dump's values that need no data or model, checked before anything is loaded or written (and by
+    `softcache run` for every stage before its first stage runs)."""
+    if len(cfg.weights) != len(cfg.teacher):
+        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per --teacher")
+    augment = Augment(cfg.augment, image_size=cfg.image_size or 1)  # the view count does not depend on the size
+    if cfg.views != "all":
+        augment.resolve_views(cfg.views)
+    else:
+        augment.count_all()
+    LogitsFormat.parse(cfg.logits, cfg.temperature)
+    if cfg.data_path == "resident" and not augment.finite:
+        raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none); '{cfg.augment}' resizes its "
+                             "crops: use --data-path loader (or auto)")
+    if cfg.batch_size < 1 or cfg.shard_mb <= 0:
+        raise SoftcacheError(f"batch_size {cfg.batch_size} and shard_mb {cfg.shard_mb} must be positive")
+    backend_of(cfg.out, cfg.format)
+    check_device(cfg.device)
+
+
 def dump_from_config(cfg: DumpConfig) -> DumpResult:
     """The dump-teacher command: identify the dump first, so a cache already made is reused without a teacher."""
     since = time.perf_counter()
-    if len(cfg.weights) != len(cfg.teacher):
-        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per --teacher")
+    check_dump(cfg)
     source = load_source(cfg.data, "train", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, source))
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
@@ -351,8 +371,9 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
             return DumpResult(where.location(cfg.out), "reuse", manifest)
         teachers = []
         for arch, weights in zip(cfg.teacher, cfg.weights):
-            teacher = build_model(arch, num_classes=len(source.classes))
-            teachers.append(load_weights(teacher, weights))
+            teacher = load_weights(build_model(arch, num_classes=len(source.classes)), weights)
+            check_classes(teacher, arch, len(source.classes), augment.image_size)
+            teachers.append(teacher)
         check_layers(teachers[0], cfg.layers)
         return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
                         device=device, data_path=cfg.data_path, writer_threads=cfg.writer_threads, world=world,

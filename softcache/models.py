@@ -33,11 +33,37 @@ def build_model(name: str, num_classes: int) -> nn.Module:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
             raise SoftcacheError(f"cannot load custom model '{name}' ({err}); expected package.module:callable") from None
-        return factory(num_classes=num_classes)
+        try:
+            model = factory(num_classes=num_classes)
+        except TypeError as err:
+            raise SoftcacheError(f"custom model '{name}' cannot be called as {name}(num_classes={num_classes}) ({err}); "
+                                 "give a callable that takes num_classes and returns a torch.nn.Module") from None
+        if not isinstance(model, nn.Module):
+            raise SoftcacheError(f"custom model '{name}' returned a {type(model).__name__}, not a torch.nn.Module; give "
+                                 "a callable that builds the model, called as callable(num_classes=K)")
+        return model
     if name in torchvision_models():
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
     raise SoftcacheError(f"unknown model '{name}'; valid: {', '.join(CIFAR_RESNETS)}, any torchvision "
                          "classification model (e.g. resnet18, mobilenet_v3_small), or package.module:callable")
+
+
+@torch.no_grad()
+def check_classes(model: nn.Module, name: str, num_classes: int, image_size: int) -> None:
+    """Refuse a model whose output is not `[B, num_classes]` logits (a custom callable that ignores
+    num_classes, weights of another dataset), from one forward of a blank image, before any training."""
+    training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(training)
+    shape = tuple(getattr(out, "shape", ()))
+    if shape != (1, num_classes):
+        got = f"{shape[-1]} logits" if len(shape) == 2 else f"an output of shape {list(shape) or type(out).__name__}"
+        raise SoftcacheError(f"model '{name}' gives {got} per image, but the data has {num_classes} classes; give a "
+                             f"model with a {num_classes}-way classifier (custom callables get num_classes={num_classes})")
 
 
 def file_sha256(path: str | Path) -> str:

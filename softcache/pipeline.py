@@ -43,6 +43,13 @@ class Pipeline:
         """The first (often the only) dump."""
         return self.dumps[0][1] if self.dumps else None
 
+    def stages(self) -> list[TeacherConfig | DumpConfig | StudentConfig | OnlineConfig]:
+        """Every stage's configuration, in the order they run."""
+        out = ([self.teacher] if self.teacher else []) + [d for _, d in self.dumps] + [s for _, s in self.students]
+        if self.born_again is not None:
+            out += [self.born_again.first] + [cfg for step in self.born_again.steps for cfg in step]
+        return out
+
 
 @dataclass(frozen=True)
 class BornAgain:
@@ -110,6 +117,22 @@ def _check_types(table: Any, section: str, classes: tuple[type, ...]) -> None:
                                  f"{_EXAMPLES.get(kind, kind)}")
 
 
+_STAGES = (TeacherConfig, DumpConfig, StudentConfig, OnlineConfig)
+_STAGE_KEYS = _OPTIM_KEYS | {f.name for c in _STAGES for f in fields(c)}
+
+
+def _check_defaults(table: Any) -> None:
+    """[defaults] takes `root` and the keys some stage has, each of that stage's type."""
+    _check_types(table, "defaults", (TeacherConfig, DumpConfig, StudentConfig))
+    valid = _STAGE_KEYS - {"optim", "out", "cache"}
+    unknown = sorted(set(table) - valid - {"root"})
+    if unknown:
+        raise SoftcacheError(f"unknown key '{unknown[0]}' in [defaults]; valid: root, {', '.join(sorted(valid))}")
+    if "root" in table and not isinstance(table["root"], str):
+        raise SoftcacheError(f"[defaults] root = {json.dumps(table['root'])} is not a string; expected a folder, "
+                             'e.g. root = "runs/x"')
+
+
 def _build(cls: type, table: dict[str, Any], section: str) -> Any:
     """A config dataclass from a TOML table; optimisation keys go to its `optim`, unknown keys are refused."""
     valid = {f.name for f in fields(cls)} - {"optim"}
@@ -138,9 +161,12 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     """Read a recipe; `root`, `device` and `seed` override the file's, and `sets` (`softcache run --set`) a
     key of every stage that has it (e.g. {"epochs": 1, "data": "synthetic:200"})."""
     try:
-        doc = tomllib.loads(Path(path).read_text())
+        doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise SoftcacheError(f"'{path}' is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise SoftcacheError(f"'{path}' is not UTF-8 text (byte {err.start}); a recipe is a TOML file, which is "
+                             "UTF-8: save it as such") from None
     sections = ("defaults", "teacher", "dump", "student", "born_again")
     unknown = sorted(set(doc) - set(sections))
     if unknown:
@@ -153,7 +179,7 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     dump_tables = doc.get("dump", [])
     one_dump = isinstance(dump_tables, dict)       # [dump], or [[dump]] tables with names
     dump_tables = [dump_tables] if one_dump else dump_tables
-    _check_types(doc.get("defaults", {}), "defaults", (TeacherConfig, DumpConfig, StudentConfig))
+    _check_defaults(doc.get("defaults", {}))
     if "teacher" in doc:
         _check_types(doc["teacher"], "teacher", (TeacherConfig,))
     for k, table in enumerate(dump_tables):
@@ -169,8 +195,7 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     defaults.pop("root", None)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     sets = dict(sets or {})
-    stage_keys = set(_OPTIM_KEYS) | {f.name for c in (TeacherConfig, DumpConfig, StudentConfig, OnlineConfig)
-                                     for f in fields(c)}
+    stage_keys = _STAGE_KEYS
     for key, value in sets.items():
         if key not in stage_keys - {"out", "cache", "optim"}:
             raise SoftcacheError(f"--set {key}: no stage has the key '{key}'; valid: "
@@ -315,9 +340,12 @@ def _resuming(out: str) -> str:
 def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     """Run every stage not already complete; return one row per student for the comparison table."""
     # Imported here so that reading a recipe stays cheap (and tests can patch the stages).
-    from softcache.dump import dump_from_config
-    from softcache.train import train_online_from_config, train_student_from_config, train_teacher_from_config
+    from softcache.dump import check_dump, dump_from_config
+    from softcache.train import (check_training, train_online_from_config, train_student_from_config,
+                                 train_teacher_from_config)
 
+    for stage in pipeline.stages():  # every stage's values, before the first stage spends any time
+        (check_dump if isinstance(stage, DumpConfig) else check_training)(stage)
     rows = []
 
     def teacher_stage(cfg: TeacherConfig, name: str) -> None:

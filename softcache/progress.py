@@ -49,7 +49,11 @@ def say(message: str) -> None:
 
 
 def rate(count: float, seconds: float, unit: str) -> str:
-    return f"{count / seconds:,.0f} {unit}/s" if seconds > 0 else f"- {unit}/s"
+    """`1,234 images/s`; below one a second, the seconds each takes (`12.5 s/batch`), not `0 batch/s`."""
+    if seconds <= 0 or count <= 0:
+        return f"- {unit}/s"
+    per_second = count / seconds
+    return f"{per_second:,.0f} {unit}/s" if per_second >= 1 else f"{seconds / count:,.1f} s/{unit.rstrip('s')}"
 
 
 def track(items: Iterable[T], *, what: str, total: int | None = None, unit: str = "batch",

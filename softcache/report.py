@@ -249,7 +249,7 @@ def cost_table(report: Report) -> str:
 
 def _saving_line(report: Report, costs: dict[str, Any]) -> str:
     rates = [f"{c.teacher_rate:,.0f} views/s on {', '.join(c.cost.get('devices') or ['?'])}"
-             for c in report.caches if c.teacher_rate]
+             + (f" for {c.name}" if len(report.caches) > 1 else "") for c in report.caches if c.teacher_rate]
     if not any(r["kind"] == "student" for r in costs["rows"]):
         return "no student has been trained yet: nothing to compare the cache with"
     if costs["saving"] is None:

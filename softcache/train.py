@@ -28,12 +28,12 @@ from torch import nn
 from softcache import distributed, progress
 from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
-from softcache.data import Source, load_source, recorded_source
-from softcache.device import autocast, model_inputs, prepare_model
+from softcache.data import Source, check_data_matches, load_source, recorded_source
+from softcache.device import autocast, check_device, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
-from softcache.models import Tapped, build_model, check_layers, load_weights
+from softcache.models import Tapped, build_model, check_classes, check_layers, load_weights
 from softcache.runs import CHECKPOINT, run_folder
 from softcache.store import where
 from softcache.store import CacheReader, feature_name, open_cache
@@ -61,8 +61,14 @@ def sync_batchnorm(model: nn.Module, sync_bn: bool, world: distributed.World, de
 
 
 def _save_atomic(value: Any, path: Path) -> None:
-    """torch.save, written whole (`where.replace_atomically`)."""
-    where.replace_atomically(path, lambda f: torch.save(value, f))
+    """torch.save, written whole (`where.replace_atomically`); a failed write (a full disk: torch raises a
+    RuntimeError for it) is one line, and the run stays resumable from the checkpoint before it."""
+    try:
+        where.replace_atomically(path, lambda f: torch.save(value, f))
+    except (OSError, RuntimeError) as err:
+        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        raise SoftcacheError(f"cannot write '{path}' ({reason}); is the disk full? Free space and rerun the same "
+                             "command: the run continues after its last finished epoch") from None
 
 
 def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -229,18 +235,6 @@ def check_batch_fits(source: Source, batch_size: int) -> None:
                              f"no full batch to train on; give --batch-size {len(source)} or less")
 
 
-def check_data_matches(cache: CacheReader, source: Source) -> None:
-    """Refuse a training set that is not the one the cache was dumped from."""
-    recorded = cache.manifest["dataset"]
-    if len(recorded["classes"]) != len(source.classes):
-        raise SoftcacheError(f"class-count mismatch: the cache has {len(recorded['classes'])} classes, "
-                             f"--data {source.spec} has {len(source.classes)}")
-    if recorded["fingerprint"] != source.fingerprint():
-        raise SoftcacheError(f"--data {source.spec} is not the dataset the cache was dumped from "
-                             f"({recorded['spec']}, {recorded['num_samples']} samples): fingerprints differ; "
-                             "give the same data, or dump a cache for this one")
-
-
 def train_student(student: nn.Module, cache: str | Path | CacheReader, train_source: Source, test_source: Source,
                   out: str | Path, *, weights: Mapping[str, float], temperature: float = 4.0,
                   pairs: Mapping[str, str] | Sequence[tuple[str, str]] | None = None, image_size: int | None = None,
@@ -393,15 +387,41 @@ def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, me
     return step_loss
 
 
+DATA_PATHS = {TeacherConfig: ("auto", "resident", "loader"), StudentConfig: ("auto", "resident", "loader", "stream"),
+              OnlineConfig: ("auto", "resident", "loader")}
+
+
+def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
+    """A training stage's values that need no data or model, checked before anything is loaded (and by
+    `softcache run` for every stage before its first stage runs)."""
+    o = cfg.optim
+    for name, value, low in (("epochs", o.epochs, 1), ("batch_size", o.batch_size, 1), ("workers", o.workers, 0),
+                             ("lr", o.lr, 0), ("weight_decay", o.weight_decay, 0), ("momentum", o.momentum, 0)):
+        if value < low:
+            raise SoftcacheError(f"{name} = {value}: it must be at least {low}")
+    if cfg.data_path not in DATA_PATHS[type(cfg)]:
+        raise SoftcacheError(f"data_path '{cfg.data_path}'; valid: {', '.join(DATA_PATHS[type(cfg)])}")
+    if cfg.image_size is not None and cfg.image_size < 1:
+        raise SoftcacheError(f"image_size = {cfg.image_size}: give a positive number of pixels")
+    if not isinstance(cfg, StudentConfig):
+        Augment(cfg.augment, image_size=cfg.image_size or 1)
+    if not isinstance(cfg, TeacherConfig):
+        resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
+                        overrides=dict(cfg.weights))
+    check_device(cfg.device)
+
+
 def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     """The train-teacher command."""
     since = time.perf_counter()  # the run's wall time includes loading data and models
+    check_training(cfg)
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
     augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
     world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = build_model(cfg.model, num_classes=len(train_source.classes))
+    check_classes(model, cfg.model, len(train_source.classes), augment.image_size)
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
                             device=distributed.local_device(cfg.device, world), seed=cfg.seed,
                             overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path, world=world,
@@ -411,6 +431,7 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     """The train-student command: the cache names the dataset unless `cfg.data` overrides it."""
     since = time.perf_counter()  # the run's wall time includes loading data and models
+    check_training(cfg)
     reader = open_cache(cfg.cache)
     if cfg.data:
         train_source = load_source(cfg.data, "train", download=cfg.download)
@@ -423,6 +444,8 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
     world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     student = build_model(cfg.student, num_classes=len(train_source.classes))
+    check_classes(student, cfg.student, len(train_source.classes),
+                  cfg.image_size or reader.manifest["augment"]["image_size"])
     return train_student(student, reader, train_source, test_source, cfg.out, weights=weights,
                          temperature=cfg.temperature, pairs=list(cfg.pairs), image_size=cfg.image_size,
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
@@ -482,6 +505,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
 def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     """The train-online command."""
     since = time.perf_counter()  # the run's wall time includes loading data and models
+    check_training(cfg)
     if cfg.views_from is None and cfg.data is None:
         raise SoftcacheError("train-online needs --data SPEC (or --views-from CACHE, whose dataset it takes)")
     if not Path(cfg.teacher_weights).is_file():
@@ -506,6 +530,8 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     teacher = load_weights(build_model(cfg.teacher, num_classes=len(train_source.classes)), cfg.teacher_weights)
     torch.manual_seed(cfg.seed)  # the student's initial weights, as train-student makes them
     student = build_model(cfg.student, num_classes=len(train_source.classes))
+    for model, name in ((teacher, cfg.teacher), (student, cfg.student)):
+        check_classes(model, name, len(train_source.classes), augment.image_size)
     return train_online(student, teacher, train_source, test_source, cfg.out, augment=augment, weights=weights,
                         temperature=cfg.temperature, pairs=list(cfg.pairs), pair_reduce=cfg.pair_reduce,
                         views_from=reader, optim=cfg.optim, device=distributed.local_device(cfg.device, world),

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from softcache.data import load_source, recorded_source
+from softcache.data import check_data_matches, load_source, recorded_source
 from softcache.device import teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, file_sha256, load_weights
@@ -54,6 +54,7 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
         raise SoftcacheError(f"--weights '{weights}' are not the weights this cache was dumped with (sha256 differs)")
     source = (load_source(data, "train", download=download) if data
               else recorded_source(manifest["dataset"], "train", download=download))
+    check_data_matches(reader, source)
     model = load_weights(build_model(teacher, num_classes=len(source.classes)), weights)
     dev = torch.device(device)
     tapped = Tapped(model, manifest["layers"]).to(dev).eval()

@@ -282,3 +282,31 @@ def test_train_online_draws_fresh_views_as_train_teacher_does(tmp_path, teacher_
         result = invoke("train-online", *options)
         assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
         assert re.search(message, result.stderr), result.stderr
+
+
+def test_models_and_writes_that_go_wrong_are_one_line(tmp_path, small_cache, teacher_weights, monkeypatch):
+    monkeypatch.syspath_prepend(str(__import__("pathlib").Path(__file__).parent))  # tinynet
+    run = tmp_path / "run"
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--student", "tinynet:five_way"),
+                 r"model 'tinynet:five_way' gives 5 logits per image, but the data has 10 classes")
+    assert_fails(invoke(*TEACHER, "--data", "synthetic:20", "--out", run, "--model", "tinynet:five_way"),
+                 r"model 'tinynet:five_way' gives 5 logits per image")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--student", "os:getcwd"),
+                 r"custom model 'os:getcwd' cannot be called as os:getcwd\(num_classes=10\)")
+    assert _dump(teacher_weights, tmp_path / "cache").exit_code == 0
+    assert_fails(invoke("verify", tmp_path / "cache", "--teacher", "resnet8", "--weights", teacher_weights,
+                        "--data", "synthetic:30"), r"--data synthetic:30 is not the dataset the cache was dumped from")
+    assert not (run / "summary.json").exists()
+
+    real_save = torch.save
+
+    def full_disk(value, f):
+        real_save(value, f)
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1536 vs 1450\n"
+                           "PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--batch-size", "10"),
+                 r"cannot write '.*checkpoint.pt' \(PytorchStreamWriter failed writing file data/0: file write "
+                 r"failed\); is the disk full\? Free space and rerun the same command")
+    assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint.pt.tmp left

@@ -93,7 +93,7 @@ def test_quickstart_pipeline_runs_offline_and_skips_finished_stages(tmp_path):
         for epoch in range(1, epochs + 1):
             assert re.search(rf"^{run}: epoch {epoch}/{epochs}, loss [0-9.]+, .* images/s, .* s elapsed$",
                              first.stderr, re.M), (run, epoch, first.stderr)
-    assert re.search(r"^dump-teacher: 2,000 samples in [0-9.]+ s", first.stderr, re.M), first.stderr
+    assert re.search(r"^dump-teacher cache: 2,000 samples in [0-9.]+ s", first.stderr, re.M), first.stderr
     check_report(env_root, first.stdout)
     again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("skipped") == 4

@@ -163,6 +163,22 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
      r"\[student a\] seeds = 2 is an integer; expected a list of integers, e.g. \[0, 1\]"),
     ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nonline = true\n',
      r"\[student a\] online = true needs cache = the \[\[dump\]\] whose teacher it runs"),
+    ('[defaults]\nepoch = 1\n[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n',
+     r"unknown key 'epoch' in \[defaults\]; valid: root, alpha, augment, batch_size"),
+    ('[defaults]\nroot = 5\n[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n',
+     r"\[defaults\] root = 5 is not a string; expected a folder"),
+    # values are checked for every stage before the first one runs (the teacher would train for minutes)
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n[dump]\nviews = -3\n',
+     r"--views must be a positive number or 'all', got -3"),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n[dump]\nlogits = "topk:0"\n', r"bad --logits 'topk:0'"),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n[dump]\naugment = "imagenet"\ndata_path = "resident"\n',
+     r"--data-path resident needs crop-only views \(cifar, none\)"),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n[dump]\n[[student]]\nstudent = "resnet8"\nloss = ["kdd"]\n',
+     r"unknown loss 'kdd'; valid: "),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\nepochs = 0\n', r"epochs = 0: it must be at least 1"),
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\ndevice = "cuda:7"\n' if not __import__("torch").cuda.is_available()
+     else '[teacher]\nmodel = "resnet8"\ndata = "synthetic"\ndevice = "tpu"\n',
+     r"device '.*' asks for CUDA, which this machine does not have|'tpu' is not a torch device"),
 ])
 def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
     recipe = tmp_path / "r.toml"
@@ -171,6 +187,25 @@ def test_recipe_values_of_the_wrong_type_are_one_line(tmp_path, text, message):
     assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert re.search(message, result.stderr), result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_recipe_that_is_not_utf8_is_one_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_bytes('[teacher]\nmodel = "resnet8"  # caf\u00e9\n'.encode("latin-1"))
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "runs")])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert result.stderr.strip().splitlines() == [f"Error: '{recipe}' is not UTF-8 text (byte 34); a recipe is a TOML "
+                                                  "file, which is UTF-8: save it as such"]
+
+
+def test_run_with_a_device_this_machine_lacks_is_one_line(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n')
+    device = "cuda" if not __import__("torch").cuda.is_available() else "nonsense"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--root", str(tmp_path / "runs"), "--device", device])
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.output
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (tmp_path / "runs").exists()
 
 

@@ -39,3 +39,8 @@ class ConvHead(nn.Module):
 
 def convhead(num_classes: int = 10) -> ConvHead:
     return ConvHead(num_classes)
+
+
+def five_way(num_classes: int = 10) -> Tiny:
+    """Ignores `num_classes`: a model for another dataset."""
+    return Tiny(5)
