@@ -28,6 +28,7 @@ from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
+from softcache.store.backends import BACKENDS
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache, swap_in)
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
@@ -356,9 +357,9 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
                              targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb)
     world = distributed.init(cfg.device)
-    if world.size > 1 and backend == "hdf5":
-        raise SoftcacheError("an HDF5 cache is written by one process; use a zarr --out (a folder) under torchrun, "
-                             "or run dump-teacher without torchrun")
+    refusal = BACKENDS[backend].torchrun_refusal
+    if world.size > 1 and refusal:
+        raise SoftcacheError(refusal)
     device = distributed.local_device(cfg.device, world)
     # rank 0 holds the cache's lock from its first look at --out to the last write, and decides for all
     # (an object store has no lock to take: one dump at a time per cache URL is the user's to keep)

@@ -19,7 +19,7 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.abc.store import SuffixByteRequest
 from zarr.storage import WrapperStore
 
-from softcache.store import where
+from softcache.store import where, zarr_loop  # noqa: F401  (zarr_loop: quiet exits after a failed read)
 from softcache.store.base import _COUNT_LOCK, MANIFEST_KEY, Backend, CacheReader, Layout, ShardWriter, plan_shards
 from softcache.store.integrity import SHARDS_KEY, crc32c
 
