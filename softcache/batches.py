@@ -24,7 +24,8 @@ from softcache.device import prepare_model, teacher_outputs
 from softcache.distributed import World, check_global_batch, rank_share, share_position
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped
-from softcache.resident import RESIDENT_BYTES, ResidentReplay, crop_only, decode_all, padding_for
+from softcache.planner import RESIDENT_BYTES, image_bytes, plan
+from softcache.resident import ResidentReplay, crop_only, decode_all, padding_for
 from softcache.store import CacheReader, feature_name, logits_prefix
 from softcache.streaming import StreamingTargets, window_order
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
@@ -130,10 +131,6 @@ class OnlineTargets:
         return {"logits": logits.float()}, {k: v.float() for k, v in features.items()}
 
 
-def _images_fit(source: Source, image_size: int) -> bool:
-    return len(source) * 3 * (image_size + 8) ** 2 <= RESIDENT_BYTES
-
-
 def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed: int, workers: int,
                       device: torch.device, data_path: str = "auto", world: World = World()) -> Any:
     """Plain-training batches `(views [B, 3, S, S] uint8, labels [B], ...)`: samples in `epoch_order`, sample i
@@ -147,7 +144,8 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
     def order(epoch: int) -> np.ndarray:
         return rank_share(epoch_order(n, seed=seed, epoch=epoch), batch_size, world)
     share = len(order(0))
-    wanted = augment.finite and (data_path == "resident" or (data_path == "auto" and _images_fit(source, augment.image_size)))
+    wanted = plan(data_path, crops=augment.finite, images=image_bytes(n, augment.image_size, augment.crop_pad),
+                  what=f"'{augment.policy}' views").images == "resident"
     images = decode_all(source, workers) if wanted else None
     if images is not None:
         height, width = images.shape[-2:]
@@ -178,7 +176,9 @@ def eval_batches(source: Source, augment: Augment, *, batch_size: int, workers: 
     unless `data_path` is 'loader'; else a DataLoader. The same batches either way.
     """
     n = len(source)
-    images = decode_all(source, workers) if data_path != "loader" and _images_fit(source, augment.image_size) else None
+    wanted = plan("loader" if data_path == "loader" else "auto", crops=True,
+                  images=image_bytes(n, augment.image_size, 0)).images == "resident"  # the evaluation view: a crop
+    images = decode_all(source, workers) if wanted else None
     if images is not None:
         height, width = images.shape[-2:]
         boxes = np.broadcast_to(np.asarray(augment.eval_box(height, width), np.float32), (n, 4))
@@ -197,7 +197,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
                  data_path: str = "auto", targets: Targets | None = None,
                  world: World = World()) -> tuple[Any, Targets, str]:
-    """The training batches, the teacher targets for them, and the data path chosen (see `choose_data_path`),
+    """The training batches, the teacher targets for them, and the data path chosen (see `softcache.planner`),
     e.g. 'resident images, stream targets'.
 
     Every path visits samples in `window_order` over the cache's shards and, at epoch e, replays the stored
@@ -209,8 +209,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     per_rank = check_global_batch(batch_size, world)
     block = reader.chunk_samples("labels")  # the same samples in every array's chunks
     aug = reader.manifest["augment"]
-    augment = Augment(aug["policy"], image_size=image_size, pad=aug["pad"], scale=tuple(aug["scale"]),
-                      ratio=tuple(aug["ratio"]))
+    augment = Augment.from_manifest(aug, image_size)
 
     def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
         visit, bounds = window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch)
@@ -226,7 +225,9 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     followers = []
     if targets is None:
         cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
-        images, where = choose_data_path(data_path, source, crops, image_size, CacheTargets.size(reader, cached.needed))
+        chosen = plan(data_path, crops=crops, images=image_bytes(len(source), image_size, augment.crop_pad),
+                      targets=CacheTargets.size(reader, cached.needed), stage_targets=True)
+        images, where = chosen.images, chosen.targets
         if where == "stream":
             targets = StreamingTargets(reader, cached.needed, block=block, order=order, slot=slot,
                                        assemble=cached.assemble, device=device)
@@ -235,7 +236,9 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
             cached.load()
             targets = cached
     else:
-        images, where = choose_data_path(data_path, source, crops, image_size, 0)
+        chosen = plan(data_path, crops=crops, images=image_bytes(len(source), image_size, augment.crop_pad),
+                      stage_targets=True)
+        images, where = chosen.images, chosen.targets
     log.info("images: %s, targets: %s", images, where)
     batches = replay_batches(reader, source, augment, order=lambda epoch: order(epoch)[0], slot=slot,
                              batch_size=per_rank, workers=workers, device=device, images=images, followers=followers,
@@ -243,33 +246,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     return batches, targets, f"{images} images, {where} targets"
 
 
-DATA_PATHS = ("auto", "resident", "loader", "stream")
 STREAM_WINDOW = 64  # chunks of samples, from all over the cache, shuffled together (all of it, up to 64 chunks)
-
-
-def choose_data_path(data_path: str, source: Source, crops: bool, image_size: int,
-                     target_bytes: int) -> tuple[str, str]:
-    """Where the images and where the targets come from: ('resident' | 'loader', 'resident' | 'stream').
-
-    Images are 'resident' (decoded once, views gathered on the device; needs crop-only views, `crops`) or
-    come from a DataLoader ('loader'); targets are held in memory ('resident') or streamed from the store
-    ('stream'). `--data-path` resident = (resident, resident); loader = (loader, resident); stream = (resident
-    images if they fit and the views are crops, else loader; stream); auto = whatever fits in RESIDENT_BYTES.
-    """
-    if data_path not in DATA_PATHS:
-        raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(DATA_PATHS)}")
-    if data_path == "resident" and not crops:
-        raise SoftcacheError("--data-path resident replays crops only; these views are resized "
-                             f"(box sizes differ from --image-size {image_size}): use --data-path loader")
-    image_bytes = len(source) * 3 * (image_size + 8) ** 2
-    images_fit = crops and image_bytes <= RESIDENT_BYTES
-    if data_path == "resident":
-        return "resident", "resident"
-    if data_path == "loader":
-        return "loader", "resident"
-    if data_path == "stream" or target_bytes > RESIDENT_BYTES:
-        return ("resident" if images_fit else "loader"), "stream"
-    return ("resident" if images_fit and image_bytes + target_bytes <= RESIDENT_BYTES else "loader"), "resident"
 
 
 class EpochBatches:

@@ -89,7 +89,7 @@ class StudentConfig:
     hint_weight: float = 100.0      # fitnets: weight of the hint term
     weights: tuple[tuple[str, float], ...] = ()       # explicit per-term weights, overriding the above
     teachers: str = "mean"          # several cached teachers: 'mean' of their probabilities, or one name
-    data_path: str = "auto"         # resident | loader | stream | auto (see train.choose_data_path)
+    data_path: str = "auto"         # resident | loader | stream | auto (see softcache.planner)
     image_size: int | None = None   # student input side; None: the size the teacher saw
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = field(default_factory=default_device)

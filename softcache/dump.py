@@ -26,7 +26,8 @@ from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
-from softcache.resident import RESIDENT_BYTES, ViewGather, crop_only, decode_all, padding_for, view_corners
+from softcache.planner import image_bytes, plan
+from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
 from softcache.store.backends import BACKENDS
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
@@ -121,8 +122,8 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
     needed = np.concatenate([np.arange(a, b) for a, b in batches]) if batches else np.zeros(0, np.int64)
     position = np.full(len(source), -1, np.int64)  # sample -> its row among the decoded images
     position[needed] = np.arange(len(needed))
-    resident = data_path == "resident" or (
-        data_path == "auto" and augment.finite and len(needed) * 3 * (augment.image_size + 8) ** 2 <= RESIDENT_BYTES)
+    resident = plan(data_path, crops=augment.finite, images=image_bytes(len(needed), augment.image_size,
+                                                                        augment.crop_pad)).images == "resident"
     images = decode_all(source, workers, indices=needed.tolist()) if resident and batches else None
     if images is not None and augment.finite:
         height, width = images.shape[-2:]
@@ -131,7 +132,7 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
             gather = ViewGather(images, image_size=augment.image_size, device=device,
                                 pad=padding_for(every, height, width, augment.image_size))
             labels, rows = source.labels, torch.as_tensor(position, device=device)  # sample -> image row
-            table_lo, table = -1, None
+            table_lo = -1
             for a, b in batches:
                 if a // shard != table_lo:  # a new shard: its view table, drawn and copied to the device once
                     table_lo = a // shard
@@ -173,8 +174,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     if existing.action == "reuse":
         return DumpResult(where.location(out), "reuse", manifest)
     aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
-    augment = Augment(aug["policy"], image_size=aug["image_size"], pad=aug["pad"], scale=tuple(aug["scale"]),
-                      ratio=tuple(aug["ratio"]))
+    augment = Augment.from_manifest(aug)
     fmt = LogitsFormat.from_json(storage["logits"])
     dev = torch.device(device)
     tapped = [prepare_model(Tapped(t, layers if k == 0 else []), dev).eval() for k, t in enumerate(teachers)]

@@ -19,7 +19,6 @@ import torch
 from softcache import progress
 from softcache.data import ArraySource, Source
 
-RESIDENT_BYTES = 4 << 30  # images and targets up to this size are held in memory (on the device)
 
 
 DECODE_BATCH = 256  # images a worker decodes and hands over in one transfer

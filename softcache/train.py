@@ -249,7 +249,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
     teacher outputs (tests compare online KD this way). `data_path` (auto, resident, loader, stream) says where
-    images and targets come from; see `softcache.batches.choose_data_path`.
+    images and targets come from; see `softcache.planner`.
     """
     since = time.perf_counter() if since is None else since
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
@@ -273,8 +273,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
     routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"])
     aug = manifest["augment"]
-    augment = Augment(aug["policy"], image_size=image_size or aug["image_size"], pad=aug["pad"],
-                      scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+    augment = Augment.from_manifest(aug, image_size)
 
     def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
         loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, temperature=temperature,
@@ -520,8 +519,7 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
         test_source = recorded_source(reader.manifest["dataset"], "test", download=cfg.download)
     if reader is not None:  # the cache's policy and view size
         aug = reader.manifest["augment"]
-        augment = Augment(aug["policy"], image_size=cfg.image_size or aug["image_size"], pad=aug["pad"],
-                          scale=tuple(aug["scale"]), ratio=tuple(aug["ratio"]))
+        augment = Augment.from_manifest(aug, cfg.image_size)
     else:
         augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,

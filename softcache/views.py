@@ -45,9 +45,20 @@ class Augment:
         if self.image_size < 1:
             raise SoftcacheError(f"--image-size must be a positive number of pixels, got {self.image_size}")
 
+    @classmethod
+    def from_manifest(cls, augment: dict, image_size: int | None = None) -> "Augment":
+        """The policy a cache records (`manifest["augment"]`), at its view size or at `image_size`."""
+        return cls(augment["policy"], image_size=image_size or augment["image_size"], pad=augment["pad"],
+                   scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]))
+
     @property
     def finite(self) -> bool:
         return self.policy != "imagenet"
+
+    @property
+    def crop_pad(self) -> int:
+        """How far this policy's crops reach past the image edge: what resident images are padded by."""
+        return self.pad if self.policy == "cifar" else 0
 
     def count_all(self) -> int:
         """How many distinct views `--views all` enumerates (finite policies only)."""
