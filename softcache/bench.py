@@ -39,7 +39,8 @@ from softcache.losses import attention_map, resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import Existing, array_layout, open_cache, prepare_cache
 from softcache.store.base import plan_shards
-from softcache.train import build_criterion, distill_step
+from softcache.train import build_criterion
+from softcache.training.steps import DistillStep
 from softcache.views import Augment
 
 log = logging.getLogger(__name__)
@@ -209,7 +210,7 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
                                     image_size=augment.image_size, device=dev)
         path = "stream" if targets_kind == "stream" else data_path
         batches, targets, _ = student_batches(path, sorted(set(pairs.values())), online=targets_kind == "online")
-        step_loss = distill_step(tapped, criterion, targets, mean=source.mean, std=source.std, device=dev)
+        step_loss = DistillStep(tapped, criterion, targets, mean=source.mean, std=source.std, device=dev)
         opt = torch.optim.SGD(list(tapped.parameters()) + list(criterion.parameters()), lr=0.05, momentum=0.9)
         tapped.train()
 

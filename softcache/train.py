@@ -1,41 +1,30 @@
-"""Training: plain cross-entropy (train-teacher, and the no-KD baseline) and students from a cache (train-student).
-
-Run folder layout, for both:
-    config.json     the configuration that made the run
-    metrics.jsonl   one line per epoch: each loss term, train and test accuracy, lr, images/s
-    model.pt        the trained model's state_dict
-    summary.json    written last: test_acc (top-1, %), best_test_acc, epochs, wall_s
-    checkpoint.pt   while the run is unfinished: everything needed to continue after the last finished epoch
-                    (model, regressors, optimizer, schedule, epoch, step, random state, metrics); replaced
-                    atomically each epoch, removed when summary.json is written
-
-Rerunning the same command on an unfinished run continues from its checkpoint and ends with the model an
-uninterrupted run would have (bit-identical on CPU): every batch, view and target is a function of (seed,
-epoch), and the checkpoint holds the rest of the state.
+"""The trainers: plain cross-entropy (train-teacher, and the no-KD baseline), students from a cache
+(train-student) and students with the teacher in the loop (train-online). Each sets up its data, model and
+step object (training/steps.py) and hands them to the shared epoch loop (training/loop.py), in a run folder
+(runs.py: config.json, metrics.jsonl, model.pt, summary.json, checkpoint.pt while unfinished).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
-from softcache import distributed, progress
+from softcache import distributed
 from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
 from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
 from softcache.data import Source, check_data_matches, load_source, recorded_source
-from softcache.device import autocast, check_device, model_inputs, prepare_model
+from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model, check_classes, check_layers, load_weights
-from softcache.runs import CHECKPOINT, run_folder
-from softcache.store import where
+from softcache.runs import run_folder
+from softcache.training.loop import fit
+from softcache.training.steps import CEStep, DistillStep
 from softcache.store import CacheReader, feature_name, open_cache
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
@@ -60,140 +49,6 @@ def sync_batchnorm(model: nn.Module, sync_bn: bool, world: distributed.World, de
     return distributed.sync_batchnorm(model, torch.device(device)) if sync_bn and world.size > 1 else model
 
 
-def _save_atomic(value: Any, path: Path) -> None:
-    """torch.save, written whole (`where.replace_atomically`); a failed write (a full disk: torch raises a
-    RuntimeError for it) is one line, and the run stays resumable from the checkpoint before it."""
-    try:
-        where.replace_atomically(path, lambda f: torch.save(value, f))
-    except (OSError, RuntimeError) as err:
-        reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        raise SoftcacheError(f"cannot write '{path}' ({reason}); is the disk full? Free space and rerun the same "
-                             "command: the run continues after its last finished epoch") from None
-
-
-def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    text = "".join(json.dumps(r) + "\n" for r in records).encode()
-    where.replace_atomically(path, lambda f: f.write(text))
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, *, mean: Sequence[float], std: Sequence[float],
-             device: torch.device) -> tuple[float, float]:
-    """Top-1 accuracy (%) and mean cross-entropy of `model` over `loader` (batches of views, labels, ...)."""
-    model.eval()
-    correct, loss, count = 0, 0.0, 0
-    for batch in progress.track(loader, what="evaluate", unit="batch"):
-        views, labels = batch[:2]
-        x, labels = model_inputs(views, mean, std, device), labels.to(device)
-        with autocast(device, torch.bfloat16):
-            logits = model(x)
-        loss += nn.functional.cross_entropy(logits.float(), labels, reduction="sum").item()
-        correct += (logits.argmax(1) == labels).sum().item()
-        count += len(labels)
-    return 100.0 * correct / max(1, count), loss / max(1, count)
-
-
-def fit(model: nn.Module, step_loss: Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]], *,
-        params: Sequence[nn.Parameter], train_loader: Iterable, test_loader: Iterable,
-        optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
-        on_step: Callable[[int, dict[str, float]], None] | None = None,
-        modules: Mapping[str, nn.Module] | None = None, world: distributed.World = distributed.World(),
-        since: float | None = None) -> dict[str, Any]:
-    """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
-
-    `step_loss(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
-    `train_loader` is an `EpochBatches` or anything else with `set_epoch` and `__len__` (ResidentReplay).
-    After every epoch `out/checkpoint.pt` holds `modules` (default: the model; add regressors), the optimizer,
-    the schedule and the random state; a run folder holding one continues from it. Under torchrun (`world`)
-    every rank trains on its share of each global batch (gradients averaged by DDP in `step_loss`'s modules),
-    the epoch's sums are added up over the ranks, and rank 0 alone evaluates and writes the run folder.
-    """
-    modules = dict(modules or {"model": model})
-    opt = torch.optim.SGD(params, lr=optim.lr, momentum=optim.momentum, weight_decay=optim.weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, optim.epochs * len(train_loader)))
-    started = time.perf_counter() if since is None else since  # `since`: when the stage began (set-up included)
-    best, step, first, records, earlier_s = 0.0, 0, 0, [], 0.0
-    test_acc = 0.0
-    if (out / CHECKPOINT).exists():
-        state = torch.load(out / CHECKPOINT, map_location=device, weights_only=False)
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["schedule"])
-        torch.set_rng_state(state["rng"])
-        if device.type == "cuda" and state.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(state["cuda_rng"], device)
-        first, step, best, records, earlier_s = (state["epoch"], state["step"], state["best"], state["records"],
-                                                 state["wall_s"])
-        test_acc = records[-1]["test_acc"] if records else 0.0
-        if world.main:
-            _write_metrics(out / "metrics.jsonl", records)  # drops a line written after the last checkpoint
-        log.info("resuming %s after epoch %d of %d", out, first, optim.epochs)
-    # SOFTCACHE_TRACE_BATCHES=FILE: every rank writes each step's samples and views to FILE.<rank> (debugging,
-    # and the tests that check torchrun ranks visit what one process visits)
-    trace_path = os.environ.get("SOFTCACHE_TRACE_BATCHES")
-    trace = open(f"{trace_path}.{world.rank}", "a") if trace_path else None
-    for epoch in range(first, optim.epochs):
-        train_loader.set_epoch(epoch)
-        model.train()
-        sums: dict[str, torch.Tensor] = {}
-        correct, seen, t0, lr = torch.zeros((), device=device), 0, time.perf_counter(), sched.get_last_lr()[0]
-        for batch in progress.track(train_loader, what=f"{out.name} epoch {epoch + 1}/{optim.epochs}", unit="batch"):
-            if trace is not None:
-                trace.write(json.dumps({"rank": world.rank, "epoch": epoch, "step": step,
-                                        "index": batch[2].tolist(), "view": batch[3].tolist()}) + "\n")
-            terms, logits, labels = step_loss(batch)
-            opt.zero_grad(set_to_none=True)
-            terms["loss"].backward()
-            opt.step()
-            sched.step()
-            for name, value in terms.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
-            correct += (logits.detach().argmax(1) == labels).sum()
-            seen += len(labels)
-            if on_step is not None:
-                on_step(step, {name: value.item() for name, value in terms.items()})
-            step += 1
-        train_s = time.perf_counter() - t0
-        if world.size > 1:  # the epoch's sums over every rank's share
-            names = sorted(sums)
-            total = distributed.all_reduce_sum(torch.stack([sums[k] for k in names] + [correct.float(),
-                                                           torch.tensor(float(seen), device=device)]), world)
-            sums, correct, seen = dict(zip(names, total[:len(names)])), total[-2], int(total[-1].item())
-        if not world.main:
-            continue
-        test_acc, test_loss = evaluate(model, test_loader, mean=mean, std=std, device=device)
-        best = max(best, test_acc)
-        record = {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in sums.items()},
-                  "train_acc": 100.0 * correct.item() / max(1, seen), "test_acc": test_acc, "test_loss": test_loss,
-                  "epoch_s": round(train_s, 3), "images": seen, "images_per_s": round(seen / train_s, 1)}
-        records.append(record)
-        with open(out / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        _save_atomic({"epoch": epoch + 1, "step": step, "best": best, "records": records,
-                      "wall_s": earlier_s + time.perf_counter() - started,
-                      "modules": {name: module.state_dict() for name, module in modules.items()},
-                      "optimizer": opt.state_dict(), "schedule": sched.state_dict(), "rng": torch.get_rng_state(),
-                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                     out / CHECKPOINT)
-        progress.say(f"{out.name}: epoch {epoch + 1}/{optim.epochs}, loss {record['train_loss']:.4f}, train "
-                     f"{record['train_acc']:.2f}%, test {test_acc:.2f}%, {record['images_per_s']:,.0f} images/s, "
-                     f"{earlier_s + time.perf_counter() - started:,.1f} s elapsed")
-    if trace is not None:
-        trace.close()
-    if not world.main:
-        distributed.barrier(world)  # rank 0 writes the results
-        return {}
-    _save_atomic(model.state_dict(), out / "model.pt")
-    summary = {"test_acc": test_acc, "best_test_acc": best, "epochs": optim.epochs,
-               "wall_s": round(earlier_s + time.perf_counter() - started, 2),
-               "images": sum(r.get("images", 0) for r in records)}  # training views seen, every epoch
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    distributed.barrier(world)
-    return summary
-
-
 def train_classifier(model: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
@@ -213,15 +68,7 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                          workers=optim.workers, device=dev, data_path=data_path, world=world)
         mean, std = train_source.mean, train_source.std
-
-        def step_loss(batch):
-            views, labels = batch[:2]
-            x, labels = model_inputs(views, mean, std, dev), labels.to(dev, non_blocking=True)
-            with autocast(dev, torch.bfloat16):
-                logits = forward(x)
-            return {"loss": nn.functional.cross_entropy(logits.float(), labels)}, logits, labels
-
-        return fit(model, step_loss, params=list(model.parameters()), train_loader=train_loader,
+        return fit(model, CEStep(forward, mean=mean, std=std, device=dev), params=list(model.parameters()), train_loader=train_loader,
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                             device=dev, data_path=data_path) if world.main else None,
                    optim=optim, mean=mean, std=std, device=dev, out=run, world=world, since=since)
@@ -308,10 +155,10 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
                                 reduce=pair_reduce, labels=labels, seed=seed).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
-        step_loss = distill_step(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
+        step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
                                  device=dev)
         try:
-            return fit(student, step_loss, params=list(tapped.parameters()) + list(criterion.parameters()),
+            return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
                        train_loader=train_loader,
                        test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
@@ -370,20 +217,6 @@ def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
     routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size)
     return DistillLoss(weights, temperature=temperature, routes=routes, channels=channels, reduce=reduce).to(device)
-
-
-def distill_step(tapped: Tapped, criterion: DistillLoss, targets: Targets, *, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device) -> Callable[[tuple], tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]]:
-    """The forward pass of one student step on a replay batch: `batch -> (loss terms, logits, labels)`."""
-    def step_loss(batch):
-        views, labels, index, view = batch
-        x, labels = model_inputs(views, mean, std, device), labels.to(device, non_blocking=True)
-        teacher, teacher_features = targets(views, index, view)
-        with autocast(device, torch.bfloat16):
-            logits, features = tapped(x)
-            terms = criterion(logits.float(), labels, features, teacher, teacher_features, index=index)
-        return terms, logits, labels
-    return step_loss
 
 
 DATA_PATHS = {TeacherConfig: ("auto", "resident", "loader"), StudentConfig: ("auto", "resident", "loader", "stream"),

@@ -143,7 +143,7 @@ def test_decode_all_reports_images_of_mixed_sizes(tmp_path, workers):
 def test_test_labels_follow_the_training_classes_by_name(tmp_path):
     from PIL import Image
     from softcache.batches import eval_batches
-    from softcache.train import evaluate
+    from softcache.training.loop import evaluate
     layout = {"train": {"ant": 2, "bee": 2, "cat": 2}, "test": {"bee": 3, "cat": 1}}  # the test split has no ants
     for split, counts in layout.items():
         for name, count in counts.items():

@@ -200,7 +200,7 @@ def test_plain_training_batches_are_the_same_resident_or_loaded():
 
 def test_evaluation_is_the_same_resident_or_loaded():
     from softcache.batches import eval_batches
-    from softcache.train import evaluate
+    from softcache.training.loop import evaluate
     source = load_source("synthetic:50", "test")
     torch.manual_seed(0)
     model = build_model("resnet8", 10)

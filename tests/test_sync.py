@@ -56,7 +56,7 @@ def test_the_counter_sees_what_would_synchronise():
 @pytest.mark.parametrize("data_path", ["resident", "stream"])
 def test_student_steps_never_synchronise(small_cache, tmp_path, monkeypatch, data_path):
     counter = SyncCounter()
-    real_step = train_module.distill_step
+    real_step = train_module.DistillStep
 
     def marking_step(*args, **kwargs):
         step_loss = real_step(*args, **kwargs)
@@ -66,7 +66,7 @@ def test_student_steps_never_synchronise(small_cache, tmp_path, monkeypatch, dat
             return step_loss(batch)
         return step
 
-    monkeypatch.setattr(train_module, "distill_step", marking_step)
+    monkeypatch.setattr(train_module, "DistillStep", marking_step)
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     torch.manual_seed(0)
     with counter:
