@@ -111,7 +111,7 @@ def test_shipped_recipes_load():
 
 def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     import torch
-    from softcache import train
+    from softcache.training import loop as train
     recipe = tmp_path / "r.toml"
     head, _, tail = RECIPE.format(epochs=1).rpartition("epochs = 1\n")
     recipe.write_text(head + "epochs = 3\n" + tail)  # the teacher trains 1 epoch, the student 3
