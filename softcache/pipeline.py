@@ -70,11 +70,12 @@ _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "w
               BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
                            "views": "int | str"}}
-_EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]', "dict[str, str]": 'a table of strings, e.g. '
-             '{ layer3 = "layer3" }', "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
-             "str | list[str]": 'a string or a list of strings', "int | str": 'an integer or "all"',
-             "list[int]": "a list of integers, e.g. [0, 1]", "int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
-             "int | None": "an integer", "str | None": "a string"}
+_EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]',
+             "dict[str, str]": 'a table of strings, e.g. { layer3 = "layer3" }',
+             "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
+             "str | list[str]": "a string or a list of strings", "int | str": 'an integer or "all"',
+             "list[int]": "a list of integers, e.g. [0, 1]", "int": "an integer", "float": "a number",
+             "str": "a string", "bool": "true or false", "int | None": "an integer", "str | None": "a string"}
 
 
 def _fits(value: Any, kind: str) -> bool:
@@ -119,15 +120,16 @@ def _check_types(table: Any, section: str, classes: tuple[type, ...]) -> None:
 
 _STAGES = (TeacherConfig, DumpConfig, StudentConfig, OnlineConfig)
 _STAGE_KEYS = _OPTIM_KEYS | {f.name for c in _STAGES for f in fields(c)}
+_SHARED_KEYS = _STAGE_KEYS - {"optim", "out", "cache"}  # what [defaults] and --set may give every stage
 
 
 def _check_defaults(table: Any) -> None:
     """[defaults] takes `root` and the keys some stage has, each of that stage's type."""
     _check_types(table, "defaults", (TeacherConfig, DumpConfig, StudentConfig))
-    valid = _STAGE_KEYS - {"optim", "out", "cache"}
-    unknown = sorted(set(table) - valid - {"root"})
+    unknown = sorted(set(table) - _SHARED_KEYS - {"root"})
     if unknown:
-        raise SoftcacheError(f"unknown key '{unknown[0]}' in [defaults]; valid: root, {', '.join(sorted(valid))}")
+        raise SoftcacheError(f"unknown key '{unknown[0]}' in [defaults]; valid: root, "
+                             f"{', '.join(sorted(_SHARED_KEYS))}")
     if "root" in table and not isinstance(table["root"], str):
         raise SoftcacheError(f"[defaults] root = {json.dumps(table['root'])} is not a string; expected a folder, "
                              'e.g. root = "runs/x"')
@@ -148,7 +150,8 @@ def _build(cls: type, table: dict[str, Any], section: str) -> Any:
                and f.name not in kwargs]
     if missing:
         kind = _kind_of(cls, missing[0])
-        raise SoftcacheError(f"[{section}] needs '{missing[0]}' ({_EXAMPLES.get(kind, kind)}){_WHERE.get(missing[0], '')}")
+        raise SoftcacheError(f"[{section}] needs '{missing[0]}' ({_EXAMPLES.get(kind, kind)})"
+                             f"{_WHERE.get(missing[0], '')}")
     return cls(**kwargs)
 
 
@@ -156,10 +159,26 @@ _WHERE = {"weights": ", or a [teacher] section whose model.pt it takes", "cache"
           "it takes", "data": ", here or in [defaults]", "teacher": ", or a [teacher] section"}
 
 
+_SECTIONS = ("defaults", "teacher", "dump", "student", "born_again")
+
+
 def load_pipeline(path: str | Path, *, root: str | None = None, device: str | None = None,
                   seed: int | None = None, sets: dict[str, Any] | None = None) -> Pipeline:
     """Read a recipe; `root`, `device` and `seed` override the file's, and `sets` (`softcache run --set`) a
     key of every stage that has it (e.g. {"epochs": 1, "data": "synthetic:200"})."""
+    doc = _read_recipe(path)
+    merge = _merge_from(doc, root=root, device=device, seed=seed, sets=sets)
+    teacher = None
+    if "teacher" in doc:
+        teacher = _build(TeacherConfig, merge.fill(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
+    dumps = _dumps(doc, merge, teacher)
+    students = [(name, _student(entry, name, dumps, merge)) for entry, name in _student_entries(doc, seed)]
+    born_again = _born_again(dict(doc["born_again"]), merge) if "born_again" in doc else None
+    return Pipeline(teacher, tuple(dumps), tuple(students), born_again, root=str(merge.base))
+
+
+def _read_recipe(path: str | Path) -> dict[str, Any]:
+    """The recipe's TOML document, its sections known and their values of the types the stages take."""
     try:
         doc = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
@@ -167,97 +186,119 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     except UnicodeDecodeError as err:
         raise SoftcacheError(f"'{path}' is not UTF-8 text (byte {err.start}); a recipe is a TOML file, which is "
                              "UTF-8: save it as such") from None
-    sections = ("defaults", "teacher", "dump", "student", "born_again")
-    unknown = sorted(set(doc) - set(sections))
+    unknown = sorted(set(doc) - set(_SECTIONS))
     if unknown:
-        raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: {', '.join(sections)}")
+        raise SoftcacheError(f"unknown section [{unknown[0]}] in '{path}'; valid: {', '.join(_SECTIONS)}")
     if not {"teacher", "dump", "student", "born_again"} & set(doc):
         raise SoftcacheError(f"'{path}' has no stage; add a [teacher], a [dump], a [[student]] or a [born_again] "
                              "section")
     if "student" in doc and not isinstance(doc["student"], list):
         raise SoftcacheError("[student] must be an array of tables: write each student as [[student]]")
-    dump_tables = doc.get("dump", [])
-    one_dump = isinstance(dump_tables, dict)       # [dump], or [[dump]] tables with names
-    dump_tables = [dump_tables] if one_dump else dump_tables
+    _check_sections(doc)
+    return doc
+
+
+def _dump_tables(doc: dict[str, Any]) -> tuple[list[Any], bool]:
+    """The recipe's dump tables, and whether it has one [dump] (else [[dump]] tables, which have names)."""
+    tables = doc.get("dump", [])
+    one_dump = isinstance(tables, dict)
+    return ([tables] if one_dump else tables), one_dump
+
+
+def _check_sections(doc: dict[str, Any]) -> None:
+    """Each section's values of the TOML type its stage takes, before anything is built from them."""
     _check_defaults(doc.get("defaults", {}))
     if "teacher" in doc:
         _check_types(doc["teacher"], "teacher", (TeacherConfig,))
-    for k, table in enumerate(dump_tables):
-        _check_types(table, "dump" if one_dump else f"dump {table.get('name', k) if isinstance(table, dict) else k}",
-                     (DumpConfig,))
+    tables, one_dump = _dump_tables(doc)
+    for k, table in enumerate(tables):
+        name = table.get("name", k) if isinstance(table, dict) else k
+        _check_types(table, "dump" if one_dump else f"dump {name}", (DumpConfig,))
     for k, entry in enumerate(doc.get("student", [])):
-        _check_types(entry, f"student {entry.get('name', f'student{k}') if isinstance(entry, dict) else k}",
-                     (StudentConfig,))
+        name = entry.get("name", f"student{k}") if isinstance(entry, dict) else k
+        _check_types(entry, f"student {name}", (StudentConfig,))
     if "born_again" in doc:
         _check_types(doc["born_again"], "born_again", (BornAgain,))
+
+
+@dataclass(frozen=True)
+class _Merge:
+    """Where a stage's values come from besides its own table, lowest first: [defaults], `--set`, and the
+    command line's --device / --seed."""
+
+    defaults: dict[str, Any]    # [defaults] less `root`
+    sets: dict[str, Any]        # `softcache run --set KEY=VALUE`, each a key some stage has
+    overrides: dict[str, Any]   # --device, --seed when given
+    base: Path                  # where relative `out` paths land
+
+    def fill(self, cls: type, table: dict[str, Any]) -> dict[str, Any]:
+        """`table` completed for a stage built as `cls`, with its `out` under the root."""
+        accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())
+        merged = {k: v for k, v in self.defaults.items() if k in accepted}
+        merged.update(table)
+        merged.update({k: v for k, v in self.sets.items() if k in accepted})
+        merged.update(self.overrides)  # command-line values win over the recipe's
+        if "out" in merged:
+            merged["out"] = str(self.base / merged["out"])
+        return merged
+
+
+def _merge_from(doc: dict[str, Any], *, root: str | None, device: str | None, seed: int | None,
+                sets: dict[str, Any] | None) -> _Merge:
+    """The recipe's [defaults] with the command line's values; a `--set` key no stage has, or of the wrong
+    type, is refused."""
     defaults = dict(doc.get("defaults", {}))
     base = Path(root or defaults.pop("root", "runs"))
     defaults.pop("root", None)
     overrides = {k: v for k, v in (("device", device), ("seed", seed)) if v is not None}
     sets = dict(sets or {})
-    stage_keys = _STAGE_KEYS
     for key, value in sets.items():
-        if key not in stage_keys - {"out", "cache", "optim"}:
+        if key not in _SHARED_KEYS:
             raise SoftcacheError(f"--set {key}: no stage has the key '{key}'; valid: "
-                                 f"{', '.join(sorted(stage_keys - {'out', 'cache', 'optim'}))}")
+                                 f"{', '.join(sorted(_SHARED_KEYS))}")
         _check_types({key: value}, f"--set {key}", (TeacherConfig, DumpConfig, StudentConfig))
+    return _Merge(defaults, sets, overrides, base)
 
-    def with_defaults(cls: type, table: dict[str, Any]) -> dict[str, Any]:
-        accepted = {f.name for f in fields(cls)} | (_OPTIM_KEYS if cls is not DumpConfig else set())
-        merged = {k: v for k, v in defaults.items() if k in accepted}
-        merged.update(table)
-        merged.update({k: v for k, v in sets.items() if k in accepted})
-        merged.update(overrides)  # command-line values win over the recipe's
-        if "out" in merged:
-            merged["out"] = str(base / merged["out"])
-        return merged
 
-    def build_dump(table: dict[str, Any], section: str, teacher: TeacherConfig | None) -> DumpConfig:
-        table = dict(table)
-        if teacher is not None:
-            table.setdefault("teacher", teacher.model)
-            table.setdefault("data", teacher.data)
-        table = with_defaults(DumpConfig, table)
-        if teacher is not None:
-            table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
-        table["views"] = str(table.get("views", "1"))
-        table["layers"] = tuple(table.get("layers", ()))
-        for key in ("teacher", "weights"):  # one or several teachers
-            if isinstance(table.get(key), str):
-                table[key] = (table[key],)
-            elif key in table:
-                table[key] = tuple(table[key])
-        return _build(DumpConfig, table, section)
-
-    def build_student(entry: dict[str, Any], name: str, online: DumpConfig | None = None) -> StudentConfig | OnlineConfig:
-        """A train-student stage, or with `online` (the dump it would read) the train-online stage that runs
-        that dump's (first) teacher in the loop on fresh views of the dump's policy instead."""
-        entry = dict(entry)
-        if "loss" in entry:
-            entry["losses"] = tuple(entry.pop("loss"))
-        entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
-        entry["weights"] = tuple(dict(entry.get("weights", {})).items())
-        if online is None:
-            return _build(StudentConfig, with_defaults(StudentConfig, entry), f"student {name}")
-        entry.pop("cache", None)
-        entry = {"teacher": online.teacher[0], "teacher_weights": online.weights[0], "data": online.data,
-                 "augment": online.augment, "image_size": online.image_size, **entry}
-        return _build(OnlineConfig, with_defaults(OnlineConfig, entry), f"student {name}")
-
-    teacher = None
-    if "teacher" in doc:
-        teacher = _build(TeacherConfig, with_defaults(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
+def _dumps(doc: dict[str, Any], merge: _Merge, teacher: TeacherConfig | None) -> list[tuple[str, DumpConfig]]:
+    """The dump stages by name: a lone [dump] is `cache` (out "cache"), [[dump]] tables are their `name` or
+    cacheK (out caches/NAME)."""
+    tables, one_dump = _dump_tables(doc)
     dumps: list[tuple[str, DumpConfig]] = []
-    for k, table in enumerate(dump_tables):
+    for k, table in enumerate(tables):
         table = dict(table)
-        name = str(table.pop("name", "cache" if len(dump_tables) == 1 else f"cache{k}"))
-        table.setdefault("out", "cache" if len(dump_tables) == 1 and name == "cache" else f"caches/{name}")
+        name = str(table.pop("name", "cache" if len(tables) == 1 else f"cache{k}"))
+        table.setdefault("out", "cache" if len(tables) == 1 and name == "cache" else f"caches/{name}")
         if any(name == other for other, _ in dumps):
             raise SoftcacheError(f"two [[dump]] tables are named '{name}'; give each its own name")
-        dumps.append((name, build_dump(table, "dump" if one_dump else f"dump {name}", teacher)))
-    students = []
+        dumps.append((name, _build_dump(merge, table, "dump" if one_dump else f"dump {name}", teacher)))
+    return dumps
+
+
+def _build_dump(merge: _Merge, table: dict[str, Any], section: str, teacher: TeacherConfig | None) -> DumpConfig:
+    """A dump-teacher stage; with `teacher` (the train-teacher stage) its model, data and model.pt are the
+    defaults of the dump's teacher, data and weights."""
+    table = dict(table)
+    if teacher is not None:
+        table.setdefault("teacher", teacher.model)
+        table.setdefault("data", teacher.data)
+    table = merge.fill(DumpConfig, table)
+    if teacher is not None:
+        table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
+    table["views"] = str(table.get("views", "1"))
+    table["layers"] = tuple(table.get("layers", ()))
+    for key in ("teacher", "weights"):  # one or several teachers
+        if isinstance(table.get(key), str):
+            table[key] = (table[key],)
+        elif key in table:
+            table[key] = tuple(table[key])
+    return _build(DumpConfig, table, section)
+
+
+def _student_entries(doc: dict[str, Any], seed: int | None) -> list[tuple[dict[str, Any], str]]:
+    """Each [[student]] table with its name; `seeds = [0, 1]` gives one per seed, named NAME_sSEED."""
     entries = []
-    for k, entry in enumerate(doc.get("student", [])):  # `seeds = [0, 1]`: one run per seed, named NAME_sSEED
+    for k, entry in enumerate(doc.get("student", [])):
         entry = dict(entry)
         name = str(entry.pop("name", f"student{k}"))
         seeds = entry.pop("seeds", None)
@@ -269,39 +310,65 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
         if seeds is not None and len(set(seeds)) != len(seeds):
             raise SoftcacheError(f"[student {name}] seeds = {seeds} repeats a seed; give each once")
         entries += [({**entry, "seed": s}, f"{name}_s{s}") for s in seeds] if seeds is not None else [(entry, name)]
-    for entry, name in entries:
-        entry = dict(entry)
-        online = entry.pop("online", False)
-        entry.setdefault("out", f"students/{name}")
-        named = dict(dumps)
-        if online:  # the teacher in the loop: the dump it would otherwise read names teacher, data and policy
-            dump = named.get(entry.get("cache", ""), dumps[0][1] if len(dumps) == 1 else None)
-            if dump is None:
-                raise SoftcacheError(f"[student {name}] online = true needs cache = the [[dump]] whose teacher it runs "
-                                     f"({', '.join(named) or 'the recipe has no [dump]'})")
-            students.append((name, build_student(entry, name, online=dump)))
-            continue
-        if "cache" in entry and entry["cache"] in named:
-            entry["cache"] = named[entry["cache"]].out
-        elif "cache" in entry:
-            if read_manifest(base / entry["cache"]) is None:
-                defined = ", ".join(named) or "none"
-                raise SoftcacheError(f"[student {name}] cache = \"{entry['cache']}\" names no [[dump]] of this recipe "
-                                     f"(defined: {defined}) and no cache under '{base}'")
-            entry["cache"] = str(base / entry["cache"])
-        elif len(dumps) == 1:
-            entry["cache"] = dumps[0][1].out
-        elif dumps:
-            raise SoftcacheError(f"[student {name}] needs cache = one of {', '.join(named)} (the recipe has several "
-                                 "[[dump]] tables)")
-        students.append((name, build_student(entry, name)))
-    born_again = None
-    if "born_again" in doc:
-        born_again = _born_again(dict(doc["born_again"]), with_defaults, build_dump, build_student)
-    return Pipeline(teacher, tuple(dumps), tuple(students), born_again, root=str(base))
+    return entries
 
 
-def _born_again(table: dict[str, Any], with_defaults, build_dump, build_student) -> BornAgain:
+def _student(entry: dict[str, Any], name: str, dumps: list[tuple[str, DumpConfig]],
+             merge: _Merge) -> StudentConfig | OnlineConfig:
+    """The stage of one student entry (out defaults to students/NAME): a train-student reading its cache, or
+    with `online = true` a train-online running the teacher of the dump it names."""
+    entry = dict(entry)
+    online = entry.pop("online", False)
+    entry.setdefault("out", f"students/{name}")
+    named = dict(dumps)
+    if online:  # the teacher in the loop: the dump it would otherwise read names teacher, data and policy
+        dump = named.get(entry.get("cache", ""), dumps[0][1] if len(dumps) == 1 else None)
+        if dump is None:
+            raise SoftcacheError(f"[student {name}] online = true needs cache = the [[dump]] whose teacher it runs "
+                                 f"({', '.join(named) or 'the recipe has no [dump]'})")
+        return _build_student(merge, entry, name, online=dump)
+    return _build_student(merge, _with_cache(entry, name, dumps, merge.base), name)
+
+
+def _with_cache(entry: dict[str, Any], name: str, dumps: list[tuple[str, DumpConfig]], base: Path) -> dict[str, Any]:
+    """`entry` with its `cache` a path: a [[dump]]'s name, a cache already under the root, or the recipe's
+    only dump when it names none."""
+    named = dict(dumps)
+    entry = dict(entry)
+    if "cache" in entry and entry["cache"] in named:
+        entry["cache"] = named[entry["cache"]].out
+    elif "cache" in entry:
+        if read_manifest(base / entry["cache"]) is None:
+            defined = ", ".join(named) or "none"
+            raise SoftcacheError(f"[student {name}] cache = \"{entry['cache']}\" names no [[dump]] of this recipe "
+                                 f"(defined: {defined}) and no cache under '{base}'")
+        entry["cache"] = str(base / entry["cache"])
+    elif len(dumps) == 1:
+        entry["cache"] = dumps[0][1].out
+    elif dumps:
+        raise SoftcacheError(f"[student {name}] needs cache = one of {', '.join(named)} (the recipe has several "
+                             "[[dump]] tables)")
+    return entry
+
+
+def _build_student(merge: _Merge, entry: dict[str, Any], name: str,
+                   online: DumpConfig | None = None) -> StudentConfig | OnlineConfig:
+    """A train-student stage, or with `online` (the dump it would read) the train-online stage that runs
+    that dump's (first) teacher in the loop on fresh views of the dump's policy instead."""
+    entry = dict(entry)
+    if "loss" in entry:
+        entry["losses"] = tuple(entry.pop("loss"))
+    entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
+    entry["weights"] = tuple(dict(entry.get("weights", {})).items())
+    if online is None:
+        return _build(StudentConfig, merge.fill(StudentConfig, entry), f"student {name}")
+    entry.pop("cache", None)
+    entry = {"teacher": online.teacher[0], "teacher_weights": online.weights[0], "data": online.data,
+             "augment": online.augment, "image_size": online.image_size, **entry}
+    return _build(OnlineConfig, merge.fill(OnlineConfig, entry), f"student {name}")
+
+
+def _born_again(table: dict[str, Any], merge: _Merge) -> BornAgain:
     """The stages of `[born_again]`: model, generations (>= 2), loss (generations 2 on, default kd), views (of
     each generation's cache), and any key of train-teacher / train-student / dump-teacher for every stage."""
     if "model" not in table:
@@ -319,14 +386,14 @@ def _born_again(table: dict[str, Any], with_defaults, build_dump, build_student)
                              "the keys of [teacher], [[student]] and [dump]")
     root = table.pop("out", "born_again")
     pick = lambda keys: {k: v for k, v in table.items() if k in keys}  # noqa: E731
-    first = _build(TeacherConfig, with_defaults(TeacherConfig, {**pick(teacher_keys), "model": model,
-                                                               "out": f"{root}/gen1"}), "born_again")
+    first = _build(TeacherConfig, merge.fill(TeacherConfig, {**pick(teacher_keys), "model": model,
+                                                             "out": f"{root}/gen1"}), "born_again")
     steps, previous = [], first
     for k in range(2, generations + 1):
-        dump = build_dump({**pick(dump_keys - {"teacher", "weights", "layers", "batch_size"}), "views": views,
-                           "out": f"{root}/gen{k - 1}_cache"}, "born_again", previous)
-        student = build_student({**pick(student_keys - {"cache", "student"}), "cache": dump.out, "student": model,
-                                 "loss": loss, "out": f"{root}/gen{k}"}, f"gen{k}")
+        dump = _build_dump(merge, {**pick(dump_keys - {"teacher", "weights", "layers", "batch_size"}),
+                                   "views": views, "out": f"{root}/gen{k - 1}_cache"}, "born_again", previous)
+        student = _build_student(merge, {**pick(student_keys - {"cache", "student"}), "cache": dump.out,
+                                         "student": model, "loss": loss, "out": f"{root}/gen{k}"}, f"gen{k}")
         steps.append((dump, student))
         previous = TeacherConfig(model=model, data=first.data, out=student.out)  # where generation k's weights are
     return BornAgain(first, tuple(steps))
@@ -339,65 +406,85 @@ def _resuming(out: str) -> str:
 
 def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
     """Run every stage not already complete; return one row per student for the comparison table."""
-    # Imported here so that reading a recipe stays cheap (and tests can patch the stages).
-    from softcache.dump import check_dump, dump_from_config
-    from softcache.train import (check_training, train_online_from_config, train_student_from_config,
-                                 train_teacher_from_config)
+    # Imported here (and in each stage) so that reading a recipe stays cheap, and tests can patch the stages.
+    from softcache.dump import check_dump
+    from softcache.train import check_training
 
     for stage in pipeline.stages():  # every stage's values, before the first stage spends any time
         (check_dump if isinstance(stage, DumpConfig) else check_training)(stage)
     rows = []
-
-    def teacher_stage(cfg: TeacherConfig, name: str) -> None:
-        summary = finished_run(cfg.out, to_json(cfg))
-        if summary:
-            echo(f"[{name}] {cfg.out} is finished: skipped")
-        else:
-            echo(f"[{name}] training {cfg.model} -> {cfg.out}{_resuming(cfg.out)}")
-            summary = train_teacher_from_config(cfg)
-        rows.append({"name": name, "student": cfg.model, "losses": "ce", **summary})
-
-    def dump_stage(cfg: DumpConfig, name: str) -> None:
-        # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
-        result = dump_from_config(cfg)
-        if result.action == "reuse":
-            echo(f"[{name}] {cfg.out} holds this cache ({result.manifest['id']}): skipped")
-        else:
-            echo(f"[{name}] {'+'.join(cfg.teacher)} -> {cfg.out} ({result.action})")
-
-    def student_stage(cfg: StudentConfig | OnlineConfig, name: str, label: str) -> None:
-        online = isinstance(cfg, OnlineConfig)
-        losses = "+".join(cfg.losses) + (" online" if online else "")
-        summary = finished_run(cfg.out, to_json(cfg))
-        if summary:
-            echo(f"[{label}] {cfg.out} is finished: skipped")
-        else:
-            teacher = f" ({cfg.teacher} in the loop)" if online else ""
-            echo(f"[{label}] {cfg.student} with {'+'.join(cfg.losses)}{teacher} -> {cfg.out}{_resuming(cfg.out)}")
-            summary = (train_online_from_config if online else train_student_from_config)(cfg)
-        rows.append({"name": name, "student": cfg.student, "losses": losses, **summary})
-
     if pipeline.teacher is not None:
-        teacher_stage(pipeline.teacher, "teacher")
+        rows.append(_teacher_stage(pipeline.teacher, "teacher", echo))
     for name, cfg in pipeline.dumps:
-        dump_stage(cfg, "dump" if len(pipeline.dumps) == 1 else f"dump {name}")
+        _dump_stage(cfg, "dump" if len(pipeline.dumps) == 1 else f"dump {name}", echo)
     for name, cfg in pipeline.students:
-        student_stage(cfg, name, f"student {name}")
+        rows.append(_student_stage(cfg, name, f"student {name}", echo))
     if pipeline.born_again is not None:
-        from softcache.ensemble import ensemble
-        ban = pipeline.born_again
-        teacher_stage(ban.first, "gen1")
-        for k, (dump, student) in enumerate(ban.steps, start=2):
-            dump_stage(dump, f"gen{k - 1} dump")
-            student_stage(student, f"gen{k}", f"gen{k}")
-        started = time.perf_counter()
-        result = ensemble(ban.runs, data=ban.first.data, device=ban.first.device,
-                          batch_size=ban.first.optim.batch_size, workers=ban.first.optim.workers)
-        echo(f"[ensemble] {len(ban.runs)} generations: {result.ensemble_accuracy:.2f}%")
-        rows.append({"name": "ensemble", "student": ban.first.model, "losses": f"mean({len(ban.runs)})",
-                     "epochs": None, "test_acc": result.ensemble_accuracy, "best_test_acc": None,
-                     "wall_s": time.perf_counter() - started})
+        rows += _born_again_stages(pipeline.born_again, echo)
     return rows
+
+
+def _teacher_stage(cfg: TeacherConfig, name: str, echo) -> dict[str, Any]:
+    """Train the teacher unless its run is finished; its row of the table."""
+    from softcache.train import train_teacher_from_config
+
+    summary = finished_run(cfg.out, to_json(cfg))
+    if summary:
+        echo(f"[{name}] {cfg.out} is finished: skipped")
+    else:
+        echo(f"[{name}] training {cfg.model} -> {cfg.out}{_resuming(cfg.out)}")
+        summary = train_teacher_from_config(cfg)
+    return {"name": name, "student": cfg.model, "losses": "ce", **summary}
+
+
+def _dump_stage(cfg: DumpConfig, name: str, echo) -> None:
+    """Dump the teacher's outputs, or say that the cache is already there."""
+    from softcache.dump import dump_from_config
+
+    # dump_from_config itself reuses a complete cache with the same id and resumes an interrupted one
+    result = dump_from_config(cfg)
+    if result.action == "reuse":
+        echo(f"[{name}] {cfg.out} holds this cache ({result.manifest['id']}): skipped")
+    else:
+        echo(f"[{name}] {'+'.join(cfg.teacher)} -> {cfg.out} ({result.action})")
+
+
+def _student_stage(cfg: StudentConfig | OnlineConfig, name: str, label: str, echo) -> dict[str, Any]:
+    """Train a student (from its cache, or online) unless its run is finished; its row of the table."""
+    from softcache.train import train_online_from_config, train_student_from_config
+
+    online = isinstance(cfg, OnlineConfig)
+    losses = "+".join(cfg.losses) + (" online" if online else "")
+    summary = finished_run(cfg.out, to_json(cfg))
+    if summary:
+        echo(f"[{label}] {cfg.out} is finished: skipped")
+    else:
+        teacher = f" ({cfg.teacher} in the loop)" if online else ""
+        echo(f"[{label}] {cfg.student} with {'+'.join(cfg.losses)}{teacher} -> {cfg.out}{_resuming(cfg.out)}")
+        summary = (train_online_from_config if online else train_student_from_config)(cfg)
+    return {"name": name, "student": cfg.student, "losses": losses, **summary}
+
+
+def _born_again_stages(ban: BornAgain, echo) -> list[dict[str, Any]]:
+    """Each generation in turn (the cache of the one before first), then their ensemble; one row each."""
+    rows = [_teacher_stage(ban.first, "gen1", echo)]
+    for k, (dump, student) in enumerate(ban.steps, start=2):
+        _dump_stage(dump, f"gen{k - 1} dump", echo)
+        rows.append(_student_stage(student, f"gen{k}", f"gen{k}", echo))
+    return rows + [_ensemble_stage(ban, echo)]
+
+
+def _ensemble_stage(ban: BornAgain, echo) -> dict[str, Any]:
+    """Evaluate the generations' mean prediction; its row of the table (timed here: no run folder records it)."""
+    from softcache.ensemble import ensemble
+
+    started = time.perf_counter()
+    result = ensemble(ban.runs, data=ban.first.data, device=ban.first.device,
+                      batch_size=ban.first.optim.batch_size, workers=ban.first.optim.workers)
+    echo(f"[ensemble] {len(ban.runs)} generations: {result.ensemble_accuracy:.2f}%")
+    return {"name": "ensemble", "student": ban.first.model, "losses": f"mean({len(ban.runs)})",
+            "epochs": None, "test_acc": result.ensemble_accuracy, "best_test_acc": None,
+            "wall_s": time.perf_counter() - started}
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

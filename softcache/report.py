@@ -136,8 +136,8 @@ class Report:
                 rows.append({"stage": f"train-student {run.name}", "wall_s": run.summary["wall_s"], "bytes": None,
                              "per_sample": None, "online_s": self.online_estimate(run), "kind": "student"})
             elif run.kind == "teacher" and not self._is_teacher(run):
-                rows.append({"stage": f"train-teacher {run.name} (baseline)", "wall_s": run.summary["wall_s"], "bytes": None,
-                             "per_sample": None, "online_s": run.summary["wall_s"], "kind": "student"})
+                rows.append({"stage": f"train-teacher {run.name} (baseline)", "wall_s": run.summary["wall_s"],
+                             "bytes": None, "per_sample": None, "online_s": run.summary["wall_s"], "kind": "student"})
         known = (all(r["wall_s"] is not None and r["online_s"] is not None for r in rows)
                  and any(r["kind"] == "student" for r in rows))  # no student yet: nothing to compare
         cached = sum(r["wall_s"] for r in rows if r["wall_s"] is not None)
@@ -145,7 +145,8 @@ class Report:
         measured = [r for r in self.runs if r.kind == "online"]
         return {"rows": rows, "cached_s": cached, "online_s": online if known else None,
                 "saving": online / cached if known and cached > 0 else None,
-                "measured_online": [{"run": r.name, "wall_s": r.summary["wall_s"], "images": r.images} for r in measured]}
+                "measured_online": [{"run": r.name, "wall_s": r.summary["wall_s"], "images": r.images}
+                                    for r in measured]}
 
     def _is_teacher(self, run: Run) -> bool:
         """A cross-entropy run whose weights some cache was dumped from (else it is a baseline student)."""
@@ -255,8 +256,8 @@ def _saving_line(report: Report, costs: dict[str, Any]) -> str:
     if costs["saving"] is None:
         return ("online_s: no estimate (a cache without a recorded teacher rate, or a run without an image count); "
                 "re-dump with this version to record it")
-    return (f"with the cache {_seconds(costs['cached_s'])} s, with the teacher in the loop ~{_seconds(costs['online_s'])} s "
-            f"(estimate): saving {costs['saving']:.2f}x\n"
+    return (f"with the cache {_seconds(costs['cached_s'])} s, "
+            f"with the teacher in the loop ~{_seconds(costs['online_s'])} s (estimate): saving {costs['saving']:.2f}x\n"
             f"online_s estimate: a student's time + its training views at the teacher forward rate the dump measured "
             f"({'; '.join(rates) or 'no teacher needed'})")
 
@@ -300,91 +301,117 @@ def figure(report: Report, path: str | Path) -> Path:
     """report.png: accuracy per epoch, final accuracy per configuration, and the cost picture."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
-    from matplotlib.ticker import MaxNLocator
 
     configs = report.configurations()
     fig = Figure(figsize=(16, 5.4), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     curves, finals, cost = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1.1, 1.0, 1.1]})
+    color_of = {c["label"]: COLORS[k % len(COLORS)] for k, c in enumerate(configs)}  # one per configuration
+    _plot_curves(curves, report.runs, configs, color_of)
+    _plot_finals(finals, configs, color_of)
+    _plot_cost(cost, report)
+    path = Path(path)
+    fig.savefig(path)
+    return path
 
-    color_of = {c["label"]: COLORS[k % len(COLORS)] for k, c in enumerate(configs)}
+
+def _plot_curves(ax, runs: list[Run], configs: list[dict[str, Any]], color_of: dict[str, str]) -> None:
+    """Test accuracy per epoch: a configuration's colour, one line style per seed, one legend entry each."""
+    from matplotlib.ticker import MaxNLocator
+
     by_run = {name: c for c in configs for name in c["runs"]}
     styles = ["-", "--", ":", "-."]
-    for run in report.runs:
+    for run in runs:
         config = by_run[run.name]
         k = config["runs"].index(run.name)
         epochs, accs = zip(*run.curve) if run.curve else ((), ())
-        curves.plot(epochs, accs, styles[k % len(styles)], color=color_of[config["label"]], lw=1.6,
-                    marker="o" if len(epochs) <= 20 else None, ms=3, label=config["label"] if k == 0 else None)
-    curves.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
-    last = max([e for run in report.runs for e, _ in run.curve] + [1])
-    curves.set_xlim(0.5, last + 0.5)
+        ax.plot(epochs, accs, styles[k % len(styles)], color=color_of[config["label"]], lw=1.6,
+                marker="o" if len(epochs) <= 20 else None, ms=3, label=config["label"] if k == 0 else None)
+    ax.set(title="Test accuracy per epoch", xlabel="epoch", ylabel="test accuracy (%)")
+    last = max([e for run in runs for e, _ in run.curve] + [1])
+    ax.set_xlim(0.5, last + 0.5)
     if last <= 15:
-        curves.set_xticks(range(1, last + 1))
+        ax.set_xticks(range(1, last + 1))
     else:
-        curves.xaxis.set_major_locator(MaxNLocator(integer=True))
-    curves.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
     if configs:
-        curves.legend(fontsize=8, loc="lower right", ncol=1 if len(configs) <= 8 else 2)
+        ax.legend(fontsize=8, loc="lower right", ncol=1 if len(configs) <= 8 else 2)
 
+
+def _plot_finals(ax, configs: list[dict[str, Any]], color_of: dict[str, str]) -> None:
+    """Final test accuracy per configuration: a bar at the mean, min..max as its error bar, a dot per seed."""
     ys = range(len(configs))
     means = [c["mean"] for c in configs]
     spread = [[c["mean"] - c["min"] for c in configs], [c["max"] - c["mean"] for c in configs]]
-    finals.barh(list(ys), means, xerr=spread, color=[color_of[c["label"]] for c in configs], alpha=0.85,
-                capsize=3, height=0.6)
+    ax.barh(list(ys), means, xerr=spread, color=[color_of[c["label"]] for c in configs], alpha=0.85,
+            capsize=3, height=0.6)
     top = min(100.0, max([c["max"] for c in configs] + [1.0]))
     for y, c in zip(ys, configs):
-        finals.plot(c["accs"], [y] * len(c["accs"]), "k.", ms=5)
+        ax.plot(c["accs"], [y] * len(c["accs"]), "k.", ms=5)
         seeds = f" (n={len(c['accs'])})" if len(c["accs"]) > 1 else ""
-        finals.text(c["max"] + 0.03 * top, y, f"{c['mean']:.1f}%{seeds}", va="center", fontsize=8)
-    finals.set_yticks(list(ys), [f"{c['label']}\n{c['model']}: {c['losses']}" for c in configs], fontsize=8)
-    finals.invert_yaxis()
-    finals.set_xlim(0, top * 1.3)
-    finals.set_xticks([t for t in finals.get_xticks() if t <= 100])
-    finals.set(title="Final test accuracy (mean; bar: min..max over seeds)", xlabel="test accuracy (%)")
-    finals.grid(axis="x", alpha=0.3)
+        ax.text(c["max"] + 0.03 * top, y, f"{c['mean']:.1f}%{seeds}", va="center", fontsize=8)
+    ax.set_yticks(list(ys), [f"{c['label']}\n{c['model']}: {c['losses']}" for c in configs], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, top * 1.3)  # room for the labels right of the bars
+    ax.set_xticks([t for t in ax.get_xticks() if t <= 100])
+    ax.set(title="Final test accuracy (mean; bar: min..max over seeds)", xlabel="test accuracy (%)")
+    ax.grid(axis="x", alpha=0.3)
+
+
+def _plot_cost(ax, report: Report) -> None:
+    """Wall time as stacked bars: the stages with the cache, and (when estimated) the same with the teacher in
+    the loop, its forward passes hatched; the estimate's rates in the axis label."""
+    from matplotlib.patches import Patch
 
     costs = report.costs()
-    rows = costs["rows"]
+    bars = _cost_bars(costs["rows"], costs["online_s"] is not None)
+    for k, (label, segments) in enumerate(bars):
+        left = 0.0
+        for kind, seconds in segments:
+            ax.barh(k, seconds, left=left, color=KIND_COLORS[kind], edgecolor="white", height=0.55,
+                    hatch="//" if kind == "forward" else None)
+            left += seconds
+        ax.text(left, k, f"  {left:,.0f} s", va="center", fontsize=9)
+    ax.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=9)
+    ax.invert_yaxis()
+    width = max(sum(s for _, s in segments) for _, segments in bars)
+    ax.set_xlim(0, width * 1.3 if width else 1)
+    title = "Wall time: teacher, dump, students"
+    if costs["saving"] is not None:
+        title += f"\nthe cache saves {costs['saving']:.2f}x"
+    ax.set(title=title, xlabel="wall time (s)\n\n" + "\n".join(textwrap.wrap(_cost_note(report, costs), 70)))
+    ax.xaxis.label.set_fontsize(8.5)
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(handles=[Patch(color=KIND_COLORS["teacher"], label="teacher training"),
+                       Patch(color=KIND_COLORS["dump"], label="dump (teacher once)"),
+                       Patch(color=KIND_COLORS["student"], label="students"),
+                       Patch(facecolor=KIND_COLORS["forward"], hatch="//", label="teacher forward in the loop")],
+              fontsize=7.5, loc="center", ncol=2)
+
+
+def _cost_bars(rows: list[dict[str, Any]], estimated: bool) -> list[tuple[str, list[tuple[str, float]]]]:
+    """(label, [(kind, seconds), ...]) per bar: every stage with the cache; with `estimated`, the teachers, the
+    students and the teacher forward passes they would have run in the loop."""
     bars = [("with the cache", [(r["kind"], r["wall_s"] or 0.0) for r in rows])]
-    if costs["online_s"] is not None:
+    if estimated:
         online = [("teacher", r["wall_s"]) for r in rows if r["kind"] == "teacher"]
         online += [("student", sum(r["wall_s"] for r in rows if r["kind"] == "student")),
                    ("forward", sum(r["online_s"] - r["wall_s"] for r in rows if r["kind"] == "student"))]
         bars.append(("teacher in the loop\n(estimate)", online))
-    measured = costs["measured_online"]
-    for k, (label, segments) in enumerate(bars):
-        left = 0.0
-        for kind, seconds in segments:
-            cost.barh(k, seconds, left=left, color=KIND_COLORS[kind], edgecolor="white", height=0.55,
-                      hatch="//" if kind == "forward" else None)
-            left += seconds
-        cost.text(left, k, f"  {left:,.0f} s", va="center", fontsize=9)
-    cost.set_yticks(range(len(bars)), [label for label, _ in bars], fontsize=9)
-    cost.invert_yaxis()
-    width = max(sum(s for _, s in segments) for _, segments in bars)
-    cost.set_xlim(0, width * 1.3 if width else 1)
-    title = "Wall time: teacher, dump, students"
-    if costs["saving"] is not None:
-        title += f"\nthe cache saves {costs['saving']:.2f}x"
+    return bars
+
+
+def _cost_note(report: Report, costs: dict[str, Any]) -> str:
+    """How the online estimate was made (the teacher rates measured), and the measured online runs."""
     rates = [f"{c.teacher_rate:,.0f} views/s ({', '.join(c.cost.get('devices') or ['?'])})"
              for c in report.caches if c.teacher_rate]
     note = ("estimate: each student's wall time + its training views at the teacher forward rate the dump "
             "measured, " + ("; ".join(rates) or "none recorded"))
-    if measured:
-        note += ". Measured online runs: " + ", ".join(f"{m['run']} {m['wall_s']:,.1f} s" for m in measured)
-    cost.set(title=title, xlabel="wall time (s)\n\n" + "\n".join(textwrap.wrap(note, 70)))
-    cost.xaxis.label.set_fontsize(8.5)
-    cost.grid(axis="x", alpha=0.3)
-    cost.legend(handles=[Patch(color=KIND_COLORS["teacher"], label="teacher training"),
-                         Patch(color=KIND_COLORS["dump"], label="dump (teacher once)"),
-                         Patch(color=KIND_COLORS["student"], label="students"),
-                         Patch(facecolor=KIND_COLORS["forward"], hatch="//", label="teacher forward in the loop")],
-                fontsize=7.5, loc="center", ncol=2)
-    path = Path(path)
-    fig.savefig(path)
-    return path
+    if costs["measured_online"]:
+        note += ". Measured online runs: " + ", ".join(f"{m['run']} {m['wall_s']:,.1f} s"
+                                                       for m in costs["measured_online"])
+    return note
 
 
 def write_report(root: str | Path) -> tuple[Report, Path, Path]:
