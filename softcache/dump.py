@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ from softcache.planner import image_bytes, plan
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
 from softcache.store.backends import BACKENDS
+from softcache.store.base import ShardWriter
 from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache, swap_in)
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
@@ -162,6 +163,110 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _target_layout(tapped: Sequence[Tapped], names: Sequence[str], source: Source, augment: Augment,
+                   manifest: dict[str, Any], fmt: LogitsFormat, dev: torch.device) -> dict[str, tuple]:
+    """The target arrays' shapes and dtypes, from the teachers' outputs on one view of sample 0; a classifier
+    of the wrong width is refused here."""
+    image, _ = source[0]
+    probe = apply_view(image, augment.eval_box(*image.shape[-2:]), False, augment.image_size)[None]
+    arrays: dict[str, tuple[tuple[int, ...], str]] = {}
+    for k, (name, teacher) in enumerate(zip(names, tapped)):
+        logits, features = teacher_outputs(teacher, probe, mean=source.mean, std=source.std, device=dev)
+        if logits.shape[1] != len(source.classes):
+            raise SoftcacheError(f"class-count mismatch: teacher {name} has {logits.shape[1]} outputs, "
+                                 f"the dataset {source.spec} has {len(source.classes)} classes")
+        prefix = logits_prefix(manifest, name)
+        arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
+        if k == 0:
+            for layer, f in features.items():
+                for key, stored in feature_targets(manifest["storage"]["targets"], layer, f).items():
+                    arrays[feature_name(manifest, key)] = (tuple(stored.shape[1:]), "float16")
+    return arrays
+
+
+def _open_writer(out: str | Path, layout: dict[str, tuple], manifest: dict[str, Any], existing: Existing, *,
+                 threads: int, world: distributed.World) -> ShardWriter:
+    """Rank 0 creates, reopens or restarts the store; the other ranks open what it prepared, knowing which
+    shards an earlier dump committed."""
+    backend = manifest["storage"]["backend"]
+    writer = prepare_cache(out, layout, manifest, existing=existing, backend=backend, threads=threads) \
+        if world.main else None
+    committed = distributed.broadcast(writer.committed if writer else None, world)
+    if writer is None:
+        writer = prepare_cache(out, layout, manifest, existing=Existing(existing.action, committed), backend=backend,
+                               threads=threads, create=False)
+    return writer
+
+
+class _TeacherBatches:
+    """The teachers on batches of views, and their outputs into the writer. `launch` queues the teachers on
+    a batch (returning at once on CUDA); `store` encodes a launched batch's outputs and hands its rows to
+    the writer, with the batch's wall and teacher time."""
+
+    def __init__(self, tapped: Sequence[Tapped], names: Sequence[str], source: Source, manifest: dict[str, Any],
+                 writer: ShardWriter, *, num_views: int, dev: torch.device, started: float):
+        self.tapped, self.names, self.source, self.manifest, self.writer = tapped, names, source, manifest, writer
+        self.fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
+        self.num_views, self.dev = num_views, dev
+        self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+        self.last = started  # a batch's wall time runs from the previous store (the first's: set-up included)
+
+    def launch(self, flat: torch.Tensor) -> tuple[list, Any, Any]:
+        """Outputs of every teacher on `flat [B * V, 3, S, S]`, copies to host started; the last two items time
+        the teachers: (None, seconds) on CPU, (end event, start event) on CUDA, read once the batch is done."""
+        outputs, cuda = [], self.dev.type == "cuda"
+        began = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
+        if cuda:
+            began.record()
+        for name, teacher in zip(self.names, self.tapped):
+            logits, features = teacher_outputs(teacher, flat, mean=self.source.mean, std=self.source.std,
+                                               device=self.dev)
+            stored = {key: value for layer, f in features.items()
+                      for key, value in feature_targets(self.manifest["storage"]["targets"], layer, f).items()}
+            outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
+        if not cuda:
+            return outputs, None, time.perf_counter() - began
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return outputs, event, began
+
+    def store(self, span: tuple[int, int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
+              outputs: list, event: Any, timing: Any) -> None:
+        if event is not None:
+            event.synchronize()
+            timing = timing.elapsed_time(event) / 1000
+        b, k = span[1] - span[0], self.num_views
+        rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
+        # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
+        generator = torch.Generator().manual_seed(self.manifest["augment"]["seed"] * 1_000_003 + span[0])
+        for name, logits, features in outputs:
+            prefix = logits_prefix(self.manifest, name)
+            for suffix, value in self.fmt.encode(logits, generator).items():
+                rows[prefix + suffix] = value.reshape(b, k, *value.shape[1:])
+            for layer, value in features.items():
+                rows[feature_name(self.manifest, layer)] = value.numpy().reshape(b, k, *value.shape[1:])
+        now = time.perf_counter()
+        self.writer.write(span[0], rows, cost={"wall_s": now - self.last, "teacher_s": timing, "views": b * k,
+                                               "device": self.device_name})
+        self.last = now
+
+    def run(self, batches: list[tuple[int, int]], views: Iterable, *, what: str) -> None:
+        """Every batch, one in flight: while the device runs batch k, the host encodes batch k - 1 and hands
+        it to the writer threads, which compress and write whole shards."""
+        pending, todo = None, sum(b - a for a, b in batches)
+        for span, (flat, labels, boxes, flips) in progress.track(
+                zip(batches, views), what=what, total=len(batches), count=lambda item: item[0][1] - item[0][0],
+                amount=todo, amount_unit="samples", final=True):
+            if pending is None:
+                log.info("first batch: samples %d-%d of %d", span[0], span[1], len(self.source))
+            launched = (span, labels, boxes, flips, *self.launch(flat))
+            if pending is not None:
+                self.store(*pending)
+            pending = launched
+        if pending is not None:
+            self.store(*pending)
+
+
 def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, manifest: dict[str, Any],
              existing: Existing, *, batch_size: int = 256, workers: int = 2, device: str = "cpu",
              data_path: str = "auto", writer_threads: int = 0, world: distributed.World = distributed.World(),
@@ -173,109 +278,27 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     started = time.perf_counter() if since is None else since  # the first shard's wall time includes set-up
     if existing.action == "reuse":
         return DumpResult(where.location(out), "reuse", manifest)
-    aug, storage, layers = manifest["augment"], manifest["storage"], manifest["layers"]
-    augment = Augment.from_manifest(aug)
-    fmt = LogitsFormat.from_json(storage["logits"])
-    dev = torch.device(device)
-    tapped = [prepare_model(Tapped(t, layers if k == 0 else []), dev).eval() for k, t in enumerate(teachers)]
+    aug = manifest["augment"]
+    augment, dev = Augment.from_manifest(aug), torch.device(device)
+    tapped = [prepare_model(Tapped(t, manifest["layers"] if k == 0 else []), dev).eval() for k, t in enumerate(teachers)]
     dataset = DumpViews(source, augment, aug["views"], aug["seed"])
-    num_views, names = dataset.k, [t["name"] for t in manifest["teachers"]]
-
-    # One view of sample 0 gives the output shapes; a classifier of the wrong width is refused here.
-    image, _ = source[0]
-    probe = apply_view(image, augment.eval_box(*image.shape[-2:]), False, augment.image_size)[None]
-    target_arrays: dict[str, tuple[tuple[int, ...], str]] = {}
-    for k, (name, teacher) in enumerate(zip(names, tapped)):
-        logits, features = teacher_outputs(teacher, probe, mean=source.mean, std=source.std, device=dev)
-        if logits.shape[1] != len(source.classes):
-            raise SoftcacheError(f"class-count mismatch: teacher {name} has {logits.shape[1]} outputs, "
-                                 f"the dataset {source.spec} has {len(source.classes)} classes")
-        prefix = logits_prefix(manifest, name)
-        target_arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
-        if k == 0:
-            for layer, f in features.items():
-                for key, stored in feature_targets(storage["targets"], layer, f).items():
-                    target_arrays[feature_name(manifest, key)] = (tuple(stored.shape[1:]), "float16")
-    layout = array_layout(len(source), num_views, target_arrays)
-    threads = writer_threads or default_writer_threads()
-    writer = None
-    if world.main:  # creates, reopens or restarts the store; the other ranks open what it prepared
-        writer = prepare_cache(out, layout, manifest, existing=existing, backend=storage["backend"], threads=threads)
-    committed = distributed.broadcast(writer.committed if writer else None, world)
-    if not world.main:
-        writer = prepare_cache(out, layout, manifest, existing=Existing(existing.action, committed),
-                               backend=storage["backend"], threads=threads, create=False)
-    resumed_from = sum(m["samples"][1] - m["samples"][0] for m in committed.values())
+    names = [t["name"] for t in manifest["teachers"]]
+    fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
+    layout = array_layout(len(source), dataset.k,
+                          _target_layout(tapped, names, source, augment, manifest, fmt, dev))
+    writer = _open_writer(out, layout, manifest, existing, threads=writer_threads or default_writer_threads(),
+                          world=world)
+    resumed_from = sum(m["samples"][1] - m["samples"][0] for m in writer.committed.values())
     shard = writer.shard_samples
     mine = writer.missing()[world.rank::world.size]  # whole shards, dealt out in turn: no two writers per shard
-
-    samples_per_batch = max(1, batch_size // num_views)
-    batches = [span for k in mine for span in _batches(k * shard, min(k * shard + shard, len(source)), shard,
-                                                        samples_per_batch)]
-
-    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-
-    def launch(flat: torch.Tensor) -> tuple[list, Any]:
-        """Queue the teachers on one batch and the copies of what is stored to host memory; returns at once on CUDA.
-        The last item times the teachers: seconds on CPU, a pair of CUDA events read once the batch is done."""
-        outputs = []
-        began = torch.cuda.Event(enable_timing=True) if dev.type == "cuda" else time.perf_counter()
-        if dev.type == "cuda":
-            began.record()
-        for name, teacher in zip(names, tapped):
-            logits, features = teacher_outputs(teacher, flat, mean=source.mean, std=source.std, device=dev)
-            stored = {key: value for layer, f in features.items()
-                      for key, value in feature_targets(storage["targets"], layer, f).items()}
-            outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
-        if dev.type != "cuda":
-            return outputs, None, time.perf_counter() - began
-        event = torch.cuda.Event(enable_timing=True)
-        event.record()
-        return outputs, event, began
-
-    last = started  # a batch's wall time runs from the previous store (the first's from the start: set-up included)
-
-    def store(span: tuple[int, int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray, outputs: list,
-              event: torch.cuda.Event | None, timing: Any) -> None:
-        nonlocal last
-        if event is not None:
-            event.synchronize()
-            timing = timing.elapsed_time(event) / 1000
-        b = span[1] - span[0]
-        rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
-        # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
-        generator = torch.Generator().manual_seed(aug["seed"] * 1_000_003 + span[0])
-        for name, logits, features in outputs:
-            prefix = logits_prefix(manifest, name)
-            for suffix, value in fmt.encode(logits, generator).items():
-                rows[prefix + suffix] = value.reshape(b, num_views, *value.shape[1:])
-            for layer, value in features.items():
-                rows[feature_name(manifest, layer)] = value.numpy().reshape(b, num_views, *value.shape[1:])
-        now = time.perf_counter()
-        writer.write(span[0], rows, cost={"wall_s": now - last, "teacher_s": timing, "views": b * num_views,
-                                          "device": device_name})
-        last = now
-
-    # One batch in flight: while the device runs batch k, the host encodes batch k - 1 and hands it to the
-    # writer thread, which compresses and writes whole shards.
-    pending = None
-    views = _view_batches(dataset, batches, shard, workers, dev, data_path)
-    todo = sum(b - a for a, b in batches)
+    per_batch = max(1, batch_size // dataset.k)
+    batches = [span for k in mine for span in _batches(k * shard, min(k * shard + shard, len(source)), shard, per_batch)]
+    runner = _TeacherBatches(tapped, names, source, manifest, writer, num_views=dataset.k, dev=dev, started=started)
     what = f"dump-teacher {Path(str(out)).name}"  # the cache's name: a recipe may dump several
-    progress.say(f"{what}: {todo:,} samples x {num_views} views to compute on {device_name} "
-                 f"({len(mine)} of {writer.num_shards} shards" + (f"; {resumed_from:,} samples were committed before)"
-                                                                 if resumed_from else ")"))
-    for span, (flat, labels, boxes, flips) in progress.track(zip(batches, views), what=what,
-                                                             total=len(batches), count=lambda item: item[0][1] - item[0][0],
-                                                             amount=todo, amount_unit="samples", final=True):
-        if pending is None:
-            log.info("first batch: samples %d-%d of %d", span[0], span[1], len(source))
-        launched = (span, labels, boxes, flips, *launch(flat))
-        if pending is not None:
-            store(*pending)
-        pending = launched
-    if pending is not None:
-        store(*pending)
+    progress.say(f"{what}: {sum(b - a for a, b in batches):,} samples x {dataset.k} views to compute on "
+                 f"{runner.device_name} ({len(mine)} of {writer.num_shards} shards"
+                 + (f"; {resumed_from:,} samples were committed before)" if resumed_from else ")"))
+    runner.run(batches, _view_batches(dataset, batches, shard, workers, dev, data_path), what=what)
     writer.close()
     distributed.barrier(world)  # every rank's shards are committed
     final = manifest
@@ -283,7 +306,7 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         final = writer.finish()
         if str(writer.path) != str(where.location(out)):  # --overwrite: the new cache replaces the old one now
             swap_in(writer.path, Path(out))
-        log.info("cache complete: %s (%d samples x %d views)", out, len(source), num_views)
+        log.info("cache complete: %s (%d samples x %d views)", out, len(source), dataset.k)
     distributed.barrier(world)
     return DumpResult(where.location(out), existing.action, final, resumed_from, writer.stored_shards)
 
