@@ -3,6 +3,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from softcache.errors import SoftcacheError  # noqa: E402
+from softcache.errors import SoftcacheError
 
 __all__ = ["SoftcacheError", "__version__"]

@@ -6,7 +6,8 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import click
 
@@ -452,7 +453,7 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
     click.echo(f"\n{'array':<{width}} {'shape':<{shape_w}} {'dtype':<8} {'chunk':>6} {'shard':>6} {'on disk':>12} "
                f"{'B/sample':>10} {'ratio':>6}")
     for r in rows:
-        click.echo(f"{r['name']:<{width}} {str(tuple(r['shape'])):<{shape_w}} {r['dtype']:<8} {r['chunks']:>6} "
+        click.echo(f"{r['name']:<{width}} {tuple(r['shape'])!s:<{shape_w}} {r['dtype']:<8} {r['chunks']:>6} "
                    f"{r['shards']:>6} {r['bytes']:>12,} {r['bytes_per_sample']:>10.1f} "
                    f"{r['raw_bytes'] / max(1, r['bytes']):>5.1f}x")
     click.echo(f"{'total':<{width}} {'':<{shape_w}} {'':<8} {'':>6} {'':>6} {total:>12,} {total / max(1, n):>10.1f} "

@@ -6,7 +6,7 @@ device (not per batch), host-to-device copies are asynchronous, and nothing read
 from __future__ import annotations
 
 import contextlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

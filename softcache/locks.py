@@ -54,7 +54,7 @@ class WriterLock:
     def __init__(self, path: Path, what: str):
         self.path, self.what, self.fd = Path(path), what, -1
 
-    def __enter__(self) -> "WriterLock":
+    def __enter__(self) -> WriterLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

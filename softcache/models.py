@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torchvision

@@ -35,7 +35,7 @@ class Pipeline:
     teacher: TeacherConfig | None
     dumps: tuple[tuple[str, DumpConfig], ...]
     students: tuple[tuple[str, StudentConfig | OnlineConfig], ...]
-    born_again: "BornAgain | None" = None
+    born_again: BornAgain | None = None
     root: str = "runs"   # where the stages' outputs land (what `softcache report` reads)
 
     @property
@@ -385,7 +385,7 @@ def _born_again(table: dict[str, Any], merge: _Merge) -> BornAgain:
         raise SoftcacheError(f"unknown key '{unknown[0]}' in [born_again]; valid: model, generations, loss, views, and "
                              "the keys of [teacher], [[student]] and [dump]")
     root = table.pop("out", "born_again")
-    pick = lambda keys: {k: v for k, v in table.items() if k in keys}  # noqa: E731
+    pick = lambda keys: {k: v for k, v in table.items() if k in keys}
     first = _build(TeacherConfig, merge.fill(TeacherConfig, {**pick(teacher_keys), "model": model,
                                                              "out": f"{root}/gen1"}), "born_again")
     steps, previous = [], first

@@ -21,7 +21,8 @@ import textwrap
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from softcache.errors import SoftcacheError
 from softcache.runs import read_run

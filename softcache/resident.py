@@ -11,7 +11,7 @@ It applies to views that are pure crops (box height and width equal the output s
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 
 from softcache.errors import SoftcacheError
 from softcache.losses import attention_map
+from softcache.names import TARGET_KINDS  # noqa: F401  (the stored forms feature_targets makes; --targets offers them)
 
 TOPK_TEMPERATURES = (1.0, 2.0, 3.0, 4.0, 5.0, 8.0)
-from softcache.names import TARGET_KINDS  # noqa: E402  ("features", "attention")
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class LogitsFormat:
     temperature: float = 4.0     # sampled: the temperature p_T is taken at
 
     @classmethod
-    def parse(cls, text: str, temperature: float = 4.0) -> "LogitsFormat":
+    def parse(cls, text: str, temperature: float = 4.0) -> LogitsFormat:
         kind, _, rest = text.partition(":")
         if kind in ("fp16", "bf16", "fp32") and not rest:
             return cls(kind)
@@ -65,7 +65,7 @@ class LogitsFormat:
         return out
 
     @classmethod
-    def from_json(cls, value: dict[str, Any]) -> "LogitsFormat":
+    def from_json(cls, value: dict[str, Any]) -> LogitsFormat:
         return cls(value["format"], k=value.get("k", 0), tau=value.get("tau", 1.0),
                    temperature=value.get("temperature", 4.0))
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ from torchvision.transforms.v2 import functional as TF
 from softcache.data import Source
 from softcache.errors import SoftcacheError
 
-from softcache.names import POLICIES  # noqa: E402  ("cifar", "imagenet", "none")
+from softcache.names import POLICIES
 VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
 
 
@@ -46,7 +46,7 @@ class Augment:
             raise SoftcacheError(f"--image-size must be a positive number of pixels, got {self.image_size}")
 
     @classmethod
-    def from_manifest(cls, augment: dict, image_size: int | None = None) -> "Augment":
+    def from_manifest(cls, augment: dict, image_size: int | None = None) -> Augment:
         """The policy a cache records (`manifest["augment"]`), at its view size or at `image_size`."""
         return cls(augment["policy"], image_size=image_size or augment["image_size"], pad=augment["pad"],
                    scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]))

@@ -19,7 +19,8 @@ from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -283,7 +284,7 @@ class CacheReader:
         """Every missing or changed part, named (array, sample range); `checksums` also recomputes every crc32c."""
         return problems(self, self.record, checksums=checksums)
 
-    def check(self) -> "CacheReader":
+    def check(self) -> CacheReader:
         """Refuse a cache with any part missing or changed (the cheap checks), naming the first."""
         found = self.problems()
         if found:

@@ -12,7 +12,8 @@ import itertools
 import json
 import os
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
+from collections.abc import Iterator
 
 import google_crc32c
 import h5py

@@ -13,7 +13,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from softcache import __version__
 
@@ -66,7 +67,7 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
         "storage": storage,
         "identity": identity,
         "softcache_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 

@@ -12,7 +12,8 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
+from collections.abc import Callable
 
 from softcache.errors import SoftcacheError
 

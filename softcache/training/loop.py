@@ -18,7 +18,8 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -89,7 +90,7 @@ class Checkpoint:
 
     @classmethod
     def resume(cls, path: Path, modules: Mapping[str, nn.Module], opt: torch.optim.Optimizer, sched: Any,
-               device: torch.device) -> "Checkpoint":
+               device: torch.device) -> Checkpoint:
         """Load `path` into the modules, optimizer, schedule and random state; a fresh start without one."""
         if not path.exists():
             return cls()

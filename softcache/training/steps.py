@@ -7,7 +7,7 @@ weighted sum, the one backpropagated), the logits and the labels, as timm's Trai
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
