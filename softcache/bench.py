@@ -24,21 +24,23 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
-from softcache.batches import OnlineTargets, student_data
-from softcache.data import load_source
+from softcache.batches import OnlineTargets, Targets, student_data
+from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model, teacher_outputs
 from softcache.dump import dump_teacher, resolve_image_size, usable_cores
 from softcache.losses import attention_map, resolve_weights
 from softcache.models import Tapped, build_model, load_weights
 from softcache.store import Existing, array_layout, open_cache, prepare_cache
-from softcache.store.base import plan_shards
+from softcache.store.base import CacheReader, plan_shards
 from softcache.train import build_criterion
 from softcache.training.steps import DistillStep
 from softcache.views import Augment
@@ -61,6 +63,7 @@ class Measurement:
 
 
 def _sync(device: torch.device) -> None:
+    """Wait for `device`'s queued work, so a timing covers it (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -129,6 +132,171 @@ def writer_measurement(name: str, per_view: np.ndarray, views: int, threads: int
     return Measurement(name, "MB/s", run)
 
 
+@dataclass(frozen=True)
+class BenchSetup:
+    """What every row shares: the training split, its views, the teacher and the run's settings."""
+
+    source: Source
+    augment: Augment
+    teacher: nn.Module
+    student: str                       # student model name
+    layer: str                         # the feature layer of the dump, the writer and the AT/FitNets rows
+    views: int
+    batch_size: int
+    steps: int                         # timed units per measurement and round
+    warmup: int
+    workers: int
+    device: str                        # as given: dump_teacher takes the name
+    dev: torch.device
+    seed: int
+    data_path: str                     # the student rows' --data-path
+
+    @property
+    def classes(self) -> int:
+        return len(self.source.classes)
+
+
+def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, **settings: Any) -> BenchSetup:
+    """The training split of `data`, cifar views at its image size, and the teacher (seeded, random weights
+    unless `weights`); `settings` are BenchSetup's remaining fields."""
+    source = load_source(data, "train")
+    augment = Augment("cifar", image_size=resolve_image_size("cifar", None, source))
+    torch.manual_seed(seed)
+    teacher_model = build_model(teacher, len(source.classes))
+    if weights:
+        load_weights(teacher_model, weights)
+    return BenchSetup(source=source, augment=augment, teacher=teacher_model, seed=seed, **settings)
+
+
+def dump_measurements(b: BenchSetup, out: Path) -> tuple[list[Measurement], CacheReader]:
+    """(b): dump-teacher with logits + `b.layer` and with logits only, into `out/cache_feat` and
+    `out/cache_logits`; also the reader of the first, which the student rows read."""
+    measurements, caches = [], {}
+    for name, layers in ((f"dump: logits + {b.layer}", [b.layer]), ("dump: logits only", [])):
+        path = out / ("cache_feat" if layers else "cache_logits")
+
+        def dump(path=path, layers=layers) -> float:
+            dump_teacher(b.teacher, b.source, path, augment=b.augment, views=b.views, layers=layers, seed=b.seed,
+                         batch_size=b.batch_size, workers=b.workers, device=b.device, overwrite=True)
+            return float(len(b.source) * b.views)
+
+        dump()  # the first dump is the warm-up, and makes the cache the student rows read
+        measurements.append(Measurement(name, "images/s", dump, ref="teacher inference only"))
+        caches[bool(layers)] = open_cache(path)
+    return measurements, caches[True]
+
+
+def student_batches(b: BenchSetup, reader: CacheReader, path: str, layers: list[str],
+                    online: bool = False) -> tuple[Iterator[Any], Targets, str]:
+    """Endless batches and their targets as train-student builds them (online: the teacher computes the
+    targets), and the data path chosen (softcache.planner decides it, inside student_data)."""
+    targets = None
+    if online:
+        targets = OnlineTargets(b.teacher, layers, mean=b.source.mean, std=b.source.std, device=b.dev)
+    batches, targets, chosen = student_data(reader, b.source, teacher_layers=layers, temperature=4.0,
+                                            teachers="mean", image_size=b.augment.image_size,
+                                            batch_size=b.batch_size, seed=b.seed, workers=b.workers, device=b.dev,
+                                            data_path=path, targets=targets)
+    return _cycle(batches), targets, chosen
+
+
+def inference_measurement(b: BenchSetup, views: torch.Tensor) -> tuple[Measurement, nn.Module]:
+    """(a): the teacher's forward pass on one device-resident batch of uint8 `views [B, 3, S, S]` (the data
+    path excluded), warmed up; also the teacher tapped at `b.layer`, on the device."""
+    tapped_teacher = prepare_model(Tapped(b.teacher, [b.layer]), b.dev).eval()
+    fixed = model_inputs(views.to(b.dev), b.source.mean, b.source.std, b.dev)
+
+    @torch.no_grad()
+    def infer() -> float:
+        with autocast(b.dev):
+            tapped_teacher(fixed)
+        return float(len(fixed))
+
+    for _ in range(b.warmup):
+        infer()
+    return Measurement("teacher inference only", "images/s", infer, repeat=b.steps), tapped_teacher
+
+
+def writer_measurements(b: BenchSetup, tapped_teacher: nn.Module, views: torch.Tensor, scratch: Path,
+                        cores: int) -> list[Measurement]:
+    """(w): the writer, host only, on the bench teacher's own outputs for uint8 `views [B, 3, S, S]` (logits,
+    `b.layer`'s features and their attention maps), with one thread and with `cores`; caches go in `scratch`."""
+    logits, features = teacher_outputs(tapped_teacher, views, mean=b.source.mean, std=b.source.std, device=b.dev)
+    feature = features[b.layer]
+    attention = attention_map(feature).view(len(logits), *feature.shape[2:]).half()
+    outputs = {"logits": logits.cpu().numpy(), f"features {b.layer}": feature.cpu().numpy(),
+               f"attention {b.layer}": attention.cpu().numpy()}
+    measurements = []
+    for kind, per_view in outputs.items():
+        for threads in sorted({1, cores}):
+            label = "1 thread" if threads == 1 else f"{threads} threads"
+            measurements.append(writer_measurement(f"writer: {kind}, {label}", per_view, b.views, threads, scratch,
+                                                   len(b.source)))
+    return measurements
+
+
+# (c)-(e): name, loss terms, where the targets come from (cache: --data-path; stream; online: the teacher)
+STUDENT_ROWS = (("student CE only", ["ce"], "cache"),
+                ("student KD (cache)", ["kd"], "cache"),
+                ("student KD+AT (cache)", ["kd", "at"], "cache"),
+                ("student KD+FitNets (cache)", ["kd", "fitnets"], "cache"),
+                ("student KD+AT (cache, streamed)", ["kd", "at"], "stream"),
+                ("student KD (online teacher)", ["kd"], "online"),
+                ("student KD+AT (online teacher)", ["kd", "at"], "online"))
+
+
+def student_measurement(b: BenchSetup, reader: CacheReader, name: str, terms: list[str],
+                        targets_kind: str) -> Measurement:
+    """(c)-(e): SGD steps of a fresh student (seeded) on `terms`, targets as `targets_kind` says; warmed up.
+    Every row but CE itself reports its ratio to student CE."""
+    torch.manual_seed(b.seed)
+    model = build_model(b.student, b.classes)
+    pairs = {b.layer: b.layer} if {"at", "fitnets"} & set(terms) else {}
+    tapped = prepare_model(Tapped(model, list(pairs)), b.dev)
+    weights = resolve_weights(terms, alpha=0.9, beta=1000.0, hint_weight=100.0)
+    criterion = build_criterion(tapped, reader, weights=weights, temperature=4.0, pairs=pairs,
+                                image_size=b.augment.image_size, device=b.dev)
+    path = "stream" if targets_kind == "stream" else b.data_path
+    batches, targets, _ = student_batches(b, reader, path, sorted(set(pairs.values())),
+                                          online=targets_kind == "online")
+    step_loss = DistillStep(tapped, criterion, targets, mean=b.source.mean, std=b.source.std, device=b.dev)
+    opt = torch.optim.SGD(list(tapped.parameters()) + list(criterion.parameters()), lr=0.05, momentum=0.9)
+    tapped.train()
+
+    def one_step() -> float:
+        loss_terms, logits, _ = step_loss(next(batches))
+        opt.zero_grad(set_to_none=True)
+        loss_terms["loss"].backward()
+        opt.step()
+        return float(len(logits))
+
+    for _ in range(b.warmup):
+        one_step()
+    ref = None if name == "student CE only" else "student CE only"
+    return Measurement(name, "images/s", one_step, ref=ref, repeat=b.steps)
+
+
+def interleaved_rounds(measurements: list[Measurement], rounds: int, dev: torch.device) -> dict[str, list[float]]:
+    """Every row's rate in each of `rounds` rounds, each round timing every row once, in order (so load that
+    comes and goes falls on all rows of a round alike)."""
+    per_round: dict[str, list[float]] = {m.name: [] for m in measurements}
+    for r in range(rounds):
+        for m in measurements:
+            per_round[m.name].append(timed_rate(m, dev))
+        log.info("bench round %d of %d done", r + 1, rounds)
+    return per_round
+
+
+def rows_and_warnings(measurements: list[Measurement], per_round: dict[str, list[float]]) -> dict[str, Any]:
+    """bench.json's `rows` (summarise, with each row's unit) and `warnings` (rows spread past SPREAD_WARN)."""
+    rows = summarise(per_round, {m.name: m.ref for m in measurements})
+    for row, m in zip(rows, measurements):
+        row["unit"] = m.unit
+    warnings = [f"{row['name']}: rounds spread {row['spread']:.0%} (> {SPREAD_WARN:.0%}); the machine was busy, "
+                "rerun with more --rounds or on a quiet machine" for row in rows if row["spread"] > SPREAD_WARN]
+    return {"rows": rows, "warnings": warnings}
+
+
 def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights: str | None = None,
               layer: str = "layer3", views: int = 2, batch_size: int = 512, steps: int = 50, warmup: int = 5,
               rounds: int = 3, workers: int = 8, device: str = "cpu", seed: int = 0,
@@ -136,125 +304,30 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     """Measure (a)-(e) and the writer in `rounds` interleaved rounds; write `out/bench.json`; return the table."""
     dev, out = torch.device(device), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    source = load_source(data, "train")
-    classes = len(source.classes)
-    augment = Augment("cifar", image_size=resolve_image_size("cifar", None, source))
-    torch.manual_seed(seed)
-    teacher_model = build_model(teacher, classes)
-    if weights:
-        load_weights(teacher_model, weights)
-    measurements: list[Measurement] = []
-
-    # (b) the dumps; their caches feed the student rows
-    caches = {}
-    for name, layers in ((f"dump: logits + {layer}", [layer]), ("dump: logits only", [])):
-        path = out / ("cache_feat" if layers else "cache_logits")
-
-        def dump(path=path, layers=layers) -> float:
-            dump_teacher(teacher_model, source, path, augment=augment, views=views, layers=layers, seed=seed,
-                         batch_size=batch_size, workers=workers, device=device, overwrite=True)
-            return float(len(source) * views)
-
-        dump()  # the first dump is the warm-up, and makes the cache the student rows read
-        measurements.append(Measurement(name, "images/s", dump, ref="teacher inference only"))
-        caches[bool(layers)] = open_cache(path)
-    reader = caches[True]
-
-    def student_batches(path: str, layers: list[str], online: bool = False):
-        """Batches and targets as train-student builds them (online: the teacher computes the targets)."""
-        targets = None
-        if online:
-            targets = OnlineTargets(teacher_model, layers, mean=source.mean, std=source.std, device=dev)
-        batches, targets, chosen = student_data(reader, source, teacher_layers=layers, temperature=4.0, teachers="mean",
-                                                image_size=augment.image_size, batch_size=batch_size, seed=seed,
-                                                workers=workers, device=dev, data_path=path, targets=targets)
-        return _cycle(batches), targets, chosen
-
-    stream, _, chosen_path = student_batches(data_path, [])
+    b = build_setup(teacher=teacher, weights=weights, data=data, seed=seed, device=device, dev=dev, student=student,
+                    layer=layer, views=views, batch_size=batch_size, steps=steps, warmup=warmup, workers=workers,
+                    data_path=data_path)
+    dumps, reader = dump_measurements(b, out)
+    stream, _, chosen_path = student_batches(b, reader, data_path, [])
     first_views = next(stream)[0]
-
-    # (a) teacher inference on device-resident batches (the data path excluded)
-    tapped_teacher = prepare_model(Tapped(teacher_model, [layer]), dev).eval()
-    fixed = model_inputs(first_views.to(dev), source.mean, source.std, dev)
-
-    @torch.no_grad()
-    def infer() -> float:
-        with autocast(dev):
-            tapped_teacher(fixed)
-        return float(len(fixed))
-
-    for _ in range(warmup):
-        infer()
-    measurements.insert(0, Measurement("teacher inference only", "images/s", infer, repeat=steps))
-
-    # (w) the writer, host only, on the bench teacher's own outputs
-    logits, features = teacher_outputs(tapped_teacher, first_views, mean=source.mean, std=source.std, device=dev)
-    outputs = {"logits": logits.cpu().numpy(), f"features {layer}": features[layer].cpu().numpy(),
-               f"attention {layer}": attention_map(features[layer]).view(len(logits), *features[layer].shape[2:]).half().cpu().numpy()}
+    infer, tapped_teacher = inference_measurement(b, first_views)
     scratch = Path(tempfile.mkdtemp(dir=out, prefix="writer-"))
     cores = usable_cores()
-    for kind, per_view in outputs.items():
-        for threads in sorted({1, cores}):
-            label = "1 thread" if threads == 1 else f"{threads} threads"
-            measurements.append(writer_measurement(f"writer: {kind}, {label}", per_view, views, threads, scratch,
-                                                   len(source)))
-
-    # (c)-(e) student training steps
-    def student_measurement(name: str, terms: list[str], targets_kind: str) -> Measurement:
-        torch.manual_seed(seed)
-        model = build_model(student, classes)
-        pairs = {layer: layer} if {"at", "fitnets"} & set(terms) else {}
-        tapped = prepare_model(Tapped(model, list(pairs)), dev)
-        weights_ = resolve_weights(terms, alpha=0.9, beta=1000.0, hint_weight=100.0)
-        criterion = build_criterion(tapped, reader, weights=weights_, temperature=4.0, pairs=pairs,
-                                    image_size=augment.image_size, device=dev)
-        path = "stream" if targets_kind == "stream" else data_path
-        batches, targets, _ = student_batches(path, sorted(set(pairs.values())), online=targets_kind == "online")
-        step_loss = DistillStep(tapped, criterion, targets, mean=source.mean, std=source.std, device=dev)
-        opt = torch.optim.SGD(list(tapped.parameters()) + list(criterion.parameters()), lr=0.05, momentum=0.9)
-        tapped.train()
-
-        def one_step() -> float:
-            loss_terms, logits, _ = step_loss(next(batches))
-            opt.zero_grad(set_to_none=True)
-            loss_terms["loss"].backward()
-            opt.step()
-            return float(len(logits))
-
-        for _ in range(warmup):
-            one_step()
-        ref = None if name == "student CE only" else "student CE only"
-        return Measurement(name, "images/s", one_step, ref=ref, repeat=steps)
-
-    for name, terms, kind in (("student CE only", ["ce"], "cache"),
-                              ("student KD (cache)", ["kd"], "cache"),
-                              ("student KD+AT (cache)", ["kd", "at"], "cache"),
-                              ("student KD+FitNets (cache)", ["kd", "fitnets"], "cache"),
-                              ("student KD+AT (cache, streamed)", ["kd", "at"], "stream"),
-                              ("student KD (online teacher)", ["kd"], "online"),
-                              ("student KD+AT (online teacher)", ["kd", "at"], "online")):
-        measurements.append(student_measurement(name, terms, kind))
-
-    per_round: dict[str, list[float]] = {m.name: [] for m in measurements}
-    for r in range(rounds):
-        for m in measurements:
-            per_round[m.name].append(timed_rate(m, dev))
-        log.info("bench round %d of %d done", r + 1, rounds)
+    writers = writer_measurements(b, tapped_teacher, first_views, scratch, cores)
+    students = [student_measurement(b, reader, *row) for row in STUDENT_ROWS]
+    measurements = [infer, *dumps, *writers, *students]
+    per_round = interleaved_rounds(measurements, rounds, dev)
     shutil.rmtree(scratch, ignore_errors=True)
-    rows = summarise(per_round, {m.name: m.ref for m in measurements})
-    for row, m in zip(rows, measurements):
-        row["unit"] = m.unit
-    warnings = [f"{row['name']}: rounds spread {row['spread']:.0%} (> {SPREAD_WARN:.0%}); the machine was busy, "
-                "rerun with more --rounds or on a quiet machine" for row in rows if row["spread"] > SPREAD_WARN]
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = {"device": device_name, "cores": cores, "teacher": teacher, "student": student, "data": data,
               "views": views, "batch_size": batch_size, "steps": steps, "rounds": rounds, "data_path": chosen_path,
-              "rows": rows, "warnings": warnings}
+              **rows_and_warnings(measurements, per_round)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
 def format_bench(result: dict[str, Any]) -> str:
+    """The table `softcache bench` prints: a header, one line per row, a WARNING line per warning."""
     lines = [f"{result['teacher']} -> {result['student']} on {result['data']} ({result['device']}, {result['cores']} "
              f"cores, batch {result['batch_size']}, {result['views']} views, {result['data_path']}; median of "
              f"{result['rounds']} interleaved rounds)",
