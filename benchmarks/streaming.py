@@ -35,7 +35,7 @@ def run(path: str, layers: list[str], epochs: int, threads: int, batch_size: int
     started = time.perf_counter()
     for epoch in range(epochs):
         reader.set_epoch(epoch)
-        for lo in range(0, n - batch_size + 1, batch_size):
+        for _ in range(0, n - batch_size + 1, batch_size):
             reader(empty, torch.empty(batch_size), empty)
     elapsed = time.perf_counter() - started
     reader.close()

@@ -60,7 +60,8 @@ def main() -> None:
             out = Path(tempfile.mkdtemp(dir=scratch))
             layout = array_layout(m, v, {"target": (per_view.shape[1:], str(per_view.dtype))})
             del layout["views/box"], layout["views/flip"]
-            writer = prepare_cache(out / "c", layout, {"id": "x", "storage": {}}, existing=Existing("new"), backend="zarr")
+            writer = prepare_cache(out / "c", layout, {"id": "x", "storage": {}}, existing=Existing("new"),
+                                   backend="zarr")
             writer.write(0, {"labels": np.zeros(m, np.int64), "target": per_view.reshape(m, v, *per_view.shape[1:])})
             writer.finish()
             stored = sum(f.stat().st_size for f in (out / "c" / "target").rglob("*") if f.is_file())

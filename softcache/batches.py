@@ -62,14 +62,16 @@ class CacheTargets:
             raise SoftcacheError(f"this cache's sampled logits were drawn at T={self.format.temperature:g}; "
                                  f"use --temperature {self.format.temperature:g}")
         if self.format.kind == "topk" and temperature not in TOPK_TEMPERATURES:
-            raise SoftcacheError(f"top-k caches hold the tail mass at T in {', '.join(f'{t:g}' for t in TOPK_TEMPERATURES)}; "
+            raise SoftcacheError("top-k caches hold the tail mass at T in "
+                                 f"{', '.join(f'{t:g}' for t in TOPK_TEMPERATURES)}; "
                                  f"--temperature {temperature:g} is not among them")
         self.temperature = temperature
         self.logit_arrays = {t: {suffix: logits_prefix(manifest, t) + suffix
                                  for suffix in self.format.arrays(len(manifest["dataset"]["classes"]))}
                              for t in self.teachers}
         self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
-        needed = [a for arrays in self.logit_arrays.values() for a in arrays.values()] + list(self.feature_arrays.values())
+        needed = ([a for arrays in self.logit_arrays.values() for a in arrays.values()]
+                  + list(self.feature_arrays.values()))
         self.needed = needed
         self.cache, self.device, self.resident, self.data = cache, device, False, {}
         if resident or (resident is None and self.size(cache, needed) <= RESIDENT_BYTES):
@@ -157,7 +159,8 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
                 return boxes[k], flips[k]
 
             return ResidentReplay(images, source.labels, views=views, order=order, samples=share,
-                                  image_size=augment.image_size, pad=padding_for(boxes, height, width, augment.image_size),
+                                  image_size=augment.image_size,
+                                  pad=padding_for(boxes, height, width, augment.image_size),
                                   batch_size=per_rank, drop_last=True, device=device)
     if data_path == "resident":
         raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
@@ -225,7 +228,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     crops = augment.finite and crop_only(reader.read("views/box", slot=0), image_size)  # finite: every slot alike
     followers = []
     if targets is None:
-        cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers, resident=False)
+        cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
+                              resident=False)
         chosen = plan(data_path, crops=crops, images=image_bytes(len(source), image_size, augment.crop_pad),
                       targets=CacheTargets.size(reader, cached.needed), stage_targets=True)
         images, where = chosen.images, chosen.targets

@@ -57,7 +57,8 @@ def _names(ctx: click.Context, param: click.Parameter, value: str | None) -> tup
         return ()
     items = [v.strip() for v in value.split(",")]
     if "" in items:
-        raise click.BadParameter(f"'{value}' has an empty entry; give names separated by single commas (e.g. layer2,layer3)")
+        raise click.BadParameter(f"'{value}' has an empty entry; "
+                                 "give names separated by single commas (e.g. layer2,layer3)")
     repeated = sorted({v for v in items if items.count(v) > 1})
     if repeated:
         raise click.BadParameter(f"'{repeated[0]}' is given twice in '{value}'; give each once")
@@ -68,7 +69,8 @@ def _losses(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str
     terms = _names(ctx, param, value)
     unknown = [t for t in terms if t not in LOSSES]
     if unknown or not terms:
-        raise click.BadParameter(f"unknown loss '{unknown[0] if unknown else value}'; valid: {', '.join(sorted(LOSSES))}")
+        raise click.BadParameter(f"unknown loss '{unknown[0] if unknown else value}'; "
+                                 f"valid: {', '.join(sorted(LOSSES))}")
     return terms
 
 
@@ -138,7 +140,8 @@ augment = _option("--augment", type=click.Choice(POLICIES), default="cifar", hel
 image_size = _option("--image-size", type=click.IntRange(min=1), default=None,
                      help="view side in pixels [default: 224 for imagenet, else the source size]")
 overwrite = _option("--overwrite", is_flag=True, help="replace a finished output")
-workers = _option("--workers", type=click.IntRange(min=0), default=OptimConfig.workers, help="DataLoader worker processes")
+workers = _option("--workers", type=click.IntRange(min=0), default=OptimConfig.workers,
+                  help="DataLoader worker processes")
 
 
 def optim_options(f: Callable) -> Callable:
@@ -147,7 +150,8 @@ def optim_options(f: Callable) -> Callable:
     for opt in reversed([
         _option("--epochs", type=click.IntRange(min=1), default=d.epochs, help="passes over the training set"),
         _option("--batch-size", type=click.IntRange(min=1), default=d.batch_size, help="images per step"),
-        _option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr, help="peak learning rate (cosine schedule)"),
+        _option("--lr", type=click.FloatRange(min=0, min_open=True), default=d.lr,
+                help="peak learning rate (cosine schedule)"),
         _option("--momentum", type=float, default=d.momentum, help="SGD momentum"),
         _option("--weight-decay", type=float, default=d.weight_decay, help="L2 weight decay"),
         workers,
@@ -174,17 +178,22 @@ def _optim(kw: dict[str, Any]) -> OptimConfig:
 def loss_options(f: Callable) -> Callable:
     """The loss terms and their settings, shared by train-student and train-online."""
     for opt in reversed([
-        _option("--loss", "losses", default="kd", callback=_losses, help=f"comma-separated terms from {', '.join(sorted(LOSSES))}"),
+        _option("--loss", "losses", default="kd", callback=_losses,
+                help=f"comma-separated terms from {', '.join(sorted(LOSSES))}"),
         _option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
                 help="student layer distilled from a teacher layer, for every pair loss it fits (feature maps: "
                      "fitnets, at, sp, nst; embeddings: rkd, pkt) or, with TERM:, that loss only; repeatable"),
         _option("--pair-reduce", type=click.Choice(["sum", "mean"]), default=StudentConfig.pair_reduce,
                 help="a loss over several pairs: their sum (RepDistiller) or their mean"),
-        _option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha, help="kd weight; the hard-label ce gets 1 - alpha"),
-        _option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature, help="kd temperature T"),
+        _option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha,
+                help="kd weight; the hard-label ce gets 1 - alpha"),
+        _option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature,
+                help="kd temperature T"),
         _option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight"),
-        _option("--hint-weight", type=click.FloatRange(min=0), default=StudentConfig.hint_weight, help="fitnets weight"),
-        _option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W", help="override a term's weight; repeatable"),
+        _option("--hint-weight", type=click.FloatRange(min=0), default=StudentConfig.hint_weight,
+                help="fitnets weight"),
+        _option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W",
+                help="override a term's weight; repeatable"),
     ]):
         f = opt(f)
     return f
@@ -208,7 +217,8 @@ def cli(verbose: bool, quiet: bool, storage_options: tuple[str, ...]) -> None:
     if verbose and quiet:
         raise click.UsageError("-v and -q contradict each other; give one")
     progress.set_level(progress.QUIET if quiet else progress.NORMAL)
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
     if storage_options:
         from softcache.store import where
         options = {}
@@ -252,8 +262,10 @@ def train_teacher_cmd(**kw: Any) -> None:
 
 
 @cli.command("dump-teacher")
-@_option("--teacher", required=True, multiple=True, help="teacher model name; repeat for an ensemble (features come from the first)")
-@_option("--weights", required=True, multiple=True, help="teacher state_dict file (e.g. RUN/model.pt), one per --teacher")
+@_option("--teacher", required=True, multiple=True,
+         help="teacher model name; repeat for an ensemble (features come from the first)")
+@_option("--weights", required=True, multiple=True,
+         help="teacher state_dict file (e.g. RUN/model.pt), one per --teacher")
 @data
 @augment
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
@@ -263,16 +275,19 @@ def train_teacher_cmd(**kw: Any) -> None:
          help="per layer: the feature map, or only its attention map (for at)")
 @_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DumpConfig.temperature,
          help="sampled logits: the temperature they are drawn at")
-@_option("--format", type=click.Choice(BACKENDS), default=None, help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
+@_option("--format", type=click.Choice(BACKENDS), default=None,
+         help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
 @_option("--shard-mb", type=click.FloatRange(min=0.001), default=DumpConfig.shard_mb,
          help="shard size (the unit written whole and resumed from) of the largest array, in MiB")
 @_option("--writer-threads", type=click.IntRange(min=0), default=DumpConfig.writer_threads,
          help="shards compressed and written at once (0: every core, up to 8)")
 @image_size
-@_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size, help="teacher images per forward pass")
+@_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size,
+         help="teacher images per forward pass")
 @workers
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=DumpConfig.data_path,
-         help="resident: images decoded once, views gathered on the device (crop-only views); loader: DataLoader workers")
+         help="resident: images decoded once, views gathered on the device (crop-only views); "
+              "loader: DataLoader workers")
 @_option("--out", required=True, type=click.Path(), is_eager=True, callback=_free_cache,
          help="cache folder (zarr) or .h5 file (hdf5)")
 @device
@@ -281,7 +296,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @_option("--overwrite", is_flag=True, help="replace the cache at --out; the new one is built beside it (CACHE.new) "
                                            "and swapped in only when complete")
 def dump_teacher_cmd(**kw: Any) -> None:
-    """Run the teacher once over replayable views and write its outputs to a cache (reused or resumed when it can be)."""
+    """Run the teacher once over replayable views and write its outputs to a cache
+    (reused or resumed when it can be)."""
     from softcache.dump import dump_from_config
     from softcache.store import open_cache
     result = dump_from_config(DumpConfig(**kw))
@@ -303,7 +319,8 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--student", required=True, help="student model name")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
 @loss_options
-@_option("--teachers", default=StudentConfig.teachers, help="several cached teachers: 'mean' of their probabilities, or one name")
+@_option("--teachers", default=StudentConfig.teachers,
+         help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default=StudentConfig.data_path,
          help="resident: images and targets in memory, views replayed on the device; loader: a DataLoader replays "
@@ -332,7 +349,8 @@ def train_student_cmd(**kw: Any) -> None:
          help="resident: images decoded once, views gathered on the device; loader: DataLoader workers")
 @training_options
 def train_online_cmd(**kw: Any) -> None:
-    """Train a student with the teacher in the loop (online KD): the baseline a cache replaces, same losses and run folder."""
+    """Train a student with the teacher in the loop (online KD): the baseline a cache replaces,
+    same losses and run folder."""
     cfg = OnlineConfig(optim=_optim(kw), **kw)
     _check_run_first(cfg)
     from softcache.train import train_online_from_config
@@ -504,8 +522,10 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @_option("--layer", default="layer3", help="the feature layer for (b) and the AT/FitNets rows")
 @_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
 @_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
-@_option("--steps", type=click.IntRange(min=1), default=50, help="timed steps per measurement and round (after 5 warm-up steps)")
-@_option("--rounds", type=click.IntRange(min=1), default=3, help="interleaved rounds over all rows; medians and per-round ratios are reported")
+@_option("--steps", type=click.IntRange(min=1), default=50,
+         help="timed steps per measurement and round (after 5 warm-up steps)")
+@_option("--rounds", type=click.IntRange(min=1), default=3,
+         help="interleaved rounds over all rows; medians and per-round ratios are reported")
 @_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default="auto",
          help="the student rows' data path (one row is always streamed)")
 @workers

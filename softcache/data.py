@@ -83,7 +83,8 @@ class ArraySource(Source):
 
     def __init__(self, images: np.ndarray, labels: Sequence[int], classes: Sequence[str], spec: str,
                  mean: Sequence[float], std: Sequence[float]):
-        assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, "images must be [N, H, W, 3] uint8"
+        assert images.ndim == 4 and images.shape[-1] == 3 and images.dtype == np.uint8, (
+            "images must be [N, H, W, 3] uint8")
         self.images = images
         self._labels = np.asarray(labels, dtype=np.int64)
         self.classes, self.spec = list(classes), spec
@@ -177,8 +178,9 @@ class FolderSource(Source):
             return TF.pil_to_tensor(self.folder.loader(path))
         except (OSError, ValueError) as err:  # PIL.UnidentifiedImageError is an OSError
             what = "it is empty" if data.numel() == 0 else f"{type(err).__name__}: {str(err).splitlines()[0]}"
-            raise SoftcacheError(f"image '{path}' cannot be read ({what}); replace or remove it and rerun (that changes "
-                                 "the dataset: a dump it stopped then starts over, with --overwrite)") from None
+            raise SoftcacheError(f"image '{path}' cannot be read ({what}); replace or remove it and rerun "
+                                 "(that changes the dataset: a dump it stopped then starts over, "
+                                 "with --overwrite)") from None
 
     @property
     def labels(self) -> np.ndarray:
@@ -322,7 +324,8 @@ def _cifar_source(kind: str, root: str, split: str, download: bool) -> ArraySour
 def _folder_source(root: str, split: str) -> FolderSource:
     base = Path(root)
     if not base.is_dir():
-        raise SoftcacheError(f"dataset folder '{root}' does not exist; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
+        raise SoftcacheError(f"dataset folder '{root}' does not exist; "
+                             "imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
     names = ["train"] if split == "train" else ["test", "val"]
     classes = None
     if split != "train" and (base / "train").is_dir():  # test labels follow the training split's classes
@@ -332,8 +335,10 @@ def _folder_source(root: str, split: str) -> FolderSource:
             try:
                 return FolderSource(base / name, spec=f"imagefolder:{root}", classes=classes)
             except (FileNotFoundError, OSError) as err:
-                raise SoftcacheError(f"'{base / name}' is not an ImageFolder tree ({err}); expected {name}/<class>/<image>") from None
-    raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
+                raise SoftcacheError(f"'{base / name}' is not an ImageFolder tree ({err}); "
+                                     f"expected {name}/<class>/<image>") from None
+    raise SoftcacheError(f"'{root}' has no {' or '.join(n + '/' for n in names)} folder; "
+                         "imagefolder:ROOT needs ROOT/train and ROOT/test (or ROOT/val)")
 
 
 
@@ -352,8 +357,8 @@ def recorded_source(dataset: dict[str, Any], split: str, *, download: bool = Fal
     try:
         return load_source(spec, split, download=download)
     except SoftcacheError as err:
-        raise SoftcacheError(f"the dataset recorded in the cache ('{dataset['spec']}', at {spec}) cannot be read: {err}; "
-                             "pass --data SPEC to give where it is now") from None
+        raise SoftcacheError(f"the dataset recorded in the cache ('{dataset['spec']}', at {spec}) cannot be read: "
+                             f"{err}; pass --data SPEC to give where it is now") from None
 
 
 def load_source(spec: str, split: str, *, download: bool = False) -> Source:
@@ -362,7 +367,8 @@ def load_source(spec: str, split: str, *, download: bool = False) -> Source:
     kind, _, arg = spec.partition(":")
     if kind == "synthetic":
         if arg and not (arg.isdigit() and int(arg) >= 10):
-            raise SoftcacheError(f"bad dataset spec '{spec}'; synthetic takes a training-set size of at least 10, e.g. synthetic:2000")
+            raise SoftcacheError(f"bad dataset spec '{spec}'; "
+                                 "synthetic takes a training-set size of at least 10, e.g. synthetic:2000")
         return synthetic_source(split, int(arg) if arg else 2000)
     if kind in ("cifar10", "cifar100"):
         return _cifar_source(kind, arg or DEFAULT_ROOT, split, download)
@@ -370,7 +376,8 @@ def load_source(spec: str, split: str, *, download: bool = False) -> Source:
         if not arg:
             raise SoftcacheError("imagefolder needs a folder: imagefolder:ROOT")
         return _folder_source(arg, split)
-    raise SoftcacheError(f"unknown dataset '{spec}'; valid: cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT, synthetic[:N]")
+    raise SoftcacheError(f"unknown dataset '{spec}'; "
+                         "valid: cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT, synthetic[:N]")
 
 
 def check_data_matches(cache: Any, source: Source) -> None:

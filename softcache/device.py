@@ -51,7 +51,8 @@ def normalize(batch: torch.Tensor, mean: Sequence[float], std: Sequence[float]) 
     return (batch.float() / 255.0 - mean_t) / std_t
 
 
-def model_inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device) -> torch.Tensor:
+def model_inputs(views: torch.Tensor, mean: Sequence[float], std: Sequence[float],
+                 device: torch.device) -> torch.Tensor:
     """uint8 views `[B, 3, S, S]` -> the normalised float batch on `device` (channels_last on CUDA)."""
     x = normalize(views.to(device, non_blocking=True), mean, std)
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" else x

@@ -63,7 +63,8 @@ def resolve_image_size(policy: str, image_size: int | None, source: Source) -> i
     if len(sizes) > 1:
         common = sorted(sizes.items(), key=lambda item: -item[1][0])
         found = ", ".join(f"{h}x{w} ({count}, e.g. {first})" for (h, w), (count, first) in common[:3])
-        raise SoftcacheError(f"the {source.spec} images have {len(sizes)} sizes: {found}{', ...' if len(sizes) > 3 else ''}; "
+        raise SoftcacheError(f"the {source.spec} images have {len(sizes)} sizes: "
+                             f"{found}{', ...' if len(sizes) > 3 else ''}; "
                              f"the '{policy}' policy makes views of the images' own size: give --image-size S to "
                              "resize every view to S, or --augment imagenet (crops in each image's own pixels)")
     return int(min(next(iter(sizes))))
@@ -95,8 +96,8 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
     num_views = augment.resolve_views(views)
     return build_manifest(
         teachers=teachers,
-        dataset={"spec": source.spec, "resolved": absolute_spec(source.spec), "fingerprint": source.fingerprint(), "num_samples": len(source),
-                 "classes": list(source.classes)},
+        dataset={"spec": source.spec, "resolved": absolute_spec(source.spec), "fingerprint": source.fingerprint(),
+                 "num_samples": len(source), "classes": list(source.classes)},
         augment={"policy": augment.policy, "views": views if views == "all" else int(views), "num_views": num_views,
                  "seed": seed, "image_size": augment.image_size, "pad": augment.pad, "scale": list(augment.scale),
                  "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std)},
@@ -112,8 +113,8 @@ def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[tupl
             yield a, min(a + per_batch, hi)
 
 
-def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int, workers: int,
-                  device: torch.device, data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
+def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int, workers: int, device: torch.device,
+                  data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
     """Per batch of samples `[a, b)`: their views `[B * V, 3, S, S]` uint8 (sample-major) with labels, boxes, flips.
 
     'resident' decodes the images left to dump once and gathers the views on the device (crop-only views,
@@ -281,7 +282,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
         return DumpResult(where.location(out), "reuse", manifest)
     aug = manifest["augment"]
     augment, dev = Augment.from_manifest(aug), torch.device(device)
-    tapped = [prepare_model(Tapped(t, manifest["layers"] if k == 0 else []), dev).eval() for k, t in enumerate(teachers)]
+    tapped = [prepare_model(Tapped(t, manifest["layers"] if k == 0 else []), dev).eval()
+              for k, t in enumerate(teachers)]
     dataset = DumpViews(source, augment, aug["views"], aug["seed"])
     names = [t["name"] for t in manifest["teachers"]]
     fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
@@ -293,7 +295,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     shard = writer.shard_samples
     mine = writer.missing()[world.rank::world.size]  # whole shards, dealt out in turn: no two writers per shard
     per_batch = max(1, batch_size // dataset.k)
-    batches = [span for k in mine for span in _batches(k * shard, min(k * shard + shard, len(source)), shard, per_batch)]
+    batches = [span for k in mine
+               for span in _batches(k * shard, min(k * shard + shard, len(source)), shard, per_batch)]
     runner = _TeacherBatches(tapped, names, source, manifest, writer, num_views=dataset.k, dev=dev, started=started)
     what = f"dump-teacher {Path(str(out)).name}"  # the cache's name: a recipe may dump several
     progress.say(f"{what}: {sum(b - a for a, b in batches):,} samples x {dataset.k} views to compute on "
@@ -316,7 +319,8 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  views: int | str = 1, layers: Sequence[str] = (), seed: int = 0, batch_size: int = 256,
                  workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
-                 shard_mb: float = 64.0, data_path: str = "auto", writer_threads: int = 0, teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+                 shard_mb: float = 64.0, data_path: str = "auto", writer_threads: int = 0,
+                 teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
@@ -346,7 +350,8 @@ def check_dump(cfg: DumpConfig) -> None:
     """The dump's values that need no data or model, checked before anything is loaded or written (and by
     `softcache run` for every stage before its first stage runs)."""
     if len(cfg.weights) != len(cfg.teacher):
-        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per --teacher")
+        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; "
+                             "give one --weights per --teacher")
     augment = Augment(cfg.augment, image_size=cfg.image_size or 1)  # the view count does not depend on the size
     if cfg.views != "all":
         augment.resolve_views(cfg.views)
@@ -371,8 +376,8 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
         if not Path(weights).is_file():
-            raise SoftcacheError(f"weights file '{weights}' does not exist; give the model.pt a train-teacher run wrote, "
-                                 "or a torch.save'd state_dict")
+            raise SoftcacheError(f"weights file '{weights}' does not exist; "
+                                 "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
     infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w)}
              for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
     infos[0]["config"] = to_json(cfg)

@@ -32,15 +32,17 @@ def build_model(name: str, num_classes: int) -> nn.Module:
         try:
             factory = getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError) as err:
-            raise SoftcacheError(f"cannot load custom model '{name}' ({err}); expected package.module:callable") from None
+            raise SoftcacheError(f"cannot load custom model '{name}' ({err}); "
+                                 "expected package.module:callable") from None
         try:
             model = factory(num_classes=num_classes)
         except TypeError as err:
-            raise SoftcacheError(f"custom model '{name}' cannot be called as {name}(num_classes={num_classes}) ({err}); "
+            raise SoftcacheError(f"custom model '{name}' cannot be called as {name}(num_classes={num_classes}) "
+                                 f"({err}); "
                                  "give a callable that takes num_classes and returns a torch.nn.Module") from None
         if not isinstance(model, nn.Module):
-            raise SoftcacheError(f"custom model '{name}' returned a {type(model).__name__}, not a torch.nn.Module; give "
-                                 "a callable that builds the model, called as callable(num_classes=K)")
+            raise SoftcacheError(f"custom model '{name}' returned a {type(model).__name__}, not a torch.nn.Module; "
+                                 "give a callable that builds the model, called as callable(num_classes=K)")
         return model
     if name in torchvision_models():
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
@@ -62,8 +64,9 @@ def check_classes(model: nn.Module, name: str, num_classes: int, image_size: int
     shape = tuple(getattr(out, "shape", ()))
     if shape != (1, num_classes):
         got = f"{shape[-1]} logits" if len(shape) == 2 else f"an output of shape {list(shape) or type(out).__name__}"
-        raise SoftcacheError(f"model '{name}' gives {got} per image, but the data has {num_classes} classes; give a "
-                             f"model with a {num_classes}-way classifier (custom callables get num_classes={num_classes})")
+        raise SoftcacheError(f"model '{name}' gives {got} per image, but the data has {num_classes} classes; "
+                             f"give a model with a {num_classes}-way classifier "
+                             f"(custom callables get num_classes={num_classes})")
 
 
 def file_sha256(path: str | Path) -> str:
@@ -102,11 +105,13 @@ def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """
     path = Path(path)
     if not path.is_file():
-        raise SoftcacheError(f"weights file '{path}' does not exist; give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
+        raise SoftcacheError(f"weights file '{path}' does not exist; "
+                             "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise SoftcacheError(f"'{path}' is not a readable torch checkpoint ({type(err).__name__}); expected a state_dict file") from None
+        raise SoftcacheError(f"'{path}' is not a readable torch checkpoint ({type(err).__name__}); "
+                             "expected a state_dict file") from None
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]

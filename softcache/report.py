@@ -367,7 +367,7 @@ def _plot_cost(ax, report: Report) -> None:
 
     costs = report.costs()
     bars = _cost_bars(costs["rows"], costs["online_s"] is not None)
-    for k, (label, segments) in enumerate(bars):
+    for k, (_, segments) in enumerate(bars):
         left = 0.0
         for kind, seconds in segments:
             ax.barh(k, seconds, left=left, color=KIND_COLORS[kind], edgecolor="white", height=0.55,

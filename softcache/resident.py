@@ -72,7 +72,8 @@ def decode_all(source: Source, workers: int = 0, indices: Sequence[int] | None =
 
 def padding_for(boxes: np.ndarray, height: int, width: int, size: int) -> int:
     """How far crops of `size` at `boxes [..., 4]` reach past a `height x width` image, in pixels."""
-    return int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + size - height).max(), (boxes[..., 1] + size - width).max()))
+    return int(max(0, -boxes[..., :2].min(), (boxes[..., 0] + size - height).max(),
+                   (boxes[..., 1] + size - width).max()))
 
 
 def crop_only(boxes: np.ndarray, image_size: int) -> bool:
@@ -80,7 +81,8 @@ def crop_only(boxes: np.ndarray, image_size: int) -> bool:
     return bool((boxes[..., 2] == image_size).all() and (boxes[..., 3] == image_size).all())
 
 
-def view_corners(boxes: np.ndarray, flips: np.ndarray, pad: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def view_corners(boxes: np.ndarray, flips: np.ndarray, pad: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Crop-only views (`boxes [..., 4]`, `flips [...]`) as device tensors: the crops' corners in images padded
     by `pad` (`[..., 2]` int64) and the flips; copied asynchronously (from pinned memory on CUDA)."""
     corner = torch.from_numpy(np.ascontiguousarray(boxes[..., :2] + pad).astype(np.int64))
@@ -97,7 +99,8 @@ class ViewGather:
     def __init__(self, images: torch.Tensor, *, image_size: int, pad: int, device: torch.device):
         self.size, self.device, self.pad = image_size, device, pad
         self.height, self.width = images.shape[2], images.shape[3]
-        self.images = torch.nn.functional.pad(images, (pad, pad, pad, pad)).to(device)  # zeros past the edge, as TF.crop
+        # zeros past the edge, as TF.crop
+        self.images = torch.nn.functional.pad(images, (pad, pad, pad, pad)).to(device)
         self.offsets = torch.arange(image_size, device=device)
 
     def check(self, boxes: np.ndarray) -> None:

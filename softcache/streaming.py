@@ -4,9 +4,10 @@ Reading a shuffled batch row by row from a chunked store pulls a whole chunk per
 visits samples in a quasi-random order (as FFCV's quasi-random order and WebDataset's shuffle buffer do):
 blocks of consecutive samples, one inner chunk each, are taken in shuffled order, `window` blocks at a time,
 and the samples of a window are shuffled among themselves. A window gathers its blocks from all over the
-cache, so a dataset stored class by class (an ImageFolder) still gives batches of every class. Every sample replays the same stored view slot in an
-epoch (`views.replay_slot`), and the cache stores each view slot in chunks of its own, so the reader fetches
-exactly the epoch's slot of each block it visits: an epoch reads 1/V of the cache.
+cache, so a dataset stored class by class (an ImageFolder) still gives batches of every class. Every sample
+replays the same stored view slot in an epoch (`views.replay_slot`), and the cache stores each view slot in
+chunks of its own, so the reader fetches exactly the epoch's slot of each block it visits: an epoch reads 1/V
+of the cache.
 
 Background threads read each window's blocks (several blocks at once: zarr and Blosc decompress outside the
 GIL), put the rows in visiting order and queue them (pinned, on CUDA) a few windows ahead, running on into
@@ -15,6 +16,7 @@ contiguous slice, with no per-sample Python and no read of a view it does not us
 """
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from collections import deque
@@ -125,7 +127,7 @@ class StreamingTargets:
     def _read_epoch(self, epoch: int, out: queue.Queue, stop: threading.Event, pool: ThreadPoolExecutor) -> None:
         order, bounds = self.order(epoch)
         slot, n = self.slot(epoch), self.cache.shape(self.names[0])[0]  # samples in the cache (blocks' sizes)
-        for lo, hi in zip(bounds[:-1], bounds[1:]):
+        for lo, hi in itertools.pairwise(bounds):
             if hi == lo:  # a window with none of this rank's samples (torchrun)
                 continue
             members = order[lo:hi]
@@ -135,7 +137,8 @@ class StreamingTargets:
             first = np.zeros(blocks.max() + 1, dtype=np.int64)
             first[blocks] = np.concatenate([[0], np.cumsum(sizes)[:-1]])
             positions = first[members // self.block] + members % self.block
-            reads = {name: [pool.submit(self.cache.read, name, int(b) * self.block, int(b) * self.block + int(size), slot)
+            reads = {name: [pool.submit(self.cache.read, name, int(b) * self.block,
+                                        int(b) * self.block + int(size), slot)
                             for b, size in zip(blocks, sizes)] for name in self.names}
             rows = {}
             for name in self.names:

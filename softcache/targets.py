@@ -50,7 +50,8 @@ class LogitsFormat:
             if kind == "sampled":
                 k, _, tau = rest.partition(":")
                 if tau and not float(tau) > 0:
-                    raise SoftcacheError(f"bad --logits '{text}': the proposal exponent TAU must be > 0 (e.g. sampled:5:1)")
+                    raise SoftcacheError(f"bad --logits '{text}': "
+                                         "the proposal exponent TAU must be > 0 (e.g. sampled:5:1)")
                 return cls(kind, k=_positive(k), tau=float(tau) if tau else 1.0, temperature=temperature)
         except ValueError:
             pass
@@ -113,7 +114,8 @@ class LogitsFormat:
         return np.int16 if z.shape[1] <= np.iinfo(np.int16).max else np.int32
 
     def decode(self, t: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Stored rows (tensors by suffix, `[B, ...]`; bf16 as 16-bit integers) -> the KD target `KDLoss.from_target` takes."""
+        """Stored rows (tensors by suffix, `[B, ...]`; bf16 as 16-bit integers) -> the KD target
+        `KDLoss.from_target` takes."""
         if self.kind == "bf16":
             return {"logits": t[""].view(torch.bfloat16).float()}
         if self.kind in ("fp16", "fp32"):

@@ -69,7 +69,8 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                          workers=optim.workers, device=dev, data_path=data_path, world=world)
         mean, std = train_source.mean, train_source.std
-        return fit(model, CEStep(forward, mean=mean, std=std, device=dev), params=list(model.parameters()), train_loader=train_loader,
+        return fit(model, CEStep(forward, mean=mean, std=std, device=dev), params=list(model.parameters()),
+                   train_loader=train_loader,
                    test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
                                             device=dev, data_path=data_path) if world.main else None,
                    optim=optim, mean=mean, std=std, device=dev, out=run, world=world, since=since)
@@ -162,8 +163,9 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
                        train_loader=train_loader,
-                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                                device=dev, data_path="loader" if data_path == "loader" else "auto")
+                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size,
+                                                workers=optim.workers, device=dev,
+                                                data_path="loader" if data_path == "loader" else "auto")
                        if world.main else None,
                        optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since)
         finally:
@@ -190,7 +192,8 @@ def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ..
             shape = teacher[t]
         t_kind = {1: "vector", 2: "attention"}.get(len(shape), "map")
         if (probe[s].dim() == 2) != (t_kind == "vector"):
-            raise SoftcacheError(f"--pair {key}={t} pairs a student {'embedding' if probe[s].dim() == 2 else 'feature map'} "
+            raise SoftcacheError(f"--pair {key}={t} pairs a student "
+                                 f"{'embedding' if probe[s].dim() == 2 else 'feature map'} "
                                  f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
         if t_kind == "attention" and probe[s].shape[-1] < shape[-1]:
             t = pooled_map(teacher, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]))
@@ -205,8 +208,9 @@ def pooled_map(reader: CacheReader, key: str, layer: str, student: tuple[int, in
     k = teacher[0] // student[0]
     name = f"{layer}@{k}"
     if teacher != (student[0] * k, student[1] * k) or feature_name(reader.manifest, name) not in reader.names():
-        raise SoftcacheError(f"--pair {key}={layer}: the student map is {student[0]}x{student[1]}, the cached attention "
-                             f"map {teacher[0]}x{teacher[1]}; an attention-only cache holds exact maps for students "
+        raise SoftcacheError(f"--pair {key}={layer}: the student map is {student[0]}x{student[1]}, "
+                             f"the cached attention map {teacher[0]}x{teacher[1]}; "
+                             "an attention-only cache holds exact maps for students "
                              f"2x or 4x smaller only; dump with --targets features for other sizes")
     return name
 

@@ -92,7 +92,8 @@ def format_report(report: VerifyReport) -> list[str]:
 
 def verify_cache(path: str | Path, *, teacher: str | None = None, weights: str | None = None, samples: int = 16,
                  seed: int = 0, device: str = "cpu", data: str | None = None) -> tuple[VerifyReport, list[str]]:
-    """Check every chunk, then (given the teacher, and no damage) recompute targets; returns the report and its lines."""
+    """Check every chunk, then (given the teacher, and no damage) recompute targets;
+    returns the report and its lines."""
     report = check_chunks(path)
     if teacher and weights and not report.damaged:
         recompute(report, teacher=teacher, weights=weights, samples=samples, seed=seed, device=device, data=data)
@@ -107,5 +108,6 @@ def verdict(report: VerifyReport, tolerance: float) -> str | None:
     worst = [(e, n) for n, e in report.max_error.items() if e > tolerance]
     if worst:
         err, name = max(worst)
-        return f"cache '{report.path}': '{name}' differs from the teacher's output by {err:.3g} (> --tolerance {tolerance:g})"
+        return (f"cache '{report.path}': '{name}' differs from the teacher's output by {err:.3g} "
+                f"(> --tolerance {tolerance:g})")
     return None

@@ -104,7 +104,8 @@ class Augment:
         epoch, `[n]`, drawn from `key` (e.g. `(seed, epoch)`) in one go."""
         return np.random.default_rng([*key, 0x7EAC]).integers(self.count_all(), size=n)
 
-    def stored_views(self, height: int, width: int, k: int, *, seed: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def stored_views(self, height: int, width: int, k: int, *, seed: int,
+                     indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The `k` views a cache stores for samples `indices [n]` (images of `height x width`), in storage-slot
         order: `boxes [n, k, 4] float32`, `flips [n, k] bool`, each sample's a pure function of `(seed, index)`.
 
@@ -122,7 +123,8 @@ class Augment:
             return np.stack([t[0] for t in table]), np.stack([t[1] for t in table])
         boxes, flips = self.all_views(height, width)
         blocks, where = np.unique(indices // VIEW_BLOCK, return_inverse=True)
-        drawn = np.stack([np.random.default_rng([seed, int(b), 0x5107]).random((VIEW_BLOCK, len(boxes))) for b in blocks])
+        drawn = np.stack([np.random.default_rng([seed, int(b), 0x5107]).random((VIEW_BLOCK, len(boxes)))
+                          for b in blocks])
         scores = drawn[where.reshape(-1), indices % VIEW_BLOCK]
         if k < len(boxes):  # the k best without sorting them all
             best = np.argpartition(scores, k - 1, axis=1)[:, :k]
@@ -152,7 +154,7 @@ class Augment:
 
 def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int) -> torch.Tensor:
     """Crop `image [3, H, W] uint8` to `box` (zero outside), resize to `size x size`, flip if `flip`."""
-    top, left, height, width = (int(round(float(b))) for b in box)
+    top, left, height, width = (round(float(b)) for b in box)
     view = TF.crop(image, top, left, height, width)
     if (height, width) != (size, size):
         view = TF.resize(view, [size, size], antialias=True)
@@ -189,7 +191,8 @@ class DumpViews(torch.utils.data.Dataset):
 
 
 class AugmentedViews(torch.utils.data.Dataset):
-    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label, i, epoch)`: a fresh view for plain training; epoch < 0 is the eval view.
+    """Key `(i, epoch)` -> `(view [3, S, S] uint8, label, i, epoch)`: a fresh view for plain training;
+    epoch < 0 is the eval view.
 
     Finite policies take view `epoch_choice(N, (seed, epoch))[i]` of `all_views`, imagenet draws from
     `(seed, epoch, i)`.
@@ -225,7 +228,8 @@ class ReplayViews(torch.utils.data.Dataset):
     """Key `(i, v)` -> `(view [3, S, S] uint8, label, i, v)`: the stored view `v` of sample `i`, replayed."""
 
     def __init__(self, source: Source, boxes: np.ndarray, flips: np.ndarray, image_size: int):
-        assert boxes.shape[:2] == flips.shape and len(boxes) == len(source), "boxes [N, V, 4] and flips [N, V] must match the source"
+        assert boxes.shape[:2] == flips.shape and len(boxes) == len(source), (
+            "boxes [N, V, 4] and flips [N, V] must match the source")
         self.source, self.boxes, self.flips, self.image_size = source, boxes, flips, image_size
 
     def __len__(self) -> int:

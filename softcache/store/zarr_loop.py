@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import contextlib
 import logging
 from typing import Any
 
@@ -40,10 +41,8 @@ def settle() -> None:
     loop = zarr.core.sync.loop[0]
     if loop is None or loop.is_closed() or not loop.is_running():
         return
-    try:
+    with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):  # the loop is going away anyway
         asyncio.run_coroutine_threadsafe(_cancel_pending(), loop).result(timeout=5)
-    except (concurrent.futures.TimeoutError, RuntimeError):
-        pass  # the loop is going away anyway
 
 
 zarr.core.sync._get_loop().set_exception_handler(_handle)  # the loop zarr runs every read on
