@@ -7,19 +7,14 @@ import shutil
 
 import pytest
 import torch
-from click.testing import CliRunner
 
+from helpers import invoke
 from softcache import cifar_resnet, models
-from softcache.cli import cli
 from softcache.data import load_source
 from softcache.dump import dump_teacher
 from softcache.store import open_cache
 from softcache.models import build_model
 from softcache.views import Augment
-
-
-def invoke(*args: str):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def assert_fails(result, pattern: str) -> None:
@@ -47,9 +42,12 @@ TEACHER = ["train-teacher", "--model", "resnet8", "--epochs", "1", "--workers", 
 
 
 @pytest.mark.parametrize("args, pattern", [
-    (["--data", "imagefolder:/no/such/folder"], r"dataset folder '/no/such/folder' does not exist; imagefolder:ROOT needs ROOT/train"),
-    (["--data", "mnist"], r"unknown dataset 'mnist'; valid: cifar10\[:ROOT\], cifar100\[:ROOT\], imagefolder:ROOT, synthetic"),
-    (["--data", "synthetic:20", "--augment", "random"], r"Invalid value for '--augment': 'random' is not one of 'cifar', 'imagenet', 'none'"),
+    (["--data", "imagefolder:/no/such/folder"],
+     r"dataset folder '/no/such/folder' does not exist; imagefolder:ROOT needs ROOT/train"),
+    (["--data", "mnist"],
+     r"unknown dataset 'mnist'; valid: cifar10\[:ROOT\], cifar100\[:ROOT\], imagefolder:ROOT, synthetic"),
+    (["--data", "synthetic:20", "--augment", "random"],
+     r"Invalid value for '--augment': 'random' is not one of 'cifar', 'imagenet', 'none'"),
     (["--data", "synthetic:20", "--model", "resnet21"], r"unknown model 'resnet21'; valid: resnet8, "),
 ])
 def test_train_teacher_bad_input(tmp_path, args, pattern):
@@ -147,7 +145,8 @@ def test_finished_run_is_not_overwritten(tmp_path, small_cache):
     run = tmp_path / "s"
     assert invoke(*STUDENT, "--cache", small_cache, "--out", run).exit_code == 0
     summary = (run / "summary.json").read_text()
-    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run), r"holds a finished run \(summary\.json\); pass --overwrite")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run),
+                 r"holds a finished run \(summary\.json\); pass --overwrite")
     assert (run / "summary.json").read_text() == summary
     assert invoke(*STUDENT, "--cache", small_cache, "--out", run, "--overwrite").exit_code == 0
 
@@ -184,7 +183,8 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
         (["--weight", "dark=1"], r"unknown loss 'dark' in 'dark=1'"),
         (["--loss", "kd,kd"], r"'kd' is given twice in 'kd,kd'"),
         (["--loss", "kd,,at"], r"'kd,,at' has an empty entry"),
-        (["--loss", "kd", "--pair", "layer3=layer3"], r"--pair is given, but no loss uses it; add one of fitnets, at, sp, nst, rkd, pkt"),
+        (["--loss", "kd", "--pair", "layer3=layer3"],
+         r"--pair is given, but no loss uses it; add one of fitnets, at, sp, nst, rkd, pkt"),
         (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"],
          r"Invalid value for '--device'"),
     ]:
@@ -192,7 +192,8 @@ def test_values_are_checked_where_they_enter(tmp_path, small_cache, teacher_weig
     assert not run.exists()
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
-    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", a_file / "run"), r"cannot create the run folder .*'.*a_file' is a file, not a folder")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", a_file / "run"),
+                 r"cannot create the run folder .*'.*a_file' is a file, not a folder")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", small_cache), r"is a softcache cache; give a folder")
     assert a_file.read_text() == "x" and open_cache_ok(small_cache)
     dump = ["dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", "synthetic:20"]
@@ -274,7 +275,8 @@ def test_train_online_draws_fresh_views_as_train_teacher_does(tmp_path, teacher_
     assert len(metrics) == 2 and {"train_kd", "train_at", "train_ce"} <= set(metrics[-1])
     for args, message in [
         (["--loss", "kd"], r"train-online needs --data SPEC \(or --views-from CACHE"),
-        (["--loss", "kd", "--data", "synthetic:40", "--weights", tmp_path / "none.pt"], r"weights file .*none\.pt' does not exist"),
+        (["--loss", "kd", "--data", "synthetic:40", "--weights", tmp_path / "none.pt"],
+         r"weights file .*none\.pt' does not exist"),
         (["--loss", "kd,at", "--data", "synthetic:40", "--pair", "layer3=layer9"], r"layer9"),
     ]:
         options = ["--teacher", "resnet8", "--weights", teacher_weights, "--student", "resnet8", "--out",

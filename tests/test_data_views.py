@@ -88,7 +88,7 @@ def test_stored_views_are_a_function_of_seed_and_sample_only():
 def test_views_all_are_stored_in_a_random_order_per_sample():
     aug = Augment("cifar")
     boxes, flips = aug.stored_views(32, 32, 162, seed=0, indices=np.arange(500))
-    every = {(t, l, f) for t in range(-4, 5) for l in range(-4, 5) for f in (False, True)}
+    every = {(t, left, f) for t in range(-4, 5) for left in range(-4, 5) for f in (False, True)}
     for i in (0, 499):
         assert {(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[i], flips[i])} == every
     # slot 0 holds a uniform draw of the 162 views: over 500 samples it takes many different ones
@@ -116,7 +116,8 @@ def test_decode_all_hands_images_over_in_batches(cifar_subset, monkeypatch, work
     monkeypatch.setattr(resident, "DECODE_BATCH", 32)
     calls = []
     real = resident._DecodeBatches.__getitem__
-    monkeypatch.setattr(resident._DecodeBatches, "__getitem__", lambda self, idx: calls.append(len(idx)) or real(self, idx))
+    monkeypatch.setattr(resident._DecodeBatches, "__getitem__",
+                        lambda self, idx: calls.append(len(idx)) or real(self, idx))
     train = load_source(f"imagefolder:{cifar_subset}", "train")
     images = resident.decode_all(train, workers)
     assert torch.equal(images, torch.stack([train[i][0] for i in range(len(train))]))
@@ -167,7 +168,8 @@ def test_test_labels_follow_the_training_classes_by_name(tmp_path):
         load_source(f"imagefolder:{tmp_path}", "test")
 
 
-def test_images_of_several_sizes_are_refused_without_an_image_size_and_never_shrunk(tmp_path, cifar_subset, teacher_weights):
+def test_images_of_several_sizes_are_refused_without_an_image_size_and_never_shrunk(tmp_path, cifar_subset,
+                                                                                     teacher_weights):
     """One 16 x 16 image first in a 32 x 32 ImageFolder once made the whole cache 16 x 16."""
     import shutil
 

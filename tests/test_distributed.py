@@ -1,6 +1,7 @@
 """torchrun: a dump by several processes, each computing whole shards of its own (gloo on CPU)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,23 +16,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import ENV, arrays, dump_args
 from softcache.cli import cli
 from softcache.models import build_model
 from softcache.store import committed_samples, open_cache
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 def torchrun(processes: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
             "-m", "softcache"]
-
-
-def dump_args(weights: Path, out: Path) -> list[str]:
-    # resnet8 layer3 at 4 views is 32 KiB a sample: 0.25 MiB shards hold 8 samples, 50 shards in all
-    return ["dump-teacher", "--teacher", "resnet8", "--weights", str(weights), "--data", "synthetic:400",
-            "--views", "4", "--layers", "layer3", "--shard-mb", "0.25", "--batch-size", "32", "--workers", "0",
-            "--device", "cpu", "--out", str(out)]
 
 
 def kill_every_process_of(marker: str) -> None:
@@ -45,10 +38,8 @@ def kill_every_process_of(marker: str) -> None:
         except OSError:
             continue
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + 30
     while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
         assert time.monotonic() < deadline, "killed processes did not end"
@@ -60,11 +51,6 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/status").read_text().split("State:")[1].splitlines()[0].lower()
     except (OSError, IndexError):
         return "zombie"
-
-
-def arrays(path: Path) -> dict[str, bytes]:
-    cache = open_cache(path)
-    return {name: cache.read(name).tobytes() for name in cache.names()}
 
 
 @pytest.mark.slow
@@ -129,7 +115,8 @@ def test_a_reopened_writer_writes_shards_of_zeros(tmp_path):
     other = prepare_cache(tmp_path / "c", layout, manifest, existing=Existing("new"), backend="zarr", create=False)
     other.write(2, {"labels": np.zeros(2, np.int64), "logits": np.zeros((2, 1, 3), np.float16)})
     other.close()
-    assert (tmp_path / "c" / "labels" / "c" / "1").is_file() and (tmp_path / "c" / "logits" / "c" / "1" / "0" / "0").is_file()
+    assert ((tmp_path / "c" / "labels" / "c" / "1").is_file()
+            and (tmp_path / "c" / "logits" / "c" / "1" / "0" / "0").is_file())
 
 
 def test_an_hdf5_cache_is_written_by_one_process(tmp_path, teacher_weights, monkeypatch):

@@ -10,15 +10,14 @@ from pathlib import Path
 import h5py
 import pytest
 import zarr
-from click.testing import CliRunner
 
-from softcache.cli import cli
+from helpers import invoke
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def ok(*args) -> str:
-    result = CliRunner().invoke(cli, [str(a) for a in args])
+    result = invoke(*args)
     assert result.exit_code == 0, result.output
     return result.output
 

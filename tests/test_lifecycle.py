@@ -13,38 +13,20 @@ from pathlib import Path
 import h5py
 import pytest
 import torch
-from click.testing import CliRunner
 
+from helpers import ENV, arrays, dump_args, invoke
 from softcache import dump as dump_module
-from softcache.cli import cli
 from softcache.models import Tapped
 from softcache.store import committed_samples, open_cache, progress_dir
 
 SCRIPT = shutil.which("softcache")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}  # same arithmetic alone or side by side
-
-
-def dump_args(weights: Path, out: Path, *extra: str) -> list[str]:
-    # resnet8 layer3 at 4 views is 32 KiB a sample: 0.25 MiB shards hold 8 samples, 50 shards in all
-    return ["dump-teacher", "--teacher", "resnet8", "--weights", str(weights), "--data", "synthetic:400",
-            "--views", "4", "--layers", "layer3", "--shard-mb", "0.25", "--batch-size", "32", "--workers", "0",
-            "--out", str(out), *extra]
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def arrays(path: Path) -> dict[str, bytes]:
-    cache = open_cache(path)
-    return {name: cache.read(name).tobytes() for name in cache.names()}
 
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, teacher_weights) -> Path:
     """An uninterrupted dump to compare against."""
     out = tmp_path_factory.mktemp("ref") / "cache"
-    result = invoke(*dump_args(teacher_weights, out))
+    result = invoke(*dump_args(teacher_weights, out, device=None))
     assert result.exit_code == 0, result.output
     return out
 
@@ -59,11 +41,11 @@ def test_identical_dump_is_reused_without_a_teacher(tmp_path, teacher_weights, r
     monkeypatch.setattr(dump_module, "build_model", no_teacher)
     monkeypatch.setattr(Tapped, "forward", no_teacher)
     started = time.perf_counter()
-    result = invoke(*dump_args(teacher_weights, cache))
+    result = invoke(*dump_args(teacher_weights, cache, device=None))
     assert result.exit_code == 0, result.output
     assert "reused (same cache id, no teacher run)" in result.output
     print(f"reuse answered in {time.perf_counter() - started:.2f} s")  # the closing note compares it to a dump
-    changed = invoke(*dump_args(teacher_weights, cache, "--logits", "topk:3"))
+    changed = invoke(*dump_args(teacher_weights, cache, "--logits", "topk:3", device=None))
     assert changed.exit_code != 0
     assert "(storage.logits.format, storage.logits.k, storage.logits.temperatures differ)" in changed.stderr
 
@@ -73,7 +55,7 @@ def test_identical_dump_is_reused_without_a_teacher(tmp_path, teacher_weights, r
 def test_sigkilled_dump_resumes_to_identical_arrays(tmp_path, teacher_weights, reference, name, kill_at):
     assert SCRIPT, "the softcache console script is not installed"
     out = tmp_path / name
-    cmd = [SCRIPT, *dump_args(teacher_weights, out)]
+    cmd = [SCRIPT, *dump_args(teacher_weights, out, device=None)]
     proc = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
@@ -108,7 +90,7 @@ def test_flipped_bytes_are_named_by_verify_and_train_student(tmp_path, teacher_w
         _flip_bytes(shard, shard.stat().st_size // 3)
     else:
         cache = tmp_path / "cache.h5"
-        assert invoke(*dump_args(teacher_weights, cache)).exit_code == 0
+        assert invoke(*dump_args(teacher_weights, cache, device=None)).exit_code == 0
         with h5py.File(cache, "r") as f:
             info = f["features/layer3"].id.get_chunk_info(3)
         _flip_bytes(cache, info.byte_offset + info.size // 3)
@@ -163,7 +145,7 @@ def test_a_missing_or_changed_part_is_named_by_verify_and_train_student(tmp_path
     if name == "cache":
         shutil.copytree(reference, cache)
     else:
-        assert invoke(*dump_args(teacher_weights, cache)).exit_code == 0
+        assert invoke(*dump_args(teacher_weights, cache, device=None)).exit_code == 0
     assert invoke("verify", cache).exit_code == 0
     damage(cache)
     result = invoke("verify", cache)
@@ -220,14 +202,14 @@ def test_concurrent_students_match_solo_runs(tmp_path, reference):
 @pytest.mark.parametrize("second", [(), ("--overwrite",)])
 def test_a_second_writer_is_refused_while_a_dump_runs(tmp_path, teacher_weights, reference, second):
     out = tmp_path / "cache"
-    proc = subprocess.Popen([SCRIPT, *dump_args(teacher_weights, out)], env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([SCRIPT, *dump_args(teacher_weights, out, device=None)], env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not progress_dir(out).exists():  # the first dump is writing
         time.sleep(0.002)
     assert proc.poll() is None, "the first dump finished before a second could try"
     started = time.perf_counter()
-    refused = invoke(*dump_args(teacher_weights, out, *second))
+    refused = invoke(*dump_args(teacher_weights, out, *second, device=None))
     assert time.perf_counter() - started < 10
     assert refused.exit_code != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
     assert f"being written by another softcache process (pid {proc.pid})" in refused.stderr
@@ -379,7 +361,7 @@ def _truncate(path: Path) -> None:  # as an interrupted copy or a full disk leav
 @pytest.mark.parametrize("name", ["cache", "cache.h5"])
 def test_a_truncated_cache_is_damaged_for_every_command_and_replaced_by_overwrite(tmp_path, teacher_weights, name):
     cache = tmp_path / name
-    args = dump_args(teacher_weights, cache, "--data", "synthetic:40")
+    args = dump_args(teacher_weights, cache, "--data", "synthetic:40", device=None)
     assert invoke(*args).exit_code == 0
     damaged = cache / "zarr.json" if name == "cache" else cache
     _truncate(damaged)
@@ -408,7 +390,7 @@ def test_ls_shows_damage_what_is_stored_and_sizes_at_any_scale(tmp_path, teacher
     _delete_shard(tmp_path / "holed")
     small = tmp_path / "small-attention"  # an HDF5 cache without the .h5 suffix: known by its signature
     assert invoke(*dump_args(teacher_weights, small, "--data", "synthetic:40", "--targets", "attention",
-                             "--format", "hdf5")).exit_code == 0
+                             "--format", "hdf5", device=None)).exit_code == 0
     result = invoke("ls", tmp_path)
     assert result.exit_code == 0, result.output
     lines = result.stdout.strip().splitlines()

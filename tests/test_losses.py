@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from itertools import chain
 
 import pytest
 import torch
@@ -109,6 +110,11 @@ def _norm(v):
     return math.sqrt(sum(x * x for x in v))
 
 
+def _flat(rows):
+    """A channel's `[H][W]` values as one list, row by row."""
+    return list(chain.from_iterable(rows))
+
+
 def _rkd_by_hand(s: list, t: list, w_d: float = 25.0, w_a: float = 50.0) -> float:
     n = len(s)
 
@@ -157,8 +163,8 @@ def _sp_by_hand(s: list, t: list) -> float:
 def _nst_by_hand(s: torch.Tensor, t: torch.Tensor) -> float:
     total = 0.0
     for fs, ft in zip(s.tolist(), t.tolist()):  # per sample: channels as L2-normalised vectors over positions
-        a = [[v / _norm(sum(ch, [])) for v in sum(ch, [])] for ch in fs]
-        b = [[v / _norm(sum(ch, [])) for v in sum(ch, [])] for ch in ft]
+        a = [[v / _norm(_flat(ch)) for v in _flat(ch)] for ch in fs]
+        b = [[v / _norm(_flat(ch)) for v in _flat(ch)] for ch in ft]
 
         def k(x, y):
             return sum(sum(p * q for p, q in zip(u, w)) ** 2 for u in x for w in y) / (len(x) * len(y))

@@ -42,7 +42,7 @@ def make_tiny(num_classes: int) -> TinyNet:
 def test_custom_module_callable():
     model = build_model(f"{__name__}:make_tiny", 3)
     assert isinstance(model, TinyNet) and model.head.out_features == 3
-    with pytest.raises(SoftcacheError, match="package.module:callable"):
+    with pytest.raises(SoftcacheError, match=r"package\.module:callable"):
         build_model(f"{__name__}:nothing_here", 3)
 
 
@@ -86,7 +86,7 @@ def test_the_embedding_tap_is_the_classifier_input(name, size, dim, monkeypatch)
 
 def test_a_model_without_a_linear_classifier_has_no_embedding(tmp_path, teacher_weights, monkeypatch):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
-    with pytest.raises(SoftcacheError, match="ConvHead has no final nn.Linear classifier, so it has no 'embedding'"):
+    with pytest.raises(SoftcacheError, match=r"ConvHead has no final nn\.Linear classifier, so it has no 'embedding'"):
         Tapped(build_model("tinynet:convhead", 10), ["embedding"])
     from click.testing import CliRunner
     from softcache.cli import cli

@@ -7,13 +7,13 @@ import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
+from helpers import arrays, dump_args
 from softcache.cli import cli
-from softcache.store import committed_samples, open_cache
+from softcache.store import committed_samples
 
 moto_server = pytest.importorskip("moto.server", reason="the s3 extra (pip install -e '.[s3]') is not installed")
 s3fs = pytest.importorskip("s3fs")
@@ -39,18 +39,6 @@ def s3(tmp_path_factory):
         else:
             os.environ[key] = value
     server.stop()
-
-
-def dump_args(weights: Path, out: str) -> list[str]:
-    # resnet8 layer3 at 4 views is 32 KiB a sample: 0.25 MiB shards hold 8 samples, 50 shards in all
-    return ["dump-teacher", "--teacher", "resnet8", "--weights", str(weights), "--data", "synthetic:400",
-            "--views", "4", "--layers", "layer3", "--shard-mb", "0.25", "--batch-size", "32", "--workers", "0",
-            "--device", "cpu", "--out", out]
-
-
-def arrays(path) -> dict[str, bytes]:
-    cache = open_cache(path)
-    return {name: cache.read(name).tobytes() for name in cache.names()}
 
 
 @pytest.mark.slow

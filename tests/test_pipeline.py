@@ -98,7 +98,8 @@ def test_shipped_recipes_load():
     assert [r.name for r in recipes] == ["cifar10_resnet56_resnet20.toml", "quickstart.toml",
                                          "seed_resnet34_resnet18.toml"]
     cifar = load_pipeline(recipes[0])
-    assert cifar.teacher.model == "resnet56" and cifar.dump.views == "all" and cifar.dump.data == "imagefolder:data/cifar10-jpeg"
+    assert (cifar.teacher.model == "resnet56" and cifar.dump.views == "all"
+            and cifar.dump.data == "imagefolder:data/cifar10-jpeg")
     assert {s.student for _, s in cifar.students} == {"resnet20"}
     assert [name for name, _ in cifar.students] == ["ce", "kd", "at", "kd_at", "fitnets", "sp", "rkd", "pkt", "crd"]
     seed = load_pipeline(recipes[2])
@@ -156,7 +157,8 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     ('[teacher]\nmodel = "resnet8"\n', r"\[teacher\] needs 'data' \(a string\), here or in \[defaults\]"),
     ('[[student]]\nstudent = "resnet8"\n', r"\[student student0\] needs 'cache' \(a string\), or a \[dump\]"),
     ('[dump]\nteacher = "resnet8"\ndata = "synthetic"\n', r"\[dump\] needs 'weights' \(a string or a list"),
-    ('[defaults]\nseed = 1\n', r"has no stage; add a \[teacher\], a \[dump\], a \[\[student\]\] or a \[born_again\] section"),
+    ('[defaults]\nseed = 1\n',
+     r"has no stage; add a \[teacher\], a \[dump\], a \[\[student\]\] or a \[born_again\] section"),
     ('[student]\nstudent = "resnet8"\n', r"\[student\] must be an array of tables: write each student as"),
     ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nseeds = [0, 0]\n', r"seeds = \[0, 0\] repeats a seed"),
     ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nseeds = 2\n',
@@ -176,7 +178,8 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n[dump]\n[[student]]\nstudent = "resnet8"\nloss = ["kdd"]\n',
      r"unknown loss 'kdd'; valid: "),
     ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\nepochs = 0\n', r"epochs = 0: it must be at least 1"),
-    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\ndevice = "cuda:7"\n' if not __import__("torch").cuda.is_available()
+    ('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\ndevice = "cuda:7"\n'
+     if not __import__("torch").cuda.is_available()
      else '[teacher]\nmodel = "resnet8"\ndata = "synthetic"\ndevice = "tpu"\n',
      r"device '.*' asks for CUDA, which this machine does not have|'tpu' is not a torch device"),
 ])

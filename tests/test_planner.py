@@ -35,7 +35,7 @@ def test_stages_without_cached_targets_and_impossible_plans_are_refused(monkeypa
     monkeypatch.setattr(planner, "RESIDENT_BYTES", 1000)
     assert plan("auto", crops=True, images=900) == DataPlan("resident")
     assert plan("auto", crops=True, images=1100) == DataPlan("loader")
-    with pytest.raises(SoftcacheError, match="unknown data path 'stream'; valid: auto, resident, loader$"):
+    with pytest.raises(SoftcacheError, match=r"unknown data path 'stream'; valid: auto, resident, loader$"):
         plan("stream", crops=True, images=10)
     with pytest.raises(SoftcacheError, match="--data-path resident needs crop-only views"):
         plan("resident", crops=False, images=10, what="'imagenet' views")

@@ -17,7 +17,8 @@ from softcache.views import Augment
 
 def test_own_dataset_and_models_from_python(tmp_path):
     # FakeData renders random PIL images locally (no download), of a size unlike CIFAR's.
-    make = lambda seed: torchvision.datasets.FakeData(size=12, image_size=(3, 40, 48), num_classes=3, random_offset=seed)
+    make = lambda seed: torchvision.datasets.FakeData(size=12, image_size=(3, 40, 48), num_classes=3,
+                                                      random_offset=seed)
     classes = ["a", "b", "c"]
     train, test = from_dataset(make(0), classes, name="fake"), from_dataset(make(100), classes, name="fake-test")
     torch.manual_seed(0)

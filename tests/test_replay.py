@@ -72,7 +72,7 @@ def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_wei
     cache = open_cache(out)
     boxes, flips = cache.read("views/box"), cache.read("views/flip")
     assert boxes.shape == (10, 162, 4) and cache.shape("logits") == (10, 162, 10)
-    expected = {(t, l, f) for t in range(-4, 5) for l in range(-4, 5) for f in (False, True)}
+    expected = {(t, left, f) for t in range(-4, 5) for left in range(-4, 5) for f in (False, True)}
     for i in range(10):
         seen = [(int(b[0]), int(b[1]), bool(f)) for b, f in zip(boxes[i], flips[i])]
         assert len(seen) == 162 and set(seen) == expected
@@ -107,7 +107,8 @@ def embedding_cache(tmp_path_factory, teacher_weights):
 
 
 @pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst", "crd")])
-def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cache, embedding_cache, teacher_weights, tmp_path, losses):
+def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cache, embedding_cache, teacher_weights,
+                                                                        tmp_path, losses):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
     pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
     cache = small_cache
@@ -138,7 +139,8 @@ def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teach
     paths = {p: student_data(cache, source, data_path=p, **common) for p in ("resident", "loader", "stream")}
     assert [paths[p][2] for p in paths] == ["resident images, resident targets", "loader images, resident targets",
                                             "resident images, stream targets"]
-    assert type(paths["resident"][0]).__name__ == "ResidentReplay" and type(paths["stream"][1]).__name__ == "StreamingTargets"
+    assert (type(paths["resident"][0]).__name__ == "ResidentReplay"
+            and type(paths["stream"][1]).__name__ == "StreamingTargets")
     for epoch in (0, 1):
         batches = {}
         for name, (loader, targets, _) in paths.items():
@@ -147,7 +149,8 @@ def test_resident_loader_and_stream_paths_give_identical_batches(tmp_path, teach
         assert len(batches["resident"]) == 6
         for (a, ta), (b, tb), (c, tc) in zip(batches["resident"], batches["loader"], batches["stream"]):
             for x, y, z in zip(a, b, c):
-                assert torch.equal(torch.as_tensor(x), torch.as_tensor(y)) and torch.equal(torch.as_tensor(x), torch.as_tensor(z))
+                assert (torch.equal(torch.as_tensor(x), torch.as_tensor(y))
+                        and torch.equal(torch.as_tensor(x), torch.as_tensor(z)))
             assert torch.equal(ta[0]["logits"], tb[0]["logits"]) and torch.equal(ta[0]["logits"], tc[0]["logits"])
             assert torch.equal(ta[1]["layer3"], tb[1]["layer3"]) and torch.equal(ta[1]["layer3"], tc[1]["layer3"])
 
@@ -297,9 +300,10 @@ def test_the_combined_recipe_is_one_command(embedding_cache, tmp_path):
     run = tmp_path / "combined"
     result = CliRunner().invoke(cli, [
         "train-student", "--cache", str(embedding_cache), "--student", "resnet8", "--loss", "kd,fitnets,at,rkd",
-        "--alpha", "0.7", "--weight", "fitnets=0.5", "--weight", "at=0.3", "--weight", "rkd=0.2", "--pair-reduce", "mean",
-        "--pair", "fitnets:layer3=layer3", "--pair", "at:layer2=layer3", "--pair", "at:layer3=layer3",
-        "--pair", "embedding=embedding", "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", str(run)])
+        "--alpha", "0.7", "--weight", "fitnets=0.5", "--weight", "at=0.3", "--weight", "rkd=0.2",
+        "--pair-reduce", "mean", "--pair", "fitnets:layer3=layer3", "--pair", "at:layer2=layer3",
+        "--pair", "at:layer3=layer3", "--pair", "embedding=embedding", "--epochs", "1", "--batch-size", "8",
+        "--workers", "0", "--out", str(run)])
     assert result.exit_code == 0, result.output
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_ce", "train_kd", "train_fitnets", "train_at", "train_rkd"} <= set(line)

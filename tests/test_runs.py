@@ -8,16 +8,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner
 
+from helpers import invoke
 from softcache import progress
-from softcache.cli import cli
 from softcache.locks import WriterLock, cache_lock_path, run_lock_path
 from softcache.runs import read_run
-
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def one_line_error(result) -> str:

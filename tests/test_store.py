@@ -281,5 +281,6 @@ def test_sizes_and_layers_read_at_any_scale():
 def test_an_array_whose_metadata_is_cut_short_is_damage_named(tmp_path, small_shards):
     _write(tmp_path / "c", "zarr", _random_rows(8, 2, np.random.default_rng(8)), (8,)).finish()
     _truncate(tmp_path / "c" / "features" / "layer3" / "zarr.json")
-    with pytest.raises(SoftcacheError, match=r"cache '.*' is damaged: its arrays cannot be opened \(.*with --overwrite"):
+    with pytest.raises(SoftcacheError,
+                       match=r"cache '.*' is damaged: its arrays cannot be opened \(.*with --overwrite"):
         open_cache(tmp_path / "c")

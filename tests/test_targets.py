@@ -28,8 +28,8 @@ SOURCE = "synthetic:20"
 
 def _dump(out, weights, **kwargs):
     kwargs.setdefault("views", 3)
-    return dump_teacher(load_teacher(weights), load_source(SOURCE, "train"), out, augment=Augment("cifar", image_size=32),
-                        workers=0, seed=1, **kwargs)
+    return dump_teacher(load_teacher(weights), load_source(SOURCE, "train"), out,
+                        augment=Augment("cifar", image_size=32), workers=0, seed=1, **kwargs)
 
 
 @pytest.mark.parametrize("fmt, expected", [
@@ -93,7 +93,8 @@ def test_sampled_kd_is_unbiased(tau):
     draws = []
     for _ in range(4000):
         enc = {k: torch.from_numpy(v) for k, v in fmt.encode(z, generator).items()}
-        draws.append(kd.from_samples(s, enc["/sampled_ids"].long(), enc["/sampled_weights"], enc["/sampled_logp"]).item())
+        draws.append(kd.from_samples(s, enc["/sampled_ids"].long(), enc["/sampled_weights"],
+                                     enc["/sampled_logp"]).item())
     draws = np.asarray(draws)
     full = kd(s, z).item()
     stderr = draws.std() / math.sqrt(len(draws))
@@ -105,7 +106,8 @@ def _losses(cache, out, pairs, losses=("kd", "at")):
     torch.manual_seed(0)
     train_student(build_model("resnet8", 10), cache, load_source(SOURCE, "train"), load_source(SOURCE, "test"), out,
                   weights=resolve_weights(losses, alpha=0.9, beta=1000, hint_weight=100), pairs=pairs,
-                  optim=OptimConfig(epochs=1, batch_size=8, workers=0), on_step=lambda step, terms: recorded.append(terms))
+                  optim=OptimConfig(epochs=1, batch_size=8, workers=0),
+                  on_step=lambda step, terms: recorded.append(terms))
     return recorded
 
 
@@ -144,8 +146,10 @@ def test_two_teacher_cache_and_the_mean_ensemble(tmp_path, teacher_weights):
     assert KDLoss(t).from_target(s, target).item() == pytest.approx(by_hand.item(), rel=1e-5)
     one, _ = CacheTargets(cache, [], torch.device("cpu"), temperature=t, teachers="resnet8_2")(None, index, view)
     assert KDLoss(t).from_target(s, one).item() == pytest.approx(KDLoss(t)(s, z2[index, view]).item(), rel=1e-6)
-    with pytest.raises(SoftcacheError, match="--teachers 'nobody' is not in the cache; valid: mean, resnet8, resnet8_2"):
+    with pytest.raises(SoftcacheError,
+                       match="--teachers 'nobody' is not in the cache; valid: mean, resnet8, resnet8_2"):
         CacheTargets(cache, [], torch.device("cpu"), teachers="nobody")
-    run = CliRunner().invoke(cli, ["train-student", "--cache", str(tmp_path / "c"), "--student", "resnet8", "--epochs", "1",
-                                   "--workers", "0", "--batch-size", "8", "--teachers", "mean", "--out", str(tmp_path / "s")])
+    run = CliRunner().invoke(cli, ["train-student", "--cache", str(tmp_path / "c"), "--student", "resnet8",
+                                   "--epochs", "1", "--workers", "0", "--batch-size", "8", "--teachers", "mean",
+                                   "--out", str(tmp_path / "s")])
     assert run.exit_code == 0, run.output
