@@ -36,7 +36,8 @@ def test_bench_reports_medians_spreads_and_per_round_ratios(tmp_path):
         assert row["unit"] == ("MB/s" if name.startswith("writer") else "images/s")
     for name in STUDENT_ROWS[1:]:
         ratios = [a / b for a, b in zip(rows[name]["per_round"], rows["student CE only"]["per_round"])]
-        assert rows[name]["ratio_to"] == "student CE only" and rows[name]["ratio"] == pytest.approx(statistics.median(ratios))
+        assert (rows[name]["ratio_to"] == "student CE only"
+                and rows[name]["ratio"] == pytest.approx(statistics.median(ratios)))
     assert rows["dump: logits only"]["ratio_to"] == "teacher inference only" and "ratio" not in rows["student CE only"]
     assert all(isinstance(w, str) for w in table["warnings"])
     assert "student KD+AT (cache)" in result.output and "median of 2 interleaved rounds" in result.output
