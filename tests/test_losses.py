@@ -266,7 +266,9 @@ def _crd_sum(crd: CRDLoss, s: torch.Tensor, t: torch.Tensor, rows: torch.Tensor)
     return total / len(s)
 
 
-def test_crd_matches_nce_written_out_and_updates_its_memories():
+@pytest.mark.parametrize("dense", [True, False])  # scores from one [B, N] product, or from gathered rows
+def test_crd_matches_nce_written_out_and_updates_its_memories(monkeypatch, dense):
+    monkeypatch.setattr(CRDLoss, "DENSE_FACTOR", 16 if dense else 0)
     torch.manual_seed(0)
     labels = torch.arange(40) % 4                      # 40 samples, 4 classes
     crd = CRDLoss(6, 8, labels.tolist(), dim=5, negatives=7, seed=3)
@@ -283,6 +285,24 @@ def test_crd_matches_nce_written_out_and_updates_its_memories():
     assert int(crd.step) == 1 and (crd.z > 0).all()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in crd.parameters())
+
+
+def test_crd_dense_and_gathered_scores_give_the_same_loss_and_gradients(monkeypatch):
+    torch.manual_seed(0)
+    labels = (torch.arange(300) % 10).tolist()
+    s, t, index = torch.randn(8, 16, dtype=torch.float64), torch.randn(8, 12), torch.arange(0, 80, 10)
+    results = []
+    for factor in (16, 0):
+        monkeypatch.setattr(CRDLoss, "DENSE_FACTOR", factor)
+        torch.manual_seed(1)
+        crd = CRDLoss(16, 12, labels, negatives=50, seed=2)
+        loss = crd(s.float(), t, index, torch.as_tensor(labels)[index])
+        loss.backward()
+        results.append((loss.item(), [p.grad.clone() for p in crd.parameters()], crd.memory_s.clone()))
+    (dense, dense_grads, dense_memory), (gathered, gathered_grads, gathered_memory) = results
+    assert dense == pytest.approx(gathered, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(dense_grads, gathered_grads))
+    assert torch.equal(dense_memory, gathered_memory)  # the memories move by the heads' outputs alone
 
 
 def test_crd_negatives_are_uniform_over_the_other_classes():
