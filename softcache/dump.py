@@ -28,6 +28,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.planner import image_bytes, plan
+from softcache.policies import POLICIES
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
 from softcache.store.backends import BACKENDS
@@ -55,8 +56,8 @@ def resolve_image_size(policy: str, image_size: int | None, source: Source) -> i
     several sizes without `image_size` are refused, naming the sizes: no image is shrunk to the first one's."""
     if image_size is not None:
         return image_size
-    if policy == "imagenet":
-        return 224
+    if POLICIES[policy].image_size is not None:  # imagenet: 224
+        return POLICIES[policy].image_size
     sizes = source.image_sizes()
     if not sizes:
         raise SoftcacheError(f"the {source.spec} split holds no images")

@@ -6,7 +6,7 @@ output size, then flipped horizontally if `flip`. One representation covers CIFA
 ImageNet's RandomResizedCrop, and because boxes are in source pixels a student can replay a view at another
 resolution than the teacher saw.
 
-Policies:
+Policies (softcache.policies, one object each):
     none      a centred square of the whole image (CIFAR: the image itself), one view
     cifar     pad 4, random crop of the source size, horizontal flip: 9 x 9 offsets x 2 flips = 162 views
     imagenet  RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip; continuous
@@ -19,13 +19,15 @@ from collections.abc import Callable, Hashable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torchvision.transforms import v2 as T
 from torchvision.transforms.v2 import functional as TF
 
 from softcache.data import Source
 from softcache.errors import SoftcacheError
 
-from softcache.names import POLICIES
+from softcache.policies import POLICIES as POLICY_OBJECTS
+from softcache.policies import Policy
+
+POLICIES = tuple(POLICY_OBJECTS)  # ("cifar", "imagenet", "none"): the names the CLI offers (names.POLICIES)
 VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
 
 
@@ -40,8 +42,8 @@ class Augment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: crop aspect-ratio range
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise SoftcacheError(f"unknown augmentation policy '{self.policy}'; valid: {', '.join(POLICIES)}")
+        if self.policy not in POLICY_OBJECTS:
+            raise SoftcacheError(f"unknown augmentation policy '{self.policy}'; valid: {', '.join(POLICY_OBJECTS)}")
         if self.image_size < 1:
             raise SoftcacheError(f"--image-size must be a positive number of pixels, got {self.image_size}")
 
@@ -52,20 +54,25 @@ class Augment:
                    scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]))
 
     @property
+    def rule(self) -> Policy:
+        """The policy object (softcache.policies) that makes this policy's views."""
+        return POLICY_OBJECTS[self.policy]
+
+    @property
     def finite(self) -> bool:
-        return self.policy != "imagenet"
+        return self.rule.finite
 
     @property
     def crop_pad(self) -> int:
         """How far this policy's crops reach past the image edge: what resident images are padded by."""
-        return self.pad if self.policy == "cifar" else 0
+        return self.rule.crop_pad(self)
 
     def count_all(self) -> int:
         """How many distinct views `--views all` enumerates (finite policies only)."""
         if not self.finite:
             raise SoftcacheError(f"--views all needs a finite policy (cifar, none); '{self.policy}' samples "
                                  "crops from a continuous range: give a number of views, e.g. --views 8")
-        return (2 * self.pad + 1) ** 2 * 2 if self.policy == "cifar" else 1
+        return self.rule.count(self)
 
     def resolve_views(self, views: int | str) -> int:
         """Number of views per sample for `--views K|all`, checked against the policy."""
@@ -84,20 +91,12 @@ class Augment:
 
     def eval_box(self, height: int, width: int) -> tuple[int, int, int, int]:
         """The evaluation view: a centred square (87.5% of the shorter side for imagenet)."""
-        side = min(height, width)
-        if self.policy == "imagenet":
-            side = max(1, round(side * 0.875))
-        return (height - side) // 2, (width - side) // 2, side, side
+        return self.rule.eval_box(self, height, width)
 
     def all_views(self, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
         """Every view of a finite policy: `boxes [V, 4] float32`, `flips [V] bool`, in a fixed order."""
-        if self.policy == "none":
-            return np.asarray([self.eval_box(height, width)], np.float32), np.zeros(1, bool)
-        self.count_all()
-        offsets = range(-self.pad, self.pad + 1)
-        boxes = [(top, left, height, width) for top in offsets for left in offsets]
-        return (np.asarray(boxes * 2, np.float32),
-                np.repeat(np.asarray([False, True]), len(boxes)))
+        self.count_all()  # refuses a continuous policy
+        return self.rule.views(self, height, width)
 
     def epoch_choice(self, n: int, key: Sequence[int]) -> np.ndarray:
         """Finite policies, plain training: which of the `count_all()` views each of `n` samples takes this
@@ -144,12 +143,7 @@ class Augment:
             boxes, flips = self.all_views(height, width)
             pick = rng.choice(len(boxes), size=k, replace=False)
             return boxes[pick], flips[pick]
-        # torchvision's own RandomResizedCrop sampler, fed from a generator seeded by `key`.
-        image = torch.empty(0, height, width)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(rng.integers(2**62)))
-            boxes = [T.RandomResizedCrop.get_params(image, list(self.scale), list(self.ratio)) for _ in range(k)]
-        return np.asarray(boxes, np.float32), rng.random(k) < 0.5
+        return self.rule.draw(self, height, width, k, rng)
 
 
 def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int) -> torch.Tensor:
