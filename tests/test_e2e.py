@@ -64,7 +64,7 @@ def test_cifar_jpeg_subset_teacher_dump_student(tmp_path, cifar_subset, cache_na
     assert len(manifest["dataset"]["resolved"]) > 30 and row.endswith(str(cache))
     for column in ("teacher", "dataset", "layers", "complete", "path"):  # left-aligned: starts line up
         assert row[header.index(column) - 1] == " " and row[header.index(column)] != " ", (column, listed)
-    for column in ("views", "MiB"):  # right-aligned: ends line up
+    for column in ("views", "size"):  # right-aligned: ends line up
         end = header.index(column) + len(column)
         assert row[end - 1] != " " and row[end] == " ", (column, listed)
     ok("train-student", "--cache", cache, "--student", "resnet8", "--loss", "kd,at,fitnets", "--pair", "layer3=layer3",
