@@ -312,3 +312,15 @@ def test_models_and_writes_that_go_wrong_are_one_line(tmp_path, small_cache, tea
                  r"cannot write '.*checkpoint.pt' \(PytorchStreamWriter failed writing file data/0: file write "
                  r"failed\); is the disk full\? Free space and rerun the same command")
     assert sorted(p.name for p in run.iterdir()) == ["config.json", "metrics.jsonl"]  # no checkpoint.pt.tmp left
+
+
+def test_a_damaged_cache_is_not_reused(tmp_path, teacher_weights):
+    cache = tmp_path / "cache"
+    assert _dump(teacher_weights, cache).exit_code == 0
+    shard = next(p for p in (cache / "logits" / "c").rglob("*") if p.is_file())
+    shard.unlink()
+    assert_fails(_dump(teacher_weights, cache), r"holds this cache, but it is damaged: .*logits.*; pass "
+                 r"--overwrite to dump it again")
+    again = _dump(teacher_weights, cache, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert open_cache(cache).check() is not None and shard.is_file()

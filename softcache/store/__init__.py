@@ -168,6 +168,10 @@ def check_existing(path: str | Path, manifest: dict[str, Any], *, overwrite: boo
         raise SoftcacheError(f"'{path}' holds {state} cache made with other options ({', '.join(differ)} differ); "
                              "choose another --out, or pass --overwrite to replace it")
     if existing.get("complete"):
+        found = open_cache(path, check=False).problems()  # the cheap checks: what every reader refuses
+        if found:
+            raise SoftcacheError(f"'{path}' holds this cache, but it is damaged: {found[0]}; pass --overwrite to "
+                                 "dump it again (nothing was changed)")
         return Existing("reuse")
     markers = read_markers(progress_dir(path, backend), manifest["id"])
     return Existing("resume", markers) if markers else Existing("restart")
