@@ -15,6 +15,8 @@ from softcache import __version__
 from softcache.config import DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
 from softcache.errors import SoftcacheError
 from softcache.names import BACKENDS, POLICIES, TARGET_KINDS
+from softcache.losses.registry import MAP_LOSSES, VECTOR_LOSSES
+from softcache.losses.routing import PAIR_REDUCTIONS
 from softcache.names import LOSS_NAMES as LOSSES
 
 
@@ -182,8 +184,9 @@ def loss_options(f: Callable) -> Callable:
                 help=f"comma-separated terms from {', '.join(sorted(LOSSES))}"),
         _option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
                 help="student layer distilled from a teacher layer, for every pair loss it fits (feature maps: "
-                     "fitnets, at, sp, nst; embeddings: rkd, pkt) or, with TERM:, that loss only; repeatable"),
-        _option("--pair-reduce", type=click.Choice(["sum", "mean"]), default=StudentConfig.pair_reduce,
+                     f"{', '.join(MAP_LOSSES)}; embeddings: {', '.join(VECTOR_LOSSES)}) or, with TERM:, that loss "
+                     "only; repeatable"),
+        _option("--pair-reduce", type=click.Choice(PAIR_REDUCTIONS), default=StudentConfig.pair_reduce,
                 help="a loss over several pairs: their sum (RepDistiller) or their mean"),
         _option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha,
                 help="kd weight; the hard-label ce gets 1 - alpha"),
