@@ -187,7 +187,7 @@ class FolderSource(Source):
         return np.asarray(self.folder.targets, dtype=np.int64)
 
     def image_sizes(self) -> dict[tuple[int, int], tuple[int, str]]:
-        """From each file's header (PIL reads no pixels for it): about 30 us an image."""
+        """From each file's header (PIL reads no pixels for it): about 40 us an image (CIFAR-10's 50,000: 1.9 s)."""
         found: dict[tuple[int, int], tuple[int, str]] = {}
         for path, _ in self.folder.samples:
             try:
