@@ -18,6 +18,7 @@ from softcache.names import BACKENDS, POLICIES, TARGET_KINDS
 from softcache.losses.registry import MAP_LOSSES, VECTOR_LOSSES
 from softcache.losses.routing import PAIR_REDUCTIONS
 from softcache.names import LOSS_NAMES as LOSSES
+from softcache.planner import DATA_PATHS, IMAGE_PATHS
 
 
 class SoftcacheGroup(click.Group):
@@ -253,7 +254,7 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @data
 @augment
 @image_size
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=TeacherConfig.data_path,
+@_option("--data-path", type=click.Choice(IMAGE_PATHS), default=TeacherConfig.data_path,
          help="resident: images decoded once, views gathered on the device (cifar, none); loader: DataLoader workers")
 @training_options
 def train_teacher_cmd(**kw: Any) -> None:
@@ -288,7 +289,7 @@ def train_teacher_cmd(**kw: Any) -> None:
 @_option("--batch-size", type=click.IntRange(min=1), default=DumpConfig.batch_size,
          help="teacher images per forward pass")
 @workers
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=DumpConfig.data_path,
+@_option("--data-path", type=click.Choice(IMAGE_PATHS), default=DumpConfig.data_path,
          help="resident: images decoded once, views gathered on the device (crop-only views); "
               "loader: DataLoader workers")
 @_option("--out", required=True, type=click.Path(), is_eager=True, callback=_free_cache,
@@ -325,7 +326,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @_option("--teachers", default=StudentConfig.teachers,
          help="several cached teachers: 'mean' of their probabilities, or one name")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default=StudentConfig.data_path,
+@_option("--data-path", type=click.Choice(DATA_PATHS), default=StudentConfig.data_path,
          help="resident: images and targets in memory, views replayed on the device; loader: a DataLoader replays "
               "views, targets in memory; stream: targets streamed from the store [default auto: the first that fits]")
 @training_options
@@ -348,7 +349,7 @@ def train_student_cmd(**kw: Any) -> None:
          help="replay this cache's stored views as train-student would, targets computed online [default: fresh "
               "views of --augment each epoch]")
 @loss_options
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader"]), default=OnlineConfig.data_path,
+@_option("--data-path", type=click.Choice(IMAGE_PATHS), default=OnlineConfig.data_path,
          help="resident: images decoded once, views gathered on the device; loader: DataLoader workers")
 @training_options
 def train_online_cmd(**kw: Any) -> None:
@@ -529,7 +530,7 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
          help="timed steps per measurement and round (after 5 warm-up steps)")
 @_option("--rounds", type=click.IntRange(min=1), default=3,
          help="interleaved rounds over all rows; medians and per-round ratios are reported")
-@_option("--data-path", type=click.Choice(["auto", "resident", "loader", "stream"]), default="auto",
+@_option("--data-path", type=click.Choice(DATA_PATHS), default="auto",
          help="the student rows' data path (one row is always streamed)")
 @workers
 @_option("--out", default="runs/bench", type=click.Path(file_okay=False), help="folder for the caches and bench.json")

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 from softcache.errors import SoftcacheError
 
-DATA_PATHS = ("auto", "resident", "loader", "stream")
+DATA_PATHS = ("auto", "resident", "loader", "stream")     # a stage that reads cached targets (train-student)
+IMAGE_PATHS = ("auto", "resident", "loader")              # the others: images only (dump, train-teacher, online)
 RESIDENT_BYTES = 4 << 30  # what a stage may hold on the device: decoded images and cached targets together
 
 
@@ -41,7 +42,7 @@ def plan(data_path: str, *, crops: bool, images: int, targets: int = 0, stage_ta
     the bytes the resident images would take (`images`, padding included: `image_bytes`) and the bytes of the
     cached targets (`targets`); `stage_targets`: the stage reads cached targets (train-student)."""
     if data_path not in DATA_PATHS or (data_path == "stream" and not stage_targets):
-        valid = DATA_PATHS if stage_targets else tuple(p for p in DATA_PATHS if p != "stream")
+        valid = DATA_PATHS if stage_targets else IMAGE_PATHS
         raise SoftcacheError(f"unknown data path '{data_path}'; valid: {', '.join(valid)}")
     if data_path == "resident" and not crops:
         raise SoftcacheError(f"--data-path resident needs crop-only views of images of one size (cifar, none); "

@@ -150,8 +150,7 @@ def prepare_run(out: str | Path, config: Mapping[str, Any], *, kind: str, overwr
     writing to, and an unfinished run made with other settings (it continues one made with the same)."""
     assert kind in KINDS, f"unknown run kind {kind!r}; valid: {', '.join(KINDS)}"
     out = local_only(out)
-    if (out / "summary.json").exists() and not overwrite:
-        raise SoftcacheError(f"'{out}' holds a finished run (summary.json); pass --overwrite or choose another --out")
+    check_resumable(out, config, overwrite=overwrite)  # before the folder is touched; again under the lock
     _make_folder(out)
     with WriterLock(run_lock_path(out), f"run folder '{out}'"):
         check_resumable(out, config, overwrite=overwrite)

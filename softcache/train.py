@@ -23,6 +23,7 @@ from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.models import Tapped, build_model, check_classes, check_layers, load_weights
+from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
 from softcache.training.loop import fit
 from softcache.training.steps import CEStep, DistillStep
@@ -158,7 +159,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
                                 reduce=pair_reduce, labels=labels, seed=seed).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
         step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
-                                 device=dev)
+                           device=dev)
         try:
             return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
@@ -224,10 +225,6 @@ def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str
     return DistillLoss(weights, temperature=temperature, routes=routes, channels=channels, reduce=reduce).to(device)
 
 
-DATA_PATHS = {TeacherConfig: ("auto", "resident", "loader"), StudentConfig: ("auto", "resident", "loader", "stream"),
-              OnlineConfig: ("auto", "resident", "loader")}
-
-
 def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
     """A training stage's values that need no data or model, checked before anything is loaded (and by
     `softcache run` for every stage before its first stage runs)."""
@@ -236,8 +233,9 @@ def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
                              ("lr", o.lr, 0), ("weight_decay", o.weight_decay, 0), ("momentum", o.momentum, 0)):
         if value < low:
             raise SoftcacheError(f"{name} = {value}: it must be at least {low}")
-    if cfg.data_path not in DATA_PATHS[type(cfg)]:
-        raise SoftcacheError(f"data_path '{cfg.data_path}'; valid: {', '.join(DATA_PATHS[type(cfg)])}")
+    valid = DATA_PATHS if isinstance(cfg, StudentConfig) else IMAGE_PATHS
+    if cfg.data_path not in valid:
+        raise SoftcacheError(f"data_path '{cfg.data_path}'; valid: {', '.join(valid)}")
     if cfg.image_size is not None and cfg.image_size < 1:
         raise SoftcacheError(f"image_size = {cfg.image_size}: give a positive number of pixels")
     if not isinstance(cfg, StudentConfig):
