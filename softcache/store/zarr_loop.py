@@ -38,12 +38,15 @@ async def _cancel_pending() -> None:
 
 def settle() -> None:
     """Cancel and finish every task still pending on zarr's loop (none, mostly)."""
-    loop = zarr.core.sync.loop[0]
+    loop = getattr(zarr.core.sync, "loop", [None])[0]
     if loop is None or loop.is_closed() or not loop.is_running():
         return
     with contextlib.suppress(concurrent.futures.TimeoutError, RuntimeError):  # the loop is going away anyway
         asyncio.run_coroutine_threadsafe(_cancel_pending(), loop).result(timeout=5)
 
 
-zarr.core.sync._get_loop().set_exception_handler(_handle)  # the loop zarr runs every read on
+# the loop zarr runs every read on; `_get_loop` is zarr's own (private) way to it: a zarr without it keeps the
+# noise, nothing else
+if hasattr(zarr.core.sync, "_get_loop"):
+    zarr.core.sync._get_loop().set_exception_handler(_handle)
 atexit.register(settle)
