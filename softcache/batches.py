@@ -147,8 +147,9 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
     def order(epoch: int) -> np.ndarray:
         return rank_share(epoch_order(n, seed=seed, epoch=epoch), batch_size, world)
     share = len(order(0))
-    wanted = plan(data_path, crops=augment.finite, images=image_bytes(n, augment.image_size, augment.crop_pad),
-                  what=f"'{augment.policy}' views").images == "resident"
+    wanted = plan(data_path, crops=augment.finite and augment.plain,
+                  images=image_bytes(n, augment.image_size, augment.crop_pad),
+                  what=f"'{augment.describe()}' views").images == "resident"
     images = decode_all(source, workers) if wanted else None
     if images is not None:
         height, width = images.shape[-2:]
@@ -163,7 +164,8 @@ def augmented_batches(source: Source, augment: Augment, *, batch_size: int, seed
                                   pad=padding_for(boxes, height, width, augment.image_size),
                                   batch_size=per_rank, drop_last=True, device=device)
     if data_path == "resident":
-        raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size")
+        raise SoftcacheError("--data-path resident needs crop-only views (cifar, none) of images of one size, "
+                             "without pixel work or mixing")
     batches = KeyBatches(share, per_rank, seed=seed, shuffle=True, drop_last=True, order_fn=order,
                          key_fn=lambda epoch, visit: [(int(i), epoch) for i in visit])
     loader = torch.utils.data.DataLoader(AugmentedViews(source, augment, seed), batch_sampler=batches,
@@ -225,7 +227,8 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     def slot(epoch: int) -> int:
         return replay_slot(num_views, seed=seed, epoch=epoch)
 
-    crops = augment.finite and crop_only(reader.read("views/box", slot=0), image_size)  # finite: every slot alike
+    # finite plain crops: every slot alike; pixel work and mixing replay in DataLoader workers
+    crops = augment.finite and augment.plain and crop_only(reader.read("views/box", slot=0), image_size)
     followers = []
     if targets is None:
         cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
@@ -293,11 +296,11 @@ def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, ord
                               samples=samples,
                               views=lambda epoch: (reader.read("views/box", slot=slot(epoch)),
                                                    reader.read("views/flip", slot=slot(epoch))))
-    boxes, flips = reader.read("views/box"), reader.read("views/flip")
+    replay = ReplayViews.from_cache(reader, source, augment.image_size)
     batches = KeyBatches(len(source) if samples is None else samples, batch_size, seed=0, shuffle=True,
                          drop_last=True, order_fn=order,
                          key_fn=lambda epoch, visit: [(i, slot(epoch)) for i in visit.tolist()])
-    loader = torch.utils.data.DataLoader(ReplayViews(source, boxes, flips, augment.image_size), batch_sampler=batches,
+    loader = torch.utils.data.DataLoader(replay, batch_sampler=batches,
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
     return EpochBatches(loader, followers)

@@ -12,9 +12,10 @@ from collections.abc import Callable
 import click
 
 from softcache import __version__
-from softcache.config import DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, default_device
+from softcache.config import (DumpConfig, OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, ViewOptions,
+                              default_device)
 from softcache.errors import SoftcacheError
-from softcache.names import BACKENDS, POLICIES, TARGET_KINDS
+from softcache.names import AUTO_SPELLINGS, BACKENDS, POLICIES, TARGET_KINDS
 from softcache.losses.registry import MAP_LOSSES, VECTOR_LOSSES
 from softcache.losses.routing import PAIR_REDUCTIONS
 from softcache.names import LOSS_NAMES as LOSSES
@@ -139,7 +140,40 @@ seed = _option("--seed", type=int, default=0, help="seed for views, order and in
 data = _option("--data", required=True, metavar="SPEC",
                help="cifar10[:ROOT], cifar100[:ROOT], imagefolder:ROOT or synthetic[:N]")
 download = _option("--download", is_flag=True, help="let torchvision download cifar10/cifar100")
-augment = _option("--augment", type=click.Choice(POLICIES), default="cifar", help="augmentation policy")
+def _policy(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A crop policy name, or a user's pipeline as package.module:callable."""
+    module, colon, attr = value.partition(":")
+    if value in POLICIES or (colon and module and attr):
+        return value
+    raise click.BadParameter(f"'{value}' is not a policy; valid: {', '.join(POLICIES)}, or package.module:callable "
+                             "(your own pipeline, called as callable(image_size=S))")
+
+
+augment = _option("--augment", default="cifar", callback=_policy, metavar="POLICY|MODULE:CALLABLE",
+                  help=f"crop policy ({', '.join(POLICIES)}) or your own pipeline, package.module:callable, called "
+                       "as callable(image_size=S) -> transform of a uint8 [3, H, W] image to [3, S, S]")
+
+
+def view_options(f: Callable) -> Callable:
+    """Pixel work and mixing after the crop, in timm's spelling (softcache.pixels, softcache.mixing)."""
+    d = ViewOptions()
+    probability = click.FloatRange(0, 1)
+    for opt in reversed([
+        _option("--aa", "auto_augment", default=d.auto_augment, metavar="SPEC",
+                help=f"auto-augment after the crop: {', '.join(AUTO_SPELLINGS)} (e.g. rand-m9-n2) [default: none]"),
+        _option("--color-jitter", type=click.FloatRange(min=0), default=d.color_jitter,
+                help="ColorJitter strength (brightness, contrast, saturation); 0: off"),
+        _option("--reprob", type=probability, default=d.reprob, help="RandomErasing probability; 0: off"),
+        _option("--mixup", type=float, default=None, metavar="ALPHA",
+                help="Mixup with Beta(ALPHA, ALPHA) [default: off]"),
+        _option("--cutmix", type=float, default=None, metavar="ALPHA",
+                help="CutMix with Beta(ALPHA, ALPHA) [default: off]"),
+        _option("--mix-prob", type=probability, default=d.mix_prob, help="probability that a view is mixed"),
+        _option("--mix-switch-prob", type=probability, default=d.mix_switch_prob,
+                help="with --mixup and --cutmix: probability of CutMix rather than Mixup"),
+    ]):
+        f = opt(f)
+    return f
 image_size = _option("--image-size", type=click.IntRange(min=1), default=None,
                      help="view side in pixels [default: 224 for imagenet, else the source size]")
 overwrite = _option("--overwrite", is_flag=True, help="replace a finished output")
@@ -253,6 +287,7 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @_option("--model", required=True, help="model name, e.g. resnet56, resnet18, package.module:callable")
 @data
 @augment
+@view_options
 @image_size
 @_option("--data-path", type=click.Choice(IMAGE_PATHS), default=TeacherConfig.data_path,
          help="resident: images decoded once, views gathered on the device (cifar, none); loader: DataLoader workers")
@@ -272,6 +307,7 @@ def train_teacher_cmd(**kw: Any) -> None:
          help="teacher state_dict file (e.g. RUN/model.pt), one per --teacher")
 @data
 @augment
+@view_options
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
 @_option("--layers", default="", callback=_names, help="comma-separated feature layers to store [default: logits only]")
 @_option("--logits", default=DumpConfig.logits, metavar="FORMAT", help="fp16, bf16, fp32, topk:K or sampled:K[:TAU]")
@@ -344,6 +380,7 @@ def train_student_cmd(**kw: Any) -> None:
 @_option("--student", required=True, help="student model name")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in --views-from]")
 @augment
+@view_options
 @image_size
 @_option("--views-from", default=None, type=click.Path(), metavar="CACHE",
          help="replay this cache's stored views as train-student would, targets computed online [default: fresh "

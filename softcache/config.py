@@ -28,14 +28,28 @@ class OptimConfig:
     sync_bn: bool = False       # under torchrun: BatchNorm statistics over the global batch (SyncBatchNorm)
 
 
+@dataclass(frozen=True, kw_only=True)
+class ViewOptions:
+    """The pixel work and mixing of views besides the crop policy (`augment`), shared by the stages that draw
+    views: train-teacher, dump-teacher, train-online (see softcache.pixels, softcache.mixing)."""
+
+    auto_augment: str = ""          # --aa: rand-m9-n2 (RandAugment), trivialaugment, autoaugment[-cifar10]
+    color_jitter: float = 0.0       # ColorJitter(brightness=contrast=saturation=this); 0: off
+    reprob: float = 0.0             # RandomErasing probability; 0: off
+    mixup: float | None = None      # Mixup Beta(alpha, alpha); None: off
+    cutmix: float | None = None     # CutMix Beta(alpha, alpha); None: off
+    mix_prob: float = 1.0           # probability that a view is mixed (Mixup or CutMix on)
+    mix_switch_prob: float = 0.5    # both on: probability of CutMix rather than Mixup
+
+
 @dataclass(frozen=True)
-class TeacherConfig:
+class TeacherConfig(ViewOptions):
     """train-teacher: plain cross-entropy training (also the no-KD baseline)."""
 
     model: str                      # model name (see softcache.models)
     data: str                       # dataset spec (see softcache.data)
     out: str                        # run folder
-    augment: str = "cifar"          # augmentation policy
+    augment: str = "cifar"          # crop policy (cifar, imagenet, none) or a package.module:callable pipeline
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = field(default_factory=default_device)
@@ -46,14 +60,14 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class DumpConfig:
+class DumpConfig(ViewOptions):
     """dump-teacher: run the teacher once over replayable views and cache its outputs."""
 
     teacher: tuple[str, ...]        # teacher model name(s); features are taken from the first
     weights: tuple[str, ...]        # one state_dict file per teacher
     data: str                       # dataset spec; the training split is dumped
     out: str                        # cache folder (zarr) or .h5 file (hdf5)
-    augment: str = "cifar"          # augmentation policy
+    augment: str = "cifar"          # crop policy (cifar, imagenet, none) or a package.module:callable pipeline
     views: str = "1"                # views per sample: a number, or 'all' for a finite policy
     layers: tuple[str, ...] = ()    # feature layers to store besides the logits
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
@@ -99,7 +113,7 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
-class OnlineConfig:
+class OnlineConfig(ViewOptions):
     """train-online: a student trained with the teacher in the loop (the online-KD baseline a cache replaces).
 
     The loss options are train-student's. Views are fresh each epoch, drawn from the policy as train-teacher
@@ -111,7 +125,7 @@ class OnlineConfig:
     student: str                    # student model name
     out: str                        # run folder
     data: str | None = None         # dataset spec; None: the one recorded in `views_from`
-    augment: str = "cifar"          # augmentation policy (fresh views)
+    augment: str = "cifar"          # crop policy or package.module:callable pipeline (fresh views)
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
     views_from: str | None = None   # a cache whose stored views are replayed instead of fresh ones
     losses: tuple[str, ...] = ("kd",)

@@ -28,7 +28,7 @@ from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
 from softcache.planner import image_bytes, plan
-from softcache.policies import POLICIES
+from softcache.policies import policy_of
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
 from softcache.store import where
 from softcache.store.backends import BACKENDS
@@ -56,8 +56,8 @@ def resolve_image_size(policy: str, image_size: int | None, source: Source) -> i
     several sizes without `image_size` are refused, naming the sizes: no image is shrunk to the first one's."""
     if image_size is not None:
         return image_size
-    if POLICIES[policy].image_size is not None:  # imagenet: 224
-        return POLICIES[policy].image_size
+    if policy_of(policy).image_size is not None:  # imagenet: 224
+        return policy_of(policy).image_size
     sizes = source.image_sizes()
     if not sizes:
         raise SoftcacheError(f"the {source.spec} split holds no images")
@@ -101,7 +101,8 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
                  "num_samples": len(source), "classes": list(source.classes)},
         augment={"policy": augment.policy, "views": views if views == "all" else int(views), "num_views": num_views,
                  "seed": seed, "image_size": augment.image_size, "pad": augment.pad, "scale": list(augment.scale),
-                 "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std)},
+                 "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std),
+                 **augment.to_json()},
         layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets,
                                 "shard_bytes": int(shard_mb * 2**20)})
 
@@ -115,21 +116,24 @@ def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[tupl
 
 
 def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int, workers: int, device: torch.device,
-                  data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, np.ndarray, np.ndarray]]:
-    """Per batch of samples `[a, b)`: their views `[B * V, 3, S, S]` uint8 (sample-major) with labels, boxes, flips.
+                  data_path: str) -> Iterator[tuple[torch.Tensor, np.ndarray, dict[str, np.ndarray]]]:
+    """Per batch of samples `[a, b)`: their views `[B * V, 3, S, S]` uint8 (sample-major), labels, and the view
+    records for the cache (`{'views/box': [B, V, 4], 'views/flip': [B, V], ...}`, see `DumpViews`).
 
-    'resident' decodes the images left to dump once and gathers the views on the device (crop-only views,
-    one image size), drawing each shard's view table as it starts; 'loader' crops in DataLoader workers;
-    'auto' is resident when that applies and fits in memory. Both give the same pixels.
+    'resident' decodes the images left to dump once and gathers the views on the device (plain crop views,
+    one image size), drawing each shard's view table as it starts; 'loader' makes the views in DataLoader
+    workers (any view: resizing, pixel work, mixing); 'auto' is resident when that applies and fits in memory.
+    Both give the same pixels.
     """
     source, augment, k = dataset.source, dataset.augment, dataset.k
     needed = np.concatenate([np.arange(a, b) for a, b in batches]) if batches else np.zeros(0, np.int64)
     position = np.full(len(source), -1, np.int64)  # sample -> its row among the decoded images
     position[needed] = np.arange(len(needed))
-    resident = plan(data_path, crops=augment.finite, images=image_bytes(len(needed), augment.image_size,
-                                                                        augment.crop_pad)).images == "resident"
+    crops = augment.finite and augment.plain
+    resident = plan(data_path, crops=crops, images=image_bytes(len(needed), augment.image_size,
+                                                               augment.crop_pad)).images == "resident"
     images = decode_all(source, workers, indices=needed.tolist()) if resident and batches else None
-    if images is not None and augment.finite:
+    if images is not None and crops:
         height, width = images.shape[-2:]
         every = augment.all_views(height, width)[0]
         if crop_only(every, augment.image_size):
@@ -145,14 +149,30 @@ def _view_batches(dataset: DumpViews, batches: list[tuple[int, int]], shard: int
                     corner, flip = view_corners(boxes, flips, gather.pad, device)
                 index = rows[a:b, None].expand(-1, k).reshape(-1)
                 yield (gather.crops(index, corner[a - lo:b - lo].reshape(-1, 2), flip[a - lo:b - lo].reshape(-1)),
-                       labels[a:b], boxes[a - lo:b - lo], flips[a - lo:b - lo])
+                       labels[a:b], {"views/box": boxes[a - lo:b - lo], "views/flip": flips[a - lo:b - lo]})
             return
     if data_path == "resident":
-        raise SoftcacheError("--data-path resident needs crop-only views of images of one size; use --data-path loader")
+        raise SoftcacheError("--data-path resident needs crop-only views of images of one size, without pixel work "
+                             "or mixing; use --data-path loader")
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=[list(range(a, b)) for a, b in batches],
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    for stacked, labels, boxes, flips in loader:
-        yield stacked.flatten(0, 1), labels.numpy(), boxes.numpy(), flips.numpy()
+    for stacked, labels, rows in loader:
+        yield stacked.flatten(0, 1), labels.numpy(), {name: value.numpy() for name, value in rows.items()}
+
+
+def check_replayable(dataset: DumpViews, samples: Iterable[int]) -> None:
+    """Draw the views of `samples` (the first batch) twice and refuse a pipeline that does not give the same
+    pixels and records both times: its views could not be replayed, so no shard is written."""
+    for i in samples:
+        (first, _, a), (second, _, b) = dataset[i], dataset[i]
+        differs = [v for v in range(dataset.k) if not torch.equal(first[v], second[v])
+                   or any(not np.array_equal(a[name][v], b[name][v]) for name in a)]
+        if differs:
+            raise SoftcacheError(f"the augmentation pipeline is not deterministic: sample {i} view {differs[0]} came "
+                                 f"out differently when drawn twice with the same seed ({dataset.augment.describe()})"
+                                 "; softcache seeds torch's generator for every view, so draw from it (as "
+                                 "torchvision's v2 transforms do), not from Python's random or NumPy's global "
+                                 "generator")
 
 
 def default_writer_threads() -> int:
@@ -233,13 +253,13 @@ class _TeacherBatches:
         event.record()
         return outputs, event, began
 
-    def store(self, span: tuple[int, int], labels: np.ndarray, boxes: np.ndarray, flips: np.ndarray,
-              outputs: list, event: Any, timing: Any) -> None:
+    def store(self, span: tuple[int, int], labels: np.ndarray, records: dict[str, np.ndarray], outputs: list,
+              event: Any, timing: Any) -> None:
         if event is not None:
             event.synchronize()
             timing = timing.elapsed_time(event) / 1000
         b, k = span[1] - span[0], self.num_views
-        rows = {"labels": labels.astype(np.int64), "views/box": boxes, "views/flip": flips}
+        rows = {"labels": labels.astype(np.int64), **records}
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
         generator = torch.Generator().manual_seed(self.manifest["augment"]["seed"] * 1_000_003 + span[0])
         for name, logits, features in outputs:
@@ -257,12 +277,12 @@ class _TeacherBatches:
         """Every batch, one in flight: while the device runs batch k, the host encodes batch k - 1 and hands
         it to the writer threads, which compress and write whole shards."""
         pending, todo = None, sum(b - a for a, b in batches)
-        for span, (flat, labels, boxes, flips) in progress.track(
+        for span, (flat, labels, records) in progress.track(
                 zip(batches, views), what=what, total=len(batches), count=lambda item: item[0][1] - item[0][0],
                 amount=todo, amount_unit="samples", final=True):
             if pending is None:
                 log.info("first batch: samples %d-%d of %d", span[0], span[1], len(self.source))
-            launched = (span, labels, boxes, flips, *self.launch(flat))
+            launched = (span, labels, records, *self.launch(flat))
             if pending is not None:
                 self.store(*pending)
             pending = launched
@@ -289,7 +309,10 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     names = [t["name"] for t in manifest["teachers"]]
     fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
     layout = array_layout(len(source), dataset.k,
-                          _target_layout(tapped, names, source, augment, manifest, fmt, dev))
+                          {**augment.record_layout(), **_target_layout(tapped, names, source, augment, manifest, fmt,
+                                                                       dev)})
+    if not augment.plain and world.main:
+        check_replayable(dataset, range(min(len(source), max(1, batch_size // dataset.k))))
     writer = _open_writer(out, layout, manifest, existing, threads=writer_threads or default_writer_threads(),
                           world=world)
     resumed_from = sum(m["samples"][1] - m["samples"][0] for m in writer.committed.values())
@@ -353,15 +376,15 @@ def check_dump(cfg: DumpConfig) -> None:
     if len(cfg.weights) != len(cfg.teacher):
         raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; "
                              "give one --weights per --teacher")
-    augment = Augment(cfg.augment, image_size=cfg.image_size or 1)  # the view count does not depend on the size
+    augment = Augment.from_options(cfg, cfg.image_size or 1)  # the view count does not depend on the size
     if cfg.views != "all":
         augment.resolve_views(cfg.views)
     else:
         augment.count_all()
     LogitsFormat.parse(cfg.logits, cfg.temperature)
-    if cfg.data_path == "resident" and not augment.finite:
-        raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none); '{cfg.augment}' resizes its "
-                             "crops: use --data-path loader (or auto)")
+    if cfg.data_path == "resident" and not (augment.finite and augment.plain):
+        raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none) without pixel work; '{augment.describe()}' "
+                             "resizes its crops or works on their pixels: use --data-path loader (or auto)")
     if cfg.batch_size < 1 or cfg.shard_mb <= 0:
         raise SoftcacheError(f"batch_size {cfg.batch_size} and shard_mb {cfg.shard_mb} must be positive")
     backend_of(cfg.out, cfg.format)
@@ -373,7 +396,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     since = time.perf_counter()
     check_dump(cfg)
     source = load_source(cfg.data, "train", download=cfg.download)
-    augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, source))
+    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, source))
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
         if not Path(weights).is_file():

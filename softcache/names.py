@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from softcache.losses.registry import LOSS_NAMES
 
-__all__ = ["BACKENDS", "LOSS_NAMES", "POLICIES", "TARGET_KINDS"]
+__all__ = ["AUTO_SPELLINGS", "BACKENDS", "LOSS_NAMES", "POLICIES", "TARGET_KINDS"]
 
 POLICIES = ("cifar", "imagenet", "none")
 TARGET_KINDS = ("features", "attention")
 BACKENDS = ("zarr", "hdf5")
+AUTO_SPELLINGS = ("rand-mM-nN", "trivialaugment", "ta_wide", "autoaugment", "original", "autoaugment-imagenet",
+                  "autoaugment-cifar10", "autoaugment-svhn")  # --aa (softcache.pixels)

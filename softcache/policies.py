@@ -99,4 +99,22 @@ class ResizedCrop(Policy):
         return (height - side) // 2, (width - side) // 2, side, side
 
 
+class UserPipeline(Policy):
+    """`--augment package.module:callable`: the user's transform makes the whole view from the whole image (its own
+    crop included), so there is no crop to store: a view's box is the whole image, unflipped. Continuous; evaluated
+    on the centred square, as `none`."""
+
+    name = "package.module:callable"
+    finite = False
+
+    def draw(self, a: Augment, height: int, width: int, k: int, rng: np.random.Generator) -> Views:
+        return np.tile(np.asarray([0, 0, height, width], np.float32), (k, 1)), np.zeros(k, bool)
+
+
 POLICIES: dict[str, Policy] = {p.name: p for p in (PadCrop(), ResizedCrop(), Centre())}
+USER = UserPipeline()
+
+
+def policy_of(name: str) -> Policy:
+    """The policy object of a policy name, or of a user's `package.module:callable`."""
+    return USER if ":" in name else POLICIES[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 from collections.abc import Callable, Mapping, Sequence
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from softcache import distributed
 from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
-from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, to_json
+from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, ViewOptions, to_json
 from softcache.data import Source, check_data_matches, load_source, recorded_source
 from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
@@ -239,7 +240,7 @@ def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
     if cfg.image_size is not None and cfg.image_size < 1:
         raise SoftcacheError(f"image_size = {cfg.image_size}: give a positive number of pixels")
     if not isinstance(cfg, StudentConfig):
-        Augment(cfg.augment, image_size=cfg.image_size or 1)
+        Augment.from_options(cfg, cfg.image_size or 1)
     if not isinstance(cfg, TeacherConfig):
         resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                         overrides=dict(cfg.weights))
@@ -252,7 +253,8 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     check_training(cfg)
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
-    augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    augment.probe(train_source)
     world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
     model = build_model(cfg.model, num_classes=len(train_source.classes))
@@ -353,11 +355,15 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     else:
         train_source = recorded_source(reader.manifest["dataset"], "train", download=cfg.download)
         test_source = recorded_source(reader.manifest["dataset"], "test", download=cfg.download)
-    if reader is not None:  # the cache's policy and view size
-        aug = reader.manifest["augment"]
-        augment = Augment.from_manifest(aug, cfg.image_size)
+    if reader is not None:  # the cache's policy, pixel work, mixing and view size
+        given = [f.name for f in fields(ViewOptions) if getattr(cfg, f.name) != f.default]
+        if given:
+            raise SoftcacheError(f"--views-from replays the cache's own views ({reader.manifest['augment']['policy']}"
+                                 f" and its pixel work and mixing); drop --{given[0].replace('_', '-')}")
+        augment = Augment.from_manifest(reader.manifest["augment"], cfg.image_size)
     else:
-        augment = Augment(cfg.augment, image_size=resolve_image_size(cfg.augment, cfg.image_size, train_source))
+        augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source))
+        augment.probe(train_source)
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
     world = distributed.init(cfg.device)

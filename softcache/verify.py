@@ -61,7 +61,7 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
     rng = np.random.default_rng(seed)
     n, v = reader.shape("views/flip")
     index, view = rng.integers(0, n, samples), rng.integers(0, v, samples)
-    replay = ReplayViews(source, reader.read("views/box"), reader.read("views/flip"), manifest["augment"]["image_size"])
+    replay = ReplayViews.from_cache(reader, source)
     batch = torch.stack([replay[(int(i), int(k))][0] for i, k in zip(index, view)])
     logits, features = teacher_outputs(tapped, batch, mean=source.mean, std=source.std, device=dev)
     fmt = LogitsFormat.from_json(manifest["storage"]["logits"])

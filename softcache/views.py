@@ -3,19 +3,26 @@
 A view is `(box, flip)`: `box = (top, left, height, width)` in source-image pixels, which may reach past the
 image edge (zero padding, as `torchvision.transforms.v2.functional.crop` does); the crop is resized to the
 output size, then flipped horizontally if `flip`. One representation covers CIFAR's pad-and-crop and
-ImageNet's RandomResizedCrop, and because boxes are in source pixels a student can replay a view at another
-resolution than the teacher saw.
+ImageNet's RandomResizedCrop, and because boxes are in source pixels a student can replay a plain crop view at
+another resolution than the teacher saw.
 
 Policies (softcache.policies, one object each):
     none      a centred square of the whole image (CIFAR: the image itself), one view
     cifar     pad 4, random crop of the source size, horizontal flip: 9 x 9 offsets x 2 flips = 162 views
     imagenet  RandomResizedCrop(image_size, scale=(0.08, 1), ratio=(3/4, 4/3)) + flip; continuous
+    package.module:callable   a user's pipeline, from the whole image to the view
+
+After the crop a view may go through pixel work (softcache.pixels: RandAugment, colour jitter, erasing, or the
+user's pipeline) under torch's generator seeded per view, and be mixed with a partner view (softcache.mixing:
+Mixup, CutMix). Such views carry records besides the box and flip, stored per view in the cache (`RECORDS`):
+the seed, the CRC-32 of the unmixed pixels (what every replay is checked against) and the mix.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,40 +30,137 @@ from torchvision.transforms.v2 import functional as TF
 
 from softcache.data import Source
 from softcache.errors import SoftcacheError
-
+from softcache.mixing import NO_MIX, Mix, mix_pixels
+from softcache.pixels import Pixels, built, check_output, checksum, identity, run_seeded, what_changed
 from softcache.policies import POLICIES as POLICY_OBJECTS
-from softcache.policies import Policy
+from softcache.policies import Policy, policy_of
 
 POLICIES = tuple(POLICY_OBJECTS)  # ("cifar", "imagenet", "none"): the names the CLI offers (names.POLICIES)
 VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
+RECORD_TAG = 0x51C0  # in the key of the generator a view's record (seed, mix) is drawn from
+# The per-view records of a cache whose views have pixel work or mixing: name -> (shape of one view's, dtype)
+RECORDS = {"views/seed": ((), "int64"), "views/crc": ((), "uint32")}
+MIX_RECORDS = {"views/mix": ((6,), "int32"), "views/lam": ((), "float32")}
 
 
 @dataclass(frozen=True)
 class Augment:
-    """An augmentation policy and the output size of its views."""
+    """An augmentation policy, the output size of its views, their pixel work and their mixing."""
 
-    policy: str = "none"                         # one of POLICIES
+    policy: str = "none"                         # one of POLICIES, or a user's package.module:callable
     image_size: int = 32                         # side of the square tensor a view becomes
     pad: int = 4                                 # cifar: zero padding on each side before the crop
     scale: tuple[float, float] = (0.08, 1.0)     # imagenet: crop area as a fraction of the image
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: crop aspect-ratio range
+    pixels: Pixels = field(default_factory=Pixels)  # after the crop: RandAugment, jitter, erasing (softcache.pixels)
+    mix: Mix = field(default_factory=Mix)        # Mixup / CutMix (softcache.mixing)
 
     def __post_init__(self) -> None:
-        if self.policy not in POLICY_OBJECTS:
-            raise SoftcacheError(f"unknown augmentation policy '{self.policy}'; valid: {', '.join(POLICY_OBJECTS)}")
+        if ":" not in self.policy and self.policy not in POLICY_OBJECTS:
+            raise SoftcacheError(f"unknown augmentation policy '{self.policy}'; valid: {', '.join(POLICY_OBJECTS)}, "
+                                 "or a pipeline of your own as package.module:callable")
         if self.image_size < 1:
             raise SoftcacheError(f"--image-size must be a positive number of pixels, got {self.image_size}")
+        if ":" in self.policy and self.pixels.user != self.policy:  # the user's pipeline is pixel work too
+            object.__setattr__(self, "pixels", replace(self.pixels, user=self.policy))
 
     @classmethod
     def from_manifest(cls, augment: dict, image_size: int | None = None) -> Augment:
-        """The policy a cache records (`manifest["augment"]`), at its view size or at `image_size`."""
-        return cls(augment["policy"], image_size=image_size or augment["image_size"], pad=augment["pad"],
-                   scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]))
+        """The augmentation a cache records (`manifest["augment"]`), at its view size or at `image_size`
+        (plain crops only: pixel work and mixing replay at the size the teacher saw)."""
+        found = cls(augment["policy"], image_size=augment["image_size"], pad=augment["pad"],
+                    scale=tuple(augment["scale"]), ratio=tuple(augment["ratio"]),
+                    pixels=Pixels(**augment.get("pixels", {})), mix=Mix(**augment.get("mix", {})))
+        if image_size is None or image_size == found.image_size:
+            return found
+        if not found.plain:
+            raise SoftcacheError(f"this cache's views go through {found.describe()}: they replay only at the "
+                                 f"{found.image_size}x{found.image_size} the teacher saw; drop --image-size "
+                                 f"{image_size} (or give {found.image_size})")
+        return replace(found, image_size=image_size)
+
+    @classmethod
+    def from_options(cls, options: Any, image_size: int) -> Augment:
+        """The augmentation a stage's config asks for (its `augment` policy and `config.ViewOptions`)."""
+        return cls(options.augment, image_size=image_size,
+                   pixels=Pixels(auto_augment=options.auto_augment, color_jitter=options.color_jitter,
+                                 reprob=options.reprob),
+                   mix=Mix(options.mixup, options.cutmix, options.mix_prob, options.mix_switch_prob))
+
+    @property
+    def plain(self) -> bool:
+        """Crop and flip only: no pixel work, no mixing (what the resident, gathered-on-the-device path serves)."""
+        return not self.pixels.active and not self.mix.active
+
+    def describe(self) -> str:
+        """The pixel work and mixing in words, e.g. 'cifar crops, rand-m9-n2, reprob 0.25, mixup 0.8'."""
+        parts = [f"{self.policy} crops" if ":" not in self.policy else self.policy]
+        parts += [s for s in (self.pixels.auto_augment, self.pixels.color_jitter and
+                              f"color-jitter {self.pixels.color_jitter:g}",
+                              self.pixels.reprob and f"reprob {self.pixels.reprob:g}",
+                              self.mix.mixup and f"mixup {self.mix.mixup:g}",
+                              self.mix.cutmix and f"cutmix {self.mix.cutmix:g}") if s]
+        return ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The manifest's record of the pixel work and mixing (none for plain crops, so old cache ids hold)."""
+        if self.plain:
+            return {}
+        return {"pixels": self.pixels.to_json(), "mix": self.mix.to_json(),
+                "pixel_identity": identity(self.pixels, self.image_size) if self.pixels.active else None}
+
+    def record_layout(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """The per-view record arrays this augmentation stores (RECORDS, MIX_RECORDS): none for plain crops."""
+        if self.plain:
+            return {}
+        return {**RECORDS, **(MIX_RECORDS if self.mix.active else {})}
+
+    def view_record(self, key: Sequence[int], *, samples: int, views: int) -> tuple[int, tuple[int, ...], float]:
+        """One view's `(seed, mix record, λ)`, a pure function of `key`: `(seed, sample, view)` for a stored view,
+        `(seed, epoch, sample)` for a fresh one. The seed is what torch's generator is seeded with for the
+        view's pixel work; the mix is `mixing.Mix.draw`'s."""
+        rng = np.random.default_rng([*key, RECORD_TAG])
+        seed = int(rng.integers(2**63))
+        mix, lam = self.mix.draw(rng, samples=samples, views=views, size=self.image_size)
+        return seed, mix, lam
+
+    def stored_records(self, i: int, k: int, *, seed: int, samples: int) -> dict[str, np.ndarray]:
+        """The records of sample `i`'s `k` stored views (without the checksums, which come from the pixels):
+        `views/seed [k]`, and with mixing `views/mix [k, 6]`, `views/lam [k]`."""
+        drawn = [self.view_record((seed, i, v), samples=samples, views=k) for v in range(k)]
+        out = {"views/seed": np.asarray([d[0] for d in drawn], np.int64)}
+        if self.mix.active:
+            out["views/mix"] = np.asarray([d[1] for d in drawn], np.int32)
+            out["views/lam"] = np.asarray([d[2] for d in drawn], np.float32)
+        return out
+
+    def probe(self, source: Source) -> None:
+        """Build the pipeline and make one view of sample 0 here, so a callable that cannot be imported or returns
+        the wrong thing is refused in one line before any worker starts."""
+        if self.pixels.active and len(source):
+            image = source[0][0]
+            box, flip = self.sample_views(*image.shape[-2:], 1, (0, 0)) if not self.finite else \
+                (self.all_views(*image.shape[-2:])[0][:1], np.zeros(1, bool))
+            self.view(image, box[0], bool(flip[0]), 0)
+
+    def view(self, image: torch.Tensor, box: Sequence[float], flip: bool, seed: int = 0) -> torch.Tensor:
+        """The unmixed view `[3, S, S] uint8` of `image [3, H, W] uint8`: the crop `(box, flip)` (or the user's
+        pipeline on the whole image), then the pixel work with torch's generator seeded by `seed`."""
+        size = self.image_size
+        if not self.pixels.active:
+            return apply_view(image, box, flip, size)
+        user, ops = built(self.pixels, size)
+
+        def make(whole: torch.Tensor) -> torch.Tensor:
+            out = check_output(user(whole), size, self.pixels.user) if user else apply_view(whole, box, flip, size)
+            return ops(out) if ops is not None else out
+
+        return run_seeded(make, image, seed)
 
     @property
     def rule(self) -> Policy:
         """The policy object (softcache.policies) that makes this policy's views."""
-        return POLICY_OBJECTS[self.policy]
+        return policy_of(self.policy)
 
     @property
     def finite(self) -> bool:
@@ -70,8 +174,8 @@ class Augment:
     def count_all(self) -> int:
         """How many distinct views `--views all` enumerates (finite policies only)."""
         if not self.finite:
-            raise SoftcacheError(f"--views all needs a finite policy (cifar, none); '{self.policy}' samples "
-                                 "crops from a continuous range: give a number of views, e.g. --views 8")
+            raise SoftcacheError(f"--views all needs a finite policy (cifar, none); '{self.policy}' draws its "
+                                 "views from a continuous range: give a number of views, e.g. --views 8")
         return self.rule.count(self)
 
     def resolve_views(self, views: int | str) -> int:
@@ -158,10 +262,13 @@ def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int)
 # ---------------------------------------------------------------- datasets over views
 
 class DumpViews(torch.utils.data.Dataset):
-    """Sample `i` -> its `k` views for the teacher: `(views [k, 3, S, S] uint8, label, boxes [k, 4], flips [k])`.
+    """Sample `i` -> its `k` views for the teacher: `(views [k, 3, S, S] uint8, label, rows)`, `rows` the sample's
+    records for the cache: `views/box [k, 4]`, `views/flip [k]` and, for views with pixel work or mixing,
+    `views/seed`, `views/crc` (of the unmixed pixels), `views/mix`, `views/lam` (see `Augment.record_layout`).
 
     Views are drawn from `(seed, i)` (`Augment.stored_views`; with `views='all'` every view, in an order drawn
-    from `(seed, i)`), so a dump is the same whatever the batch size, worker count or device.
+    from `(seed, i)`), records from `(seed, i, view)`, so a dump is the same whatever the batch size, worker
+    count or device. A mixed view's partner is rebuilt from the partner's own records.
     """
 
     def __init__(self, source: Source, augment: Augment, views: int | str, seed: int):
@@ -176,20 +283,40 @@ class DumpViews(torch.utils.data.Dataset):
         boxes, flips = self.augment.stored_views(height, width, self.k, seed=self.seed, indices=np.asarray([i]))
         return boxes[0], flips[0]
 
+    def rows_of(self, i: int, height: int, width: int) -> dict[str, np.ndarray]:
+        """Sample `i`'s records but the checksums: box, flip and (pixel work or mixing) seed, mix, lam."""
+        boxes, flips = self.views_of(i, height, width)
+        rows = {"views/box": boxes, "views/flip": flips}
+        if not self.augment.plain:
+            rows.update(self.augment.stored_records(i, self.k, seed=self.seed, samples=len(self.source)))
+        return rows
+
+    def _unmixed(self, image: torch.Tensor, rows: dict[str, np.ndarray], v: int) -> torch.Tensor:
+        seed = int(rows["views/seed"][v]) if "views/seed" in rows else 0
+        return self.augment.view(image, rows["views/box"][v], bool(rows["views/flip"][v]), seed)
+
     def __getitem__(self, i: int):
         image, label = self.source[i]
-        boxes, flips = self.views_of(i, *image.shape[-2:])
-        size = self.augment.image_size
-        stacked = torch.stack([apply_view(image, b, f, size) for b, f in zip(boxes, flips)])
-        return stacked, label, torch.from_numpy(boxes), torch.from_numpy(flips)
+        rows = self.rows_of(i, *image.shape[-2:])
+        views = [self._unmixed(image, rows, v) for v in range(self.k)]
+        if not self.augment.plain:
+            rows["views/crc"] = np.asarray([checksum(x) for x in views], np.uint32)
+        for v, record in enumerate(rows.get("views/mix", ())):
+            if record[0] >= 0:
+                partner = self.source[int(record[0])][0]
+                other = self._unmixed(partner, self.rows_of(int(record[0]), *partner.shape[-2:]), int(record[1]))
+                views[v] = mix_pixels(views[v], other, record, float(rows["views/lam"][v]))
+        return torch.stack(views), label, rows
 
 
 class AugmentedViews(torch.utils.data.Dataset):
     """Key `(i, epoch)` -> `(view [3, S, S] uint8, label, i, epoch)`: a fresh view for plain training;
-    epoch < 0 is the eval view.
+    epoch < 0 is the eval view (no pixel work, no mixing). With mixing, two more items: the partner's label
+    and λ (`(..., partner_label, lam)`; the sample's own label and 1.0 when unmixed).
 
     Finite policies take view `epoch_choice(N, (seed, epoch))[i]` of `all_views`, imagenet draws from
-    `(seed, epoch, i)`.
+    `(seed, epoch, i)`; the pixel work's seed and the mix come from `(seed, epoch, i)`, a mixed view's partner
+    being the partner's own fresh view of that epoch.
     """
 
     def __init__(self, source: Source, augment: Augment, seed: int):
@@ -211,28 +338,90 @@ class AugmentedViews(torch.utils.data.Dataset):
         boxes, flips = self.augment.sample_views(height, width, 1, (self.seed, epoch, i))
         return boxes[0], bool(flips[0])
 
+    def _fresh(self, image: torch.Tensor, i: int, epoch: int) -> tuple[torch.Tensor, tuple[int, ...], float]:
+        box, flip = self.view_of(i, epoch, *image.shape[-2:])
+        if self.augment.plain:
+            return apply_view(image, box, flip, self.augment.image_size), NO_MIX, 1.0
+        seed, mix, lam = self.augment.view_record((self.seed, epoch, i), samples=len(self.source), views=1)
+        return self.augment.view(image, box, flip, seed), mix, lam
+
     def __getitem__(self, key: tuple[int, int]):
         i, epoch = key
         image, label = self.source[i]
-        box, flip = self.view_of(i, epoch, *image.shape[-2:])
-        return apply_view(image, box, flip, self.augment.image_size), label, i, epoch
+        if epoch < 0:
+            box, flip = self.view_of(i, epoch, *image.shape[-2:])
+            return apply_view(image, box, flip, self.augment.image_size), label, i, epoch
+        view, mix, lam = self._fresh(image, i, epoch)
+        if not self.augment.mix.active:
+            return view, label, i, epoch
+        partner_label = label
+        if mix[0] >= 0:
+            partner, partner_label = self.source[mix[0]]
+            view = mix_pixels(view, self._fresh(partner, mix[0], epoch)[0], mix, lam)
+        return view, label, i, epoch, partner_label, lam
 
 
 class ReplayViews(torch.utils.data.Dataset):
-    """Key `(i, v)` -> `(view [3, S, S] uint8, label, i, v)`: the stored view `v` of sample `i`, replayed."""
+    """Key `(i, v)` -> `(view [3, S, S] uint8, label, i, v)`: the stored view `v` of sample `i`, replayed from
+    its records (`records`: `views/box [N, V, 4]`, `views/flip [N, V]`, and for views with pixel work or mixing
+    `views/seed`, `views/crc`, `views/mix`, `views/lam`, as a cache stores them). With mixing, two more items:
+    the partner's label and λ, as `AugmentedViews` gives them.
 
-    def __init__(self, source: Source, boxes: np.ndarray, flips: np.ndarray, image_size: int):
+    Every replayed view with a stored checksum is checked against it (`verify`), the partner's included: a view
+    whose pixels differ from what the teacher saw stops the replay with one line naming the sample, the view
+    and what changed (`recorded`: the dump's `pixel_identity`), rather than train on other pixels.
+    """
+
+    def __init__(self, source: Source, records: dict[str, np.ndarray], augment: Augment, *,
+                 recorded: dict[str, Any] | None = None, verify: bool = True):
+        boxes, flips = records["views/box"], records["views/flip"]
         assert boxes.shape[:2] == flips.shape and len(boxes) == len(source), (
             "boxes [N, V, 4] and flips [N, V] must match the source")
-        self.source, self.boxes, self.flips, self.image_size = source, boxes, flips, image_size
+        self.source, self.records, self.augment = source, records, augment
+        self.recorded, self.verify = recorded, verify
+        self.labels = np.asarray(source.labels)
+
+    @classmethod
+    def from_cache(cls, reader: Any, source: Source, image_size: int | None = None, **kwargs: Any) -> ReplayViews:
+        """The replay of a cache's stored views (every record array it holds, read whole)."""
+        augment = Augment.from_manifest(reader.manifest["augment"], image_size)
+        names = ["views/box", "views/flip", *augment.record_layout()]
+        return cls(source, {name: reader.read(name) for name in names}, augment,
+                   recorded=reader.manifest["augment"].get("pixel_identity"), **kwargs)
 
     def __len__(self) -> int:
         return len(self.source)
 
+    def unmixed(self, i: int, v: int, image: torch.Tensor | None = None) -> torch.Tensor:
+        """Stored view `v` of sample `i` before mixing, checked against its checksum."""
+        image = self.source[i][0] if image is None else image
+        seeds = self.records.get("views/seed")
+        view = self.augment.view(image, self.records["views/box"][i, v], bool(self.records["views/flip"][i, v]),
+                                 int(seeds[i, v]) if seeds is not None else 0)
+        crc = self.records.get("views/crc")
+        if self.verify and crc is not None:
+            got = checksum(view)
+            if got != int(crc[i, v]):
+                now = identity(self.augment.pixels, self.augment.image_size) if self.augment.pixels.active else {}
+                raise SoftcacheError(f"sample {i} view {v}: the replayed pixels differ from those the teacher saw "
+                                     f"(CRC-32 {got:08x}, cached {int(crc[i, v]):08x}); "
+                                     f"{what_changed(self.recorded, now)}; re-dump the cache with this pipeline "
+                                     "or restore the one it was dumped with")
+        return view
+
     def __getitem__(self, key: tuple[int, int]):
         i, v = key
         image, label = self.source[i]
-        return apply_view(image, self.boxes[i, v], bool(self.flips[i, v]), self.image_size), label, i, v
+        view = self.unmixed(i, v, image)
+        mix = self.records.get("views/mix")
+        if mix is None:
+            return view, label, i, v
+        partner, partner_view = int(mix[i, v, 0]), int(mix[i, v, 1])
+        lam = float(self.records["views/lam"][i, v])
+        if partner < 0:
+            return view, label, i, v, label, lam
+        view = mix_pixels(view, self.unmixed(partner, partner_view), mix[i, v], lam)
+        return view, label, i, v, int(self.labels[partner]), lam
 
 
 class KeyBatches(torch.utils.data.Sampler):

@@ -47,7 +47,7 @@ TEACHER = ["train-teacher", "--model", "resnet8", "--epochs", "1", "--workers", 
     (["--data", "mnist"],
      r"unknown dataset 'mnist'; valid: cifar10\[:ROOT\], cifar100\[:ROOT\], imagefolder:ROOT, synthetic"),
     (["--data", "synthetic:20", "--augment", "random"],
-     r"Invalid value for '--augment': 'random' is not one of 'cifar', 'imagenet', 'none'"),
+     r"Invalid value for '--augment': 'random' is not a policy; valid: cifar, imagenet, none, or package.module:callable"),
     (["--data", "synthetic:20", "--model", "resnet21"], r"unknown model 'resnet21'; valid: resnet8, "),
 ])
 def test_train_teacher_bad_input(tmp_path, args, pattern):
@@ -65,7 +65,7 @@ def test_dump_bad_input(tmp_path, teacher_weights):
     assert_fails(_dump(teacher_weights, tmp_path / "c", "--layers", "layer3,layer5"),
                  r"unknown layer 'layer5'; valid: embedding, conv1, layer1, layer2, layer3, pool, fc")
     assert_fails(_dump(teacher_weights, tmp_path / "c", "--augment", "imagenet", "--views", "all"),
-                 r"--views all needs a finite policy \(cifar, none\); 'imagenet' samples crops")
+                 r"--views all needs a finite policy \(cifar, none\); 'imagenet' draws its views")
     assert_fails(invoke("dump-teacher", "--teacher", "resnet20", "--weights", teacher_weights, "--data", "synthetic:20",
                         "--out", tmp_path / "c"), r"checkpoint .* does not fit CifarResNet: missing keys: layer1\.1\.")
     assert_fails(_dump(tmp_path / "nope.pt", tmp_path / "c"), r"weights file .*nope\.pt' does not exist")

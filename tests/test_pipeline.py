@@ -166,7 +166,7 @@ def test_an_interrupted_stage_resumes(tmp_path, monkeypatch):
     ('[[student]]\nname = "a"\nstudent = "resnet8"\ncache = "c"\nonline = true\n',
      r"\[student a\] online = true needs cache = the \[\[dump\]\] whose teacher it runs"),
     ('[defaults]\nepoch = 1\n[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n',
-     r"unknown key 'epoch' in \[defaults\]; valid: root, alpha, augment, batch_size"),
+     r"unknown key 'epoch' in \[defaults\]; valid: root, alpha, augment, auto_augment, batch_size"),
     ('[defaults]\nroot = 5\n[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n',
      r"\[defaults\] root = 5 is not a string; expected a folder"),
     # values are checked for every stage before the first one runs (the teacher would train for minutes)

@@ -26,10 +26,9 @@ def test_replayed_views_give_the_cached_teacher_outputs(small_cache, teacher_wei
     cache = open_cache(small_cache)
     source = load_source("synthetic:20", "train")
     teacher = Tapped(load_teacher(teacher_weights), ["layer2", "layer3"]).eval()
-    boxes, flips = cache.read("views/box"), cache.read("views/flip")
     rng = np.random.default_rng(0)
     index, view = rng.integers(0, 20, 12), rng.integers(0, 5, 12)
-    replay = ReplayViews(source, boxes, flips, image_size=32)
+    replay = ReplayViews.from_cache(cache, source)
     batch = torch.stack([replay[(int(i), int(v))][0] for i, v in zip(index, view)])
     logits, features = teacher_outputs(teacher, batch, mean=source.mean, std=source.std, device=torch.device("cpu"))
     torch.testing.assert_close(logits, torch.from_numpy(cache.read("logits")[index, view]), **FP16_TOL)
@@ -45,7 +44,7 @@ def test_student_input_is_the_tensor_the_teacher_saw(small_cache):
     cache = open_cache(small_cache)
     source = load_source("synthetic:20", "train")
     dumped = DumpViews(source, Augment("cifar", image_size=32), views=5, seed=7)
-    replay = ReplayViews(source, cache.read("views/box"), cache.read("views/flip"), image_size=32)
+    replay = ReplayViews.from_cache(cache, source)
     for i in (0, 7, 19):
         teacher_views = dumped[i][0]
         for v in range(5):

@@ -65,11 +65,13 @@ class DistillLoss(nn.Module):
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
                 teacher: Mapping[str, torch.Tensor] | None, teacher_features: Mapping[str, torch.Tensor],
-                index: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """`index [B]`: the batch's sample indices (crd's positives and memory rows)."""
+                index: torch.Tensor | None = None,
+                mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """`index [B]`: the batch's sample indices (crd's positives and memory rows); `mixed`: the partner labels
+        and λ of mixed views, for the ce term (`CELoss`)."""
         terms: dict[str, torch.Tensor] = {}
         if "ce" in self.weights:
-            terms["ce"] = self.ce(logits, labels)
+            terms["ce"] = self.ce(logits, labels, mixed)
         if "kd" in self.weights:
             terms["kd"] = self.kd.from_target(logits, teacher)
         for term, pairs in self.routes.items():

@@ -9,10 +9,21 @@ from torch import nn
 
 
 class CELoss(nn.Module):
-    """Cross-entropy with the hard labels: `forward(student_logits [B, K], labels [B]) -> []`."""
+    """Cross-entropy with the hard labels: `forward(student_logits [B, K], labels [B], mixed=None) -> []`.
 
-    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(student_logits, labels)
+    For mixed views (Mixup, CutMix; softcache.mixing) `mixed = (partner_labels [B], lam [B])` and the target is
+    the mixed label `λ·y + (1 − λ)·y_partner`: `λ·CE(y) + (1 − λ)·CE(y_partner)`, averaged over the batch.
+    """
+
+    def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,
+                mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if mixed is None:
+            return F.cross_entropy(student_logits, labels)
+        partner, lam = mixed
+        lam = lam.to(student_logits.device, student_logits.dtype)
+        own = F.cross_entropy(student_logits, labels, reduction="none")
+        other = F.cross_entropy(student_logits, partner.to(labels.device), reduction="none")
+        return (lam * own + (1 - lam) * other).mean()
 
 
 class KDLoss(nn.Module):

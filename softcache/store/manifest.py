@@ -50,8 +50,8 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
     identity = {
         "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"]} for t in teachers],
         "dataset": dataset["fingerprint"],
-        "augment": {k: augment[k]
-                    for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean", "std")},
+        "augment": {k: augment[k] for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean",
+                                            "std", "pixels", "mix", "pixel_identity") if k in augment},
         "layers": list(layers),
         "storage": storage,
     }
