@@ -383,8 +383,9 @@ def check_dump(cfg: DumpConfig) -> None:
         augment.count_all()
     LogitsFormat.parse(cfg.logits, cfg.temperature)
     if cfg.data_path == "resident" and not (augment.finite and augment.plain):
-        raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none) without pixel work; '{augment.describe()}' "
-                             "resizes its crops or works on their pixels: use --data-path loader (or auto)")
+        raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none) without pixel work; "
+                             f"'{augment.describe()}' resizes its crops or works on their pixels: use --data-path "
+                             "loader (or auto)")
     if cfg.batch_size < 1 or cfg.shard_mb <= 0:
         raise SoftcacheError(f"batch_size {cfg.batch_size} and shard_mb {cfg.shard_mb} must be positive")
     backend_of(cfg.out, cfg.format)

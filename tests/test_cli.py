@@ -47,7 +47,8 @@ TEACHER = ["train-teacher", "--model", "resnet8", "--epochs", "1", "--workers", 
     (["--data", "mnist"],
      r"unknown dataset 'mnist'; valid: cifar10\[:ROOT\], cifar100\[:ROOT\], imagefolder:ROOT, synthetic"),
     (["--data", "synthetic:20", "--augment", "random"],
-     r"Invalid value for '--augment': 'random' is not a policy; valid: cifar, imagenet, none, or package.module:callable"),
+     r"Invalid value for '--augment': 'random' is not a policy; valid: cifar, imagenet, none, "
+     r"or package.module:callable"),
     (["--data", "synthetic:20", "--model", "resnet21"], r"unknown model 'resnet21'; valid: resnet8, "),
 ])
 def test_train_teacher_bad_input(tmp_path, args, pattern):
