@@ -27,7 +27,7 @@ from softcache.errors import SoftcacheError
 from softcache.models import Tapped
 from softcache.planner import RESIDENT_BYTES, image_bytes, plan
 from softcache.resident import ResidentReplay, crop_only, decode_all, padding_for
-from softcache.store import CacheReader, feature_name, logits_prefix
+from softcache.store import MAIN, CacheReader, feature_name, logits_prefix, stream_augment, stream_prefix
 from softcache.streaming import StreamingTargets, window_order
 from softcache.targets import TOPK_TEMPERATURES, LogitsFormat
 from softcache.views import Augment, AugmentedViews, KeyBatches, ReplayViews, epoch_order, replay_slot
@@ -48,7 +48,7 @@ class CacheTargets:
     """
 
     def __init__(self, cache: CacheReader, layers: Sequence[str], device: torch.device, *, temperature: float = 4.0,
-                 teachers: str = "mean", resident: bool | None = None):
+                 teachers: str = "mean", resident: bool | None = None, stream: str = MAIN):
         manifest = cache.manifest
         self.format = LogitsFormat.from_json(manifest["storage"]["logits"])
         names = [t["name"] for t in manifest["teachers"]]
@@ -66,10 +66,10 @@ class CacheTargets:
                                  f"{', '.join(f'{t:g}' for t in TOPK_TEMPERATURES)}; "
                                  f"--temperature {temperature:g} is not among them")
         self.temperature = temperature
-        self.logit_arrays = {t: {suffix: logits_prefix(manifest, t) + suffix
+        self.logit_arrays = {t: {suffix: logits_prefix(manifest, t, stream) + suffix
                                  for suffix in self.format.arrays(len(manifest["dataset"]["classes"]))}
                              for t in self.teachers}
-        self.feature_arrays = {layer: feature_name(manifest, layer) for layer in layers}
+        self.feature_arrays = {layer: feature_name(manifest, layer, stream) for layer in layers}
         needed = ([a for arrays in self.logit_arrays.values() for a in arrays.values()]
                   + list(self.feature_arrays.values()))
         self.needed = needed
@@ -202,20 +202,22 @@ def eval_batches(source: Source, augment: Augment, *, batch_size: int, workers: 
 def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequence[str], temperature: float,
                  teachers: str, image_size: int, batch_size: int, seed: int, workers: int, device: torch.device,
                  data_path: str = "auto", targets: Targets | None = None,
-                 world: World = World()) -> tuple[Any, Targets, str]:
+                 world: World = World(), stream: str = MAIN, target_stream: str | None = None
+                 ) -> tuple[Any, Targets, str]:
     """The training batches, the teacher targets for them, and the data path chosen (see `softcache.planner`),
     e.g. 'resident images, stream targets'.
 
     Every path visits samples in `window_order` over the cache's shards and, at epoch e, replays the stored
     view slot `replay_slot(V, seed, e)` of every sample, so all of them yield identical batches and targets
     for one seed. Under torchrun (`world`) `batch_size` is the global batch: each rank visits its share of
-    every global batch (`rank_share`), and streams only the targets of its own samples.
+    every global batch (`rank_share`), and streams only the targets of its own samples. The views replayed are
+    view stream `stream`'s, the targets `target_stream`'s (default: the same) at the same (sample, slot).
     """
-    n, num_views = reader.shape("views/flip")
+    prefix = stream_prefix(reader.manifest, stream)
+    n, num_views = reader.shape(prefix + "views/flip")
     per_rank = check_global_batch(batch_size, world)
     block = reader.chunk_samples("labels")  # the same samples in every array's chunks
-    aug = reader.manifest["augment"]
-    augment = Augment.from_manifest(aug, image_size)
+    augment = Augment.from_manifest(stream_augment(reader.manifest, stream), image_size)
 
     def order(epoch: int) -> tuple[np.ndarray, np.ndarray]:
         visit, bounds = window_order(n, block=block, window=STREAM_WINDOW, seed=seed, epoch=epoch)
@@ -228,11 +230,11 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
         return replay_slot(num_views, seed=seed, epoch=epoch)
 
     # finite plain crops: every slot alike; pixel work and mixing replay in DataLoader workers
-    crops = augment.finite and augment.plain and crop_only(reader.read("views/box", slot=0), image_size)
+    crops = augment.finite and augment.plain and crop_only(reader.read(prefix + "views/box", slot=0), image_size)
     followers = []
     if targets is None:
         cached = CacheTargets(reader, teacher_layers, device, temperature=temperature, teachers=teachers,
-                              resident=False)
+                              resident=False, stream=stream if target_stream is None else target_stream)
         chosen = plan(data_path, crops=crops, images=image_bytes(len(source), image_size, augment.crop_pad),
                       targets=CacheTargets.size(reader, cached.needed), stage_targets=True)
         images, where = chosen.images, chosen.targets
@@ -250,7 +252,7 @@ def student_data(reader: CacheReader, source: Source, *, teacher_layers: Sequenc
     log.info("images: %s, targets: %s", images, where)
     batches = replay_batches(reader, source, augment, order=lambda epoch: order(epoch)[0], slot=slot,
                              batch_size=per_rank, workers=workers, device=device, images=images, followers=followers,
-                             samples=len(order(0)[0]))
+                             samples=len(order(0)[0]), stream=stream)
     return batches, targets, f"{images} images, {where} targets"
 
 
@@ -277,7 +279,8 @@ class EpochBatches:
 
 def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, order: Callable[[int], np.ndarray],
                    slot: Callable[[int], int], batch_size: int, workers: int, device: torch.device,
-                   images: str = "loader", followers: Sequence[Any] = (), samples: int | None = None) -> Any:
+                   images: str = "loader", followers: Sequence[Any] = (), samples: int | None = None,
+                   stream: str = MAIN) -> Any:
     """Training batches `(views [B, 3, S, S] uint8, labels, index, view)` replaying the stored views.
 
     Epoch e visits the samples in `order(e)` and replays view slot `slot(e)` of each. With `images='resident'`
@@ -285,6 +288,7 @@ def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, ord
     gathered on the device (softcache.resident); with 'loader' a DataLoader replays each view. Both yield
     identical batches.
     """
+    prefix = stream_prefix(reader.manifest, stream)
     if images == "resident":
         decoded = decode_all(source, workers)
         if decoded is None:
@@ -294,9 +298,9 @@ def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, ord
         return ResidentReplay(decoded, source.labels, image_size=augment.image_size, pad=pad, batch_size=batch_size,
                               drop_last=True, device=device, order=order, slot=slot, followers=followers,
                               samples=samples,
-                              views=lambda epoch: (reader.read("views/box", slot=slot(epoch)),
-                                                   reader.read("views/flip", slot=slot(epoch))))
-    replay = ReplayViews.from_cache(reader, source, augment.image_size)
+                              views=lambda epoch: (reader.read(prefix + "views/box", slot=slot(epoch)),
+                                                   reader.read(prefix + "views/flip", slot=slot(epoch))))
+    replay = ReplayViews.from_cache(reader, source, augment.image_size, stream=stream)
     batches = KeyBatches(len(source) if samples is None else samples, batch_size, seed=0, shuffle=True,
                          drop_last=True, order_fn=order,
                          key_fn=lambda epoch, visit: [(i, slot(epoch)) for i in visit.tolist()])

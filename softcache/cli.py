@@ -108,6 +108,16 @@ def _weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
     return tuple(out)
 
 
+def _streams(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    out = []
+    for item in value:
+        name, sep, spec = item.partition(":")
+        if not sep or not name:
+            raise click.BadParameter(f"'{item}' is not NAME:KEY=VALUE,... (e.g. strong:aa=rand-m9-n2,reprob=0.25)")
+        out.append((name, spec))
+    return tuple(out)
+
+
 def _free_run(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """--out of a training run, looked at first (an eager option, before --device imports torch): another
     process writing that run folder is refused in a fraction of a second. The lock itself is taken later."""
@@ -315,6 +325,10 @@ def train_teacher_cmd(**kw: Any) -> None:
          help="per layer: the feature map, or only its attention map (for at)")
 @_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DumpConfig.temperature,
          help="sampled logits: the temperature they are drawn at")
+@_option("--stream", "streams", multiple=True, callback=_streams, metavar="NAME:KEY=VALUE,...",
+         help="a named view stream besides the main one, of the same samples, with its own teacher outputs, e.g. "
+              "strong:aa=rand-m9-n2,reprob=0.25 (keys: augment, aa, color_jitter, reprob, mixup, cutmix, mix_prob, "
+              "mix_switch_prob; crops from the main --augment unless given); repeatable [default: none]")
 @_option("--format", type=click.Choice(BACKENDS), default=None,
          help="cache backend [default: hdf5 for a .h5 --out, else zarr]")
 @_option("--shard-mb", type=click.FloatRange(min=0.001), default=DumpConfig.shard_mb,
@@ -361,6 +375,10 @@ def dump_teacher_cmd(**kw: Any) -> None:
 @loss_options
 @_option("--teachers", default=StudentConfig.teachers,
          help="several cached teachers: 'mean' of their probabilities, or one name")
+@_option("--stream", default=StudentConfig.stream, metavar="NAME",
+         help="the cache's view stream the student replays (dump-teacher --stream)")
+@_option("--target-stream", default=None, metavar="NAME",
+         help="the stream whose teacher outputs are the targets [default: --stream]")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
 @_option("--data-path", type=click.Choice(DATA_PATHS), default=StudentConfig.data_path,
          help="resident: images and targets in memory, views replayed on the device; loader: a DataLoader replays "

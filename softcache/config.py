@@ -84,6 +84,7 @@ class DumpConfig(ViewOptions):
     seed: int = 0                   # seeds the views: views of sample i are a function of (seed, i)
     download: bool = False
     overwrite: bool = False         # replace a cache made with other options
+    streams: tuple[tuple[str, str], ...] = ()  # named view streams besides the main one: (name, "aa=...,reprob=...")
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,8 @@ class StudentConfig:
     hint_weight: float = 100.0      # fitnets: weight of the hint term
     weights: tuple[tuple[str, float], ...] = ()       # explicit per-term weights, overriding the above
     teachers: str = "mean"          # several cached teachers: 'mean' of their probabilities, or one name
+    stream: str = "main"            # the cache's view stream the student replays
+    target_stream: str | None = None  # the stream whose teacher outputs are the targets; None: `stream`
     data_path: str = "auto"         # resident | loader | stream | auto (see softcache.planner)
     image_size: int | None = None   # student input side; None: the size the teacher saw
     optim: OptimConfig = field(default_factory=OptimConfig)

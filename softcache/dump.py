@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,9 +34,12 @@ from softcache.resident import ViewGather, crop_only, decode_all, padding_for, v
 from softcache.store import where
 from softcache.store.backends import BACKENDS
 from softcache.store.base import ShardWriter
-from softcache.store import (Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
-                             logits_prefix, prepare_cache, swap_in)
+from softcache.store import (MAIN, Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
+                             logits_prefix, prepare_cache, stream_names, stream_prefix, swap_in)
+from softcache.store import stream_augment as store_stream_augment
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
+from softcache.mixing import Mix
+from softcache.pixels import Pixels
 from softcache.views import Augment, DumpViews, apply_view
 
 log = logging.getLogger(__name__)
@@ -48,6 +52,42 @@ class DumpResult:
     manifest: dict[str, Any]
     resumed_from: int = 0       # samples found committed
     computed_shards: int = 0    # shards this process computed and committed
+
+
+STREAM_KEYS = {"augment": str, "aa": str, "color_jitter": float, "reprob": float, "mixup": float, "cutmix": float,
+               "mix_prob": float, "mix_switch_prob": float}
+
+
+def parse_stream(spec: str, main: Augment) -> Augment:
+    """A named stream's augmentation from `KEY=VALUE,...` (STREAM_KEYS; `aa` is --aa), over no pixel work, no
+    mixing and the main stream's crop policy (so streams of one crop policy share each slot's crop)."""
+    options: dict[str, Any] = {"augment": main.policy}
+    for item in filter(None, spec.split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in STREAM_KEYS:
+            raise SoftcacheError(f"stream setting '{item}' is not KEY=VALUE with KEY one of {', '.join(STREAM_KEYS)} "
+                                 "(e.g. aa=rand-m9-n2,reprob=0.25)")
+        try:
+            options[key] = STREAM_KEYS[key](value.strip())
+        except ValueError:
+            raise SoftcacheError(f"stream setting '{item}': {key} takes a number") from None
+    return Augment(options["augment"], image_size=main.image_size, pad=main.pad, scale=main.scale, ratio=main.ratio,
+                   pixels=Pixels(auto_augment=options.get("aa", ""), color_jitter=options.get("color_jitter", 0.0),
+                                 reprob=options.get("reprob", 0.0)),
+                   mix=Mix(options.get("mixup"), options.get("cutmix"), options.get("mix_prob", 1.0),
+                           options.get("mix_switch_prob", 0.5)))
+
+
+def stream_augments(streams: Sequence[tuple[str, str]], main: Augment) -> dict[str, Augment]:
+    """`--stream NAME:KEY=VALUE,...` entries -> {name: Augment}; names are lowercase words, each given once."""
+    out: dict[str, Augment] = {}
+    for name, spec in streams:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == MAIN or name in out:
+            raise SoftcacheError(f"stream name '{name}' must be a new lowercase word (letters, digits, _) other than "
+                                 f"'{MAIN}' and {', '.join(out) or 'the others'}")
+        out[name] = parse_stream(spec, main)
+    return out
 
 
 def resolve_image_size(policy: str, image_size: int | None, source: Source) -> int:
@@ -90,8 +130,9 @@ def _unique_names(archs: Sequence[str]) -> list[str]:
 
 def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment: Augment, views: int | str,
                   layers: Sequence[str], seed: int, logits: LogitsFormat, targets: str, backend: str,
-                  shard_mb: float = 64.0) -> dict[str, Any]:
-    """The manifest (and so the cache id) of a dump, known before any teacher runs."""
+                  shard_mb: float = 64.0, streams: Mapping[str, Augment] | None = None) -> dict[str, Any]:
+    """The manifest (and so the cache id) of a dump, known before any teacher runs. `streams`: named view
+    streams besides the main one (`augment`), of the same samples, view count, seed and view size."""
     if targets not in TARGET_KINDS:
         raise SoftcacheError(f"unknown --targets '{targets}'; valid: {', '.join(TARGET_KINDS)}")
     num_views = augment.resolve_views(views)
@@ -104,7 +145,8 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
                  "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std),
                  **augment.to_json()},
         layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets,
-                                "shard_bytes": int(shard_mb * 2**20)})
+                                "shard_bytes": int(shard_mb * 2**20)},
+        streams={name: {"policy": a.policy, **a.to_json()} for name, a in (streams or {}).items()})
 
 
 def _batches(start: int, stop: int, shard: int, per_batch: int) -> Iterator[tuple[int, int]]:
@@ -198,12 +240,13 @@ def _target_layout(tapped: Sequence[Tapped], names: Sequence[str], source: Sourc
         if logits.shape[1] != len(source.classes):
             raise SoftcacheError(f"class-count mismatch: teacher {name} has {logits.shape[1]} outputs, "
                                  f"the dataset {source.spec} has {len(source.classes)} classes")
-        prefix = logits_prefix(manifest, name)
-        arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
-        if k == 0:
-            for layer, f in features.items():
-                for key, stored in feature_targets(manifest["storage"]["targets"], layer, f).items():
-                    arrays[feature_name(manifest, key)] = (tuple(stored.shape[1:]), "float16")
+        for stream in stream_names(manifest):  # every stream holds the same target arrays, under its prefix
+            prefix = logits_prefix(manifest, name, stream)
+            arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
+            if k == 0:
+                for layer, f in features.items():
+                    for key, stored in feature_targets(manifest["storage"]["targets"], layer, f).items():
+                        arrays[feature_name(manifest, key, stream)] = (tuple(stored.shape[1:]), "float16")
     return arrays
 
 
@@ -234,55 +277,63 @@ class _TeacherBatches:
         self.device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
         self.last = started  # a batch's wall time runs from the previous store (the first's: set-up included)
 
-    def launch(self, flat: torch.Tensor) -> tuple[list, Any, Any]:
-        """Outputs of every teacher on `flat [B * V, 3, S, S]`, copies to host started; the last two items time
-        the teachers: (None, seconds) on CPU, (end event, start event) on CUDA, read once the batch is done."""
+    def launch(self, flats: Mapping[str, torch.Tensor]) -> tuple[list, Any, Any]:
+        """Outputs of every teacher on each stream's views `flats {stream: [B * V, 3, S, S]}`, copies to host
+        started; the last two items time the teachers: (None, seconds) on CPU, (end event, start event) on
+        CUDA, read once the batch is done."""
         outputs, cuda = [], self.dev.type == "cuda"
         began = torch.cuda.Event(enable_timing=True) if cuda else time.perf_counter()
         if cuda:
             began.record()
-        for name, teacher in zip(self.names, self.tapped):
-            logits, features = teacher_outputs(teacher, flat, mean=self.source.mean, std=self.source.std,
-                                               device=self.dev)
-            stored = {key: value for layer, f in features.items()
-                      for key, value in feature_targets(self.manifest["storage"]["targets"], layer, f).items()}
-            outputs.append((name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
+        for stream, flat in flats.items():
+            for name, teacher in zip(self.names, self.tapped):
+                logits, features = teacher_outputs(teacher, flat, mean=self.source.mean, std=self.source.std,
+                                                   device=self.dev)
+                stored = {key: value for layer, f in features.items()
+                          for key, value in feature_targets(self.manifest["storage"]["targets"], layer, f).items()}
+                outputs.append((stream, name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
         if not cuda:
             return outputs, None, time.perf_counter() - began
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return outputs, event, began
 
-    def store(self, span: tuple[int, int], labels: np.ndarray, records: dict[str, np.ndarray], outputs: list,
-              event: Any, timing: Any) -> None:
+    def store(self, span: tuple[int, int], labels: np.ndarray, records: Mapping[str, dict[str, np.ndarray]],
+              outputs: list, event: Any, timing: Any) -> None:
+        """`records {stream: {'views/box': ..., ...}}`: each stream's view records, stored under its prefix."""
         if event is not None:
             event.synchronize()
             timing = timing.elapsed_time(event) / 1000
         b, k = span[1] - span[0], self.num_views
-        rows = {"labels": labels.astype(np.int64), **records}
+        rows = {"labels": labels.astype(np.int64)}
+        for stream, arrays in records.items():
+            rows.update({stream_prefix(self.manifest, stream) + name: value for name, value in arrays.items()})
         # the sampled-logits draw is a function of (seed, first sample), so a resumed dump draws the same
         generator = torch.Generator().manual_seed(self.manifest["augment"]["seed"] * 1_000_003 + span[0])
-        for name, logits, features in outputs:
-            prefix = logits_prefix(self.manifest, name)
+        for stream, name, logits, features in outputs:
+            prefix = logits_prefix(self.manifest, name, stream)
             for suffix, value in self.fmt.encode(logits, generator).items():
                 rows[prefix + suffix] = value.reshape(b, k, *value.shape[1:])
             for layer, value in features.items():
-                rows[feature_name(self.manifest, layer)] = value.numpy().reshape(b, k, *value.shape[1:])
+                rows[feature_name(self.manifest, layer, stream)] = value.numpy().reshape(b, k, *value.shape[1:])
         now = time.perf_counter()
-        self.writer.write(span[0], rows, cost={"wall_s": now - self.last, "teacher_s": timing, "views": b * k,
-                                               "device": self.device_name})
+        self.writer.write(span[0], rows, cost={"wall_s": now - self.last, "teacher_s": timing,
+                                               "views": b * k * len(records), "device": self.device_name})
         self.last = now
 
-    def run(self, batches: list[tuple[int, int]], views: Iterable, *, what: str) -> None:
+    def run(self, batches: list[tuple[int, int]], views: Mapping[str, Iterable], *, what: str) -> None:
         """Every batch, one in flight: while the device runs batch k, the host encodes batch k - 1 and hands
-        it to the writer threads, which compress and write whole shards."""
+        it to the writer threads, which compress and write whole shards. `views {stream: batches of (views,
+        labels, records)}`, one iterator per view stream, in step."""
         pending, todo = None, sum(b - a for a, b in batches)
-        for span, (flat, labels, records) in progress.track(
-                zip(batches, views), what=what, total=len(batches), count=lambda item: item[0][1] - item[0][0],
-                amount=todo, amount_unit="samples", final=True):
+        for span, *items in progress.track(
+                zip(batches, *views.values()), what=what, total=len(batches),
+                count=lambda item: item[0][1] - item[0][0], amount=todo, amount_unit="samples", final=True):
             if pending is None:
                 log.info("first batch: samples %d-%d of %d", span[0], span[1], len(self.source))
-            launched = (span, labels, records, *self.launch(flat))
+            flats = {stream: item[0] for stream, item in zip(views, items)}
+            records = {stream: item[2] for stream, item in zip(views, items)}
+            launched = (span, items[0][1], records, *self.launch(flats))
             if pending is not None:
                 self.store(*pending)
             pending = launched
@@ -305,14 +356,20 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     augment, dev = Augment.from_manifest(aug), torch.device(device)
     tapped = [prepare_model(Tapped(t, manifest["layers"] if k == 0 else []), dev).eval()
               for k, t in enumerate(teachers)]
-    dataset = DumpViews(source, augment, aug["views"], aug["seed"])
+    streams = {stream: DumpViews(source, Augment.from_manifest(store_stream_augment(manifest, stream)), aug["views"],
+                                 aug["seed"]) for stream in stream_names(manifest)}
+    dataset = streams[MAIN]
     names = [t["name"] for t in manifest["teachers"]]
     fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
+    records = {stream_prefix(manifest, stream) + name: spec for stream, views in streams.items()
+               for name, spec in views.augment.record_layout().items()}
+    records.update({stream_prefix(manifest, stream) + name: ((4,), "float32") if name.endswith("box") else ((), "bool")
+                    for stream in streams if stream != MAIN for name in ("views/box", "views/flip")})
     layout = array_layout(len(source), dataset.k,
-                          {**augment.record_layout(), **_target_layout(tapped, names, source, augment, manifest, fmt,
-                                                                       dev)})
-    if not augment.plain and world.main:
-        check_replayable(dataset, range(min(len(source), max(1, batch_size // dataset.k))))
+                          {**records, **_target_layout(tapped, names, source, augment, manifest, fmt, dev)})
+    for views in streams.values():
+        if not views.augment.plain and world.main:
+            check_replayable(views, range(min(len(source), max(1, batch_size // dataset.k))))
     writer = _open_writer(out, layout, manifest, existing, threads=writer_threads or default_writer_threads(),
                           world=world)
     resumed_from = sum(m["samples"][1] - m["samples"][0] for m in writer.committed.values())
@@ -326,7 +383,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     progress.say(f"{what}: {sum(b - a for a, b in batches):,} samples x {dataset.k} views to compute on "
                  f"{runner.device_name} ({len(mine)} of {writer.num_shards} shards"
                  + (f"; {resumed_from:,} samples were committed before)" if resumed_from else ")"))
-    runner.run(batches, _view_batches(dataset, batches, shard, workers, dev, data_path), what=what)
+    runner.run(batches, {stream: _view_batches(views, batches, shard, workers, dev, data_path if len(streams) == 1
+                                               else "loader") for stream, views in streams.items()}, what=what)
     writer.close()
     distributed.barrier(world)  # every rank's shards are committed
     final = manifest
@@ -344,13 +402,15 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  workers: int = 2, device: str = "cpu", overwrite: bool = False, logits: str = "fp16",
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
                  shard_mb: float = 64.0, data_path: str = "auto", writer_threads: int = 0,
-                 teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None) -> DumpResult:
+                 teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
+                 streams: Mapping[str, Augment] | None = None) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
     tapped on the first teacher. `logits` and `targets` choose the stored forms (see softcache.targets);
     `format` the backend (zarr, or hdf5; default from the suffix). `teacher_info` names the teachers
-    (`name`, `arch`, `weights_sha256`); without it their weights are hashed here.
+    (`name`, `arch`, `weights_sha256`); without it their weights are hashed here. `streams` adds named view
+    streams (`{name: Augment}` of the same view size) beside the main one, each with its own teacher outputs.
     """
     modules = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     check_layers(modules[0], layers)
@@ -363,7 +423,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     backend = backend_of(out, format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
                              logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
-                             shard_mb=shard_mb)
+                             shard_mb=shard_mb, streams=streams)
     with (WriterLock(cache_lock_path(out), f"cache '{out}'") if not where.is_url(out) else contextlib.nullcontext()):
         existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
         return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers,
@@ -377,6 +437,7 @@ def check_dump(cfg: DumpConfig) -> None:
         raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; "
                              "give one --weights per --teacher")
     augment = Augment.from_options(cfg, cfg.image_size or 1)  # the view count does not depend on the size
+    stream_augments(cfg.streams, augment)
     if cfg.views != "all":
         augment.resolve_views(cfg.views)
     else:
@@ -398,6 +459,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     check_dump(cfg)
     source = load_source(cfg.data, "train", download=cfg.download)
     augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, source))
+    streams = stream_augments(cfg.streams, augment)
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
         if not Path(weights).is_file():
@@ -409,7 +471,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     backend = backend_of(cfg.out, cfg.format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
-                             targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb)
+                             targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb, streams=streams)
     world = distributed.init(cfg.device)
     refusal = BACKENDS[backend].torchrun_refusal
     if world.size > 1 and refusal:

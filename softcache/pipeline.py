@@ -69,7 +69,7 @@ _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "w
                               "cache": "str", "online": "bool", "seeds": "list[int]"},
               BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
-                           "views": "int | str"}}
+                           "views": "int | str", "streams": "dict[str, str]"}}
 _EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]',
              "dict[str, str]": 'a table of strings, e.g. { layer3 = "layer3" }',
              "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
@@ -287,6 +287,7 @@ def _build_dump(merge: _Merge, table: dict[str, Any], section: str, teacher: Tea
         table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
     table["views"] = str(table.get("views", "1"))
     table["layers"] = tuple(table.get("layers", ()))
+    table["streams"] = tuple(dict(table.get("streams", {})).items())
     for key in ("teacher", "weights"):  # one or several teachers
         if isinstance(table.get(key), str):
             table[key] = (table[key],)

@@ -28,7 +28,7 @@ from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
 from softcache.training.loop import fit
 from softcache.training.steps import CEStep, DistillStep
-from softcache.store import CacheReader, feature_name, open_cache
+from softcache.store import MAIN, CacheReader, feature_name, open_cache, stream_augment, stream_prefix
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
@@ -92,10 +92,12 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   pair_reduce: str = "sum",
                   optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
-                  teachers: str = "mean", data_path: str = "auto",
+                  teachers: str = "mean", data_path: str = "auto", stream: str = MAIN, target_stream: str | None = None,
                   on_step: Callable[[int, dict[str, float]], None] | None = None,
                   world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
+    The student replays view stream `stream`; the targets are the teacher's outputs on `target_stream`'s views
+    of the same (sample, slot) (default: the same stream).
 
     At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
     crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
@@ -105,6 +107,9 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     since = time.perf_counter() if since is None else since
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest = reader.manifest
+    target_stream = stream if target_stream is None else target_stream
+    for name in (stream, target_stream):
+        stream_prefix(manifest, name)  # refuses a stream the cache does not have, naming those it has
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
     check_data_matches(reader, train_source)
     missing = [t for _, t in pairs if t not in manifest["layers"]]
@@ -122,15 +127,15 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     student = sync_batchnorm(student, optim.sync_bn, world, device)
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
-    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"])
-    aug = manifest["augment"]
-    augment = Augment.from_manifest(aug, image_size)
+    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"],
+                                  stream=target_stream)
+    augment = Augment.from_manifest(stream_augment(manifest, stream), image_size)
 
     def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
         loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, temperature=temperature,
                                         teachers=teachers, image_size=augment.image_size, batch_size=optim.batch_size,
                                         seed=seed, workers=optim.workers, device=dev, data_path=data_path,
-                                        targets=targets, world=world)
+                                        targets=targets, world=world, stream=stream, target_stream=target_stream)
         return loader, found
 
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
@@ -176,7 +181,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
 
 
 def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ...]], weights: Mapping[str, float],
-               pairs: Sequence[tuple[str, str]], image_size: int
+               pairs: Sequence[tuple[str, str]], image_size: int, stream: str = MAIN
                ) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]]]:
     """Which pairs each loss term uses (`route_pairs`) and each pair's `(student C, teacher C)`, from one probe
     forward of the student (on its current device) and the teacher's outputs: a cache (its arrays' shapes), or
@@ -189,7 +194,7 @@ def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ..
     for key, t in pairs:
         s = split_pair(key)[1]
         if isinstance(teacher, CacheReader):
-            shape = teacher.shape(feature_name(teacher.manifest, t))[2:]  # [N, V, ...] -> one view's
+            shape = teacher.shape(feature_name(teacher.manifest, t, stream))[2:]  # [N, V, ...] -> one view's
         else:
             shape = teacher[t]
         t_kind = {1: "vector", 2: "attention"}.get(len(shape), "map")
@@ -198,18 +203,19 @@ def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ..
                                  f"{'embedding' if probe[s].dim() == 2 else 'feature map'} "
                                  f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
         if t_kind == "attention" and probe[s].shape[-1] < shape[-1]:
-            t = pooled_map(teacher, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]))
+            t = pooled_map(teacher, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]), stream)
         kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[0])
         planned.append((key, t))
     return route_pairs(list(weights), planned, kinds), channels
 
 
-def pooled_map(reader: CacheReader, key: str, layer: str, student: tuple[int, int], teacher: tuple[int, int]) -> str:
+def pooled_map(reader: CacheReader, key: str, layer: str, student: tuple[int, int], teacher: tuple[int, int],
+               stream: str = MAIN) -> str:
     """The cached attention map that makes AT exact for a student map smaller than the teacher's: the one of the
     teacher feature pooled by the size ratio (`layer@k`, see `targets.feature_targets`); other ratios are refused."""
     k = teacher[0] // student[0]
     name = f"{layer}@{k}"
-    if teacher != (student[0] * k, student[1] * k) or feature_name(reader.manifest, name) not in reader.names():
+    if teacher != (student[0] * k, student[1] * k) or feature_name(reader.manifest, name, stream) not in reader.names():
         raise SoftcacheError(f"--pair {key}={layer}: the student map is {student[0]}x{student[1]}, "
                              f"the cached attention map {teacher[0]}x{teacher[1]}; "
                              "an attention-only cache holds exact maps for students "
@@ -287,7 +293,8 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
                          temperature=cfg.temperature, pairs=list(cfg.pairs), image_size=cfg.image_size,
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
                          device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
-                         config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path, since=since)
+                         config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path, stream=cfg.stream,
+                         target_stream=cfg.target_stream, since=since)
 
 
 def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,

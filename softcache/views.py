@@ -302,9 +302,12 @@ class DumpViews(torch.utils.data.Dataset):
         if not self.augment.plain:
             rows["views/crc"] = np.asarray([checksum(x) for x in views], np.uint32)
         for v, record in enumerate(rows.get("views/mix", ())):
-            if record[0] >= 0:
-                partner = self.source[int(record[0])][0]
-                other = self._unmixed(partner, self.rows_of(int(record[0]), *partner.shape[-2:]), int(record[1]))
+            if record[0] >= 0:  # the partner's view, from its box, flip and seed alone
+                j, w = int(record[0]), int(record[1])
+                partner = self.source[j][0]
+                boxes, flips = self.views_of(j, *partner.shape[-2:])
+                seed = self.augment.view_record((self.seed, j, w), samples=len(self.source), views=self.k)[0]
+                other = self.augment.view(partner, boxes[w], bool(flips[w]), seed)
                 views[v] = mix_pixels(views[v], other, record, float(rows["views/lam"][v]))
         return torch.stack(views), label, rows
 
@@ -382,12 +385,16 @@ class ReplayViews(torch.utils.data.Dataset):
         self.labels = np.asarray(source.labels)
 
     @classmethod
-    def from_cache(cls, reader: Any, source: Source, image_size: int | None = None, **kwargs: Any) -> ReplayViews:
-        """The replay of a cache's stored views (every record array it holds, read whole)."""
-        augment = Augment.from_manifest(reader.manifest["augment"], image_size)
+    def from_cache(cls, reader: Any, source: Source, image_size: int | None = None, stream: str = "main",
+                   **kwargs: Any) -> ReplayViews:
+        """The replay of a cache's stored views of view stream `stream` (every record array, read whole)."""
+        from softcache.store import stream_augment, stream_prefix
+        recorded = stream_augment(reader.manifest, stream)
+        augment = Augment.from_manifest(recorded, image_size)
+        prefix = stream_prefix(reader.manifest, stream)
         names = ["views/box", "views/flip", *augment.record_layout()]
-        return cls(source, {name: reader.read(name) for name in names}, augment,
-                   recorded=reader.manifest["augment"].get("pixel_identity"), **kwargs)
+        return cls(source, {name: reader.read(prefix + name) for name in names}, augment,
+                   recorded=recorded.get("pixel_identity"), **kwargs)
 
     def __len__(self) -> int:
         return len(self.source)

@@ -348,3 +348,48 @@ def test_readme_rebuild_recipe_without_softcache(cifar_subset, tmp_path, teacher
                 view = (view.double() * float(lam[i, v]) + other.double() * (1 - float(lam[i, v]))).round()
                 view = view.to(torch.uint8)
         assert torch.equal(view, ReplayViews.from_cache(open_cache(tmp_path / "cache"), source)[(i, v)][0])
+
+
+def test_two_view_streams_of_one_cache_feed_the_student_and_the_targets(tmp_path, cifar_subset, teacher_weights,
+                                                                        monkeypatch):
+    """`weak` (the main stream: crop + flip) and `strong` (+ RandAugment + erasing + CutMix) views of the same
+    samples, each with its teacher outputs; the student replays strong views against the weak views' targets."""
+    data = f"imagefolder:{cifar_subset}"
+    result = invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data", data,
+                    "--views", "2", "--workers", "0", "--stream", "strong:aa=rand-m9-n2,reprob=0.5,cutmix=1.0",
+                    "--out", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    cache = open_cache(tmp_path / "cache")
+    assert cache.manifest["streams"]["strong"]["pixels"]["auto_augment"] == "rand-m9-n2"
+    assert {"streams/strong/views/box", "streams/strong/views/crc", "streams/strong/views/mix",
+            "streams/strong/logits", "logits", "views/box"} <= set(cache.names())
+    assert "views/crc" not in cache.names()  # the main stream is plain crops
+    # the streams share each slot's crop; their pixels and teacher outputs differ
+    assert np.array_equal(cache.read("views/box"), cache.read("streams/strong/views/box"))
+    assert not np.allclose(cache.read("logits"), cache.read("streams/strong/logits"))
+
+    seen = []
+
+    class Recording(DistillStep):
+        def __call__(self, batch):
+            target, _ = self.targets(batch[0], batch[2], batch[3])
+            seen.append((batch[0].clone(), batch[2].tolist(), batch[3].tolist(), target["logits"].clone()))
+            return super().__call__(batch)
+    monkeypatch.setattr(train_module, "DistillStep", Recording)
+    result = invoke("train-student", "--cache", tmp_path / "cache", "--student", "resnet8", "--stream", "strong",
+                    "--target-stream", "main", "--epochs", "2", "--batch-size", "40", "--workers", "0",
+                    "--device", "cpu", "--out", tmp_path / "student")
+    assert result.exit_code == 0, result.output
+    source = load_source(data, "train")
+    strong = ReplayViews.from_cache(cache, source, stream="strong")
+    weak_logits = torch.from_numpy(cache.read("logits").astype(np.float32))
+    assert len(seen) == 2 * 3
+    for views, index, view, target in seen:
+        for pixels, i, v, t in zip(views, index, view, target):
+            assert torch.equal(pixels, strong[(i, v)][0])  # the strong stream's (mixed) pixels
+            assert torch.equal(t.float(), weak_logits[i, v])  # the weak stream's teacher outputs
+    result = invoke("train-student", "--cache", tmp_path / "cache", "--student", "resnet8", "--stream", "medium",
+                    "--epochs", "1", "--batch-size", "40", "--device", "cpu", "--out", tmp_path / "other")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
+    assert "unknown view stream 'medium'; this cache has: main, strong" in result.stderr
+    assert not (tmp_path / "other").exists()

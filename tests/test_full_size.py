@@ -65,6 +65,27 @@ def test_full_cifar10_flow_in_an_ordinary_shell(flow):
 
 
 @pytest.mark.slow
+def test_full_cifar10_flow_with_randaugment_mixup_and_cutmix(flow):
+    """Pixel work and mixing at full size: 50,000 x 4 views through RandAugment, Mixup and CutMix (each view's
+    partner decoded and augmented too), and a student replaying them in DataLoader workers, every replayed view
+    checked against its CRC-32."""
+    work, data = flow["work"], flow["data"]
+    softcache("dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,
+              "--views", "4", "--aa", "rand-m9-n2", "--mixup", "0.8", "--cutmix", "1.0", "--out", "mixed", cwd=work)
+    softcache("train-student", "--cache", "mixed", "--student", "tinynet:tiny", "--loss", "kd,ce", "--epochs", "1",
+              "--out", "mixed_student", cwd=work)
+    cache = open_cache(work / "mixed")
+    assert cache.shape("views/seed") == (50000, 4) and cache.shape("views/mix") == (50000, 4, 6)
+    mixes, lam = cache.read("views/mix"), cache.read("views/lam")
+    cut = mixes[..., 4] > 0
+    assert (mixes[..., 0] >= 0).all()  # --mix-prob 1: every view is mixed, about half of them by CutMix
+    assert 0.45 < cut.mean() < 0.55 and (lam < 1).mean() > 0.9
+    metrics = [json.loads(line) for line in (work / "mixed_student" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and {"train_kd", "train_ce"} <= set(metrics[0]) and metrics[0]["images"] >= 49_000
+    assert np.isfinite(metrics[0]["train_loss"]) and metrics[0]["test_acc"] > 10.0, metrics
+
+
+@pytest.mark.slow
 def test_killed_logits_only_dump_resumes_past_the_start(flow):
     work, data = flow["work"], flow["data"]
     args = ["dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 from softcache.cli import cli
 from softcache.errors import SoftcacheError
 from softcache.pipeline import load_pipeline
+from softcache.store import open_cache
 
 RECIPE = """
 [defaults]
@@ -95,8 +96,15 @@ def test_set_seeds_and_online_students(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
-    assert [r.name for r in recipes] == ["cifar10_resnet56_resnet20.toml", "quickstart.toml",
-                                         "seed_resnet34_resnet18.toml"]
+    assert [r.name for r in recipes] == ["cifar10_function_matching.toml", "cifar10_resnet56_resnet20.toml",
+                                         "quickstart.toml", "seed_resnet34_resnet18.toml"]
+    matching = load_pipeline(recipes.pop(0))
+    dumps = dict(matching.dumps)
+    matched = dumps["matching"]
+    assert (matched.auto_augment, matched.mixup, matched.cutmix, matched.reprob) == ("rand-m9-n2", 0.8, 1.0, 0.25)
+    assert dumps["plain"].auto_augment == "" and dumps["plain"].mixup is None
+    fm = dict(matching.students)["function_matching_s1"]
+    assert (fm.alpha, fm.temperature, fm.losses) == (1.0, 1.0, ("kd",))
     cifar = load_pipeline(recipes[0])
     assert (cifar.teacher.model == "resnet56" and cifar.dump.views == "all"
             and cifar.dump.data == "imagefolder:data/cifar10-jpeg")
@@ -282,6 +290,29 @@ def test_several_caches_and_students_naming_them(tmp_path):
     assert bad.exit_code != 0 and bad.stderr.strip().splitlines() == [
         f"Error: [student kd] cache = \"lgits\" names no [[dump]] of this recipe (defined: logits, maps) and no cache "
         f"under '{tmp_path / 'runs'}'"]
+
+
+@pytest.mark.slow
+def test_the_function_matching_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/cifar10_function_matching.toml on 12 images per class, 1 epoch a stage, 2 views a cache."""
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / "cifar10_function_matching.toml").read_text()
+    text = re.sub(r"epochs = \d+", "epochs = 1", text)
+    text = re.sub(r"views = \d+", "views = 2", text)
+    text = re.sub(r"batch_size = \d+", "batch_size = 40", text).replace("workers = 8", "workers = 0")
+    text = text.replace('model = "resnet56"', 'model = "resnet8"')
+    text = text.replace('student = "resnet20"', 'student = "resnet8"')
+    text = text.replace('data = "imagefolder:data/cifar10-jpeg"', f'data = "imagefolder:{cifar_subset}"')
+    (tmp_path / "fm.toml").write_text(text)
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / "fm.toml"), "--root", str(tmp_path / "runs"),
+                                      "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
+    assert rows[0] == "teacher" and len(rows) == 7 and "function_matching" in " ".join(rows)
+    cache = open_cache(tmp_path / "runs" / "caches" / "matching")
+    assert cache.manifest["augment"]["mix"] == {"mixup": 0.8, "cutmix": 1.0, "prob": 1.0, "switch_prob": 0.5}
+    plain = open_cache(tmp_path / "runs" / "caches" / "plain")
+    assert "views/crc" in cache.names() and "views/crc" not in plain.names()
 
 
 @pytest.mark.slow

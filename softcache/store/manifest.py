@@ -17,6 +17,7 @@ from typing import Any
 from collections.abc import Sequence
 
 from softcache import __version__
+from softcache.errors import SoftcacheError
 
 FORMAT_VERSION = 4
 
@@ -45,7 +46,8 @@ def differences(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any], augment: dict[str, Any],
-                   layers: Sequence[str], storage: dict[str, Any]) -> dict[str, Any]:
+                   layers: Sequence[str], storage: dict[str, Any],
+                   streams: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A manifest marked incomplete, with its id; the dump marks it complete when everything is written."""
     identity = {
         "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"]} for t in teachers],
@@ -55,6 +57,8 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
         "layers": list(layers),
         "storage": storage,
     }
+    if streams:  # only then, so the ids of single-stream caches stay what they were
+        identity["streams"] = streams
     return {
         "format_version": FORMAT_VERSION,
         "id": cache_id(identity),
@@ -65,20 +69,46 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
         "augment": augment,
         "layers": list(layers),
         "storage": storage,
+        **({"streams": streams} if streams else {}),
         "identity": identity,
         "softcache_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
-def logits_prefix(manifest: dict[str, Any], teacher: str) -> str:
+MAIN = "main"  # the name of a cache's first view stream, whose arrays have no prefix
+
+
+def stream_names(manifest: dict[str, Any]) -> list[str]:
+    """The cache's view streams: `main`, then the named ones (`dump-teacher --stream`)."""
+    return [MAIN, *manifest.get("streams", {})]
+
+
+def stream_prefix(manifest: dict[str, Any], stream: str = MAIN) -> str:
+    """Where stream `stream`'s views and teacher outputs live: no prefix for `main`, `streams/<name>/` for the
+    others (the labels are shared)."""
+    if stream not in stream_names(manifest):
+        raise SoftcacheError(f"unknown view stream '{stream}'; this cache has: {', '.join(stream_names(manifest))}")
+    return "" if stream == MAIN else f"streams/{stream}/"
+
+
+def stream_augment(manifest: dict[str, Any], stream: str = MAIN) -> dict[str, Any]:
+    """The augmentation record of a stream (`manifest["augment"]` for main): a named stream records its policy,
+    pixel work and mixing; the view size, seed and view count are the cache's."""
+    stream_prefix(manifest, stream)
+    return manifest["augment"] if stream == MAIN else {**manifest["augment"], "pixels": {}, "mix": {},
+                                                       "pixel_identity": None, **manifest["streams"][stream]}
+
+
+def logits_prefix(manifest: dict[str, Any], teacher: str, stream: str = MAIN) -> str:
     """Where teacher `teacher`'s logits arrays live: `logits` for a single teacher, `teachers/<name>/logits`
-    otherwise."""
-    return "logits" if len(manifest["teachers"]) == 1 else f"teachers/{teacher}/logits"
+    otherwise (under the stream's prefix)."""
+    name = "logits" if len(manifest["teachers"]) == 1 else f"teachers/{teacher}/logits"
+    return stream_prefix(manifest, stream) + name
 
 
-def feature_name(manifest: dict[str, Any], layer: str) -> str:
+def feature_name(manifest: dict[str, Any], layer: str, stream: str = MAIN) -> str:
     """The array holding the first teacher's `layer`: `features/<layer>` or `attention/<layer>` (the embedding,
-    a vector, is `features/embedding` under either kind)."""
+    a vector, is `features/embedding` under either kind), under the stream's prefix."""
     kind = "attention" if manifest["storage"]["targets"] == "attention" and layer != "embedding" else "features"
-    return f"{kind}/{layer}"
+    return f"{stream_prefix(manifest, stream)}{kind}/{layer}"
