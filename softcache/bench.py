@@ -156,11 +156,15 @@ class BenchSetup:
         return len(self.source.classes)
 
 
-def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, **settings: Any) -> BenchSetup:
-    """The training split of `data`, cifar views at its image size, and the teacher (seeded, random weights
-    unless `weights`); `settings` are BenchSetup's remaining fields."""
+def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, views_options: Any = None,
+                **settings: Any) -> BenchSetup:
+    """The training split of `data`, its views (plain cifar crops unless `views_options`) at its image size, and
+    the teacher (seeded, random weights unless `weights`); `settings` are BenchSetup's remaining fields."""
     source = load_source(data, "train")
-    augment = Augment("cifar", image_size=resolve_image_size("cifar", None, source))
+    policy = views_options.augment if views_options is not None else "cifar"
+    size = resolve_image_size(policy, None, source)
+    augment = (Augment.from_options(views_options, size) if views_options is not None
+               else Augment("cifar", image_size=size))
     torch.manual_seed(seed)
     teacher_model = build_model(teacher, len(source.classes))
     if weights:
@@ -300,11 +304,14 @@ def rows_and_warnings(measurements: list[Measurement], per_round: dict[str, list
 def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights: str | None = None,
               layer: str = "layer3", views: int = 2, batch_size: int = 512, steps: int = 50, warmup: int = 5,
               rounds: int = 3, workers: int = 8, device: str = "cpu", seed: int = 0,
-              data_path: str = "auto") -> dict[str, Any]:
-    """Measure (a)-(e) and the writer in `rounds` interleaved rounds; write `out/bench.json`; return the table."""
+              data_path: str = "auto", views_options: Any = None) -> dict[str, Any]:
+    """Measure (a)-(e) and the writer in `rounds` interleaved rounds; write `out/bench.json`; return the table.
+    `views_options` (an object with `augment` and `config.ViewOptions`' fields) gives the dumped views' policy,
+    pixel work and mixing (default: plain `cifar` crops)."""
     dev, out = torch.device(device), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     b = build_setup(teacher=teacher, weights=weights, data=data, seed=seed, device=device, dev=dev, student=student,
+                    views_options=views_options,
                     layer=layer, views=views, batch_size=batch_size, steps=steps, warmup=warmup, workers=workers,
                     data_path=data_path)
     dumps, reader = dump_measurements(b, out)
@@ -320,7 +327,8 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
     shutil.rmtree(scratch, ignore_errors=True)
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     result = {"device": device_name, "cores": cores, "teacher": teacher, "student": student, "data": data,
-              "views": views, "batch_size": batch_size, "steps": steps, "rounds": rounds, "data_path": chosen_path,
+              "augment": b.augment.describe(), "views": views, "batch_size": batch_size, "steps": steps,
+              "rounds": rounds, "data_path": chosen_path,
               **rows_and_warnings(measurements, per_round)}
     (out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
@@ -329,7 +337,8 @@ def run_bench(*, teacher: str, student: str, data: str, out: str | Path, weights
 def format_bench(result: dict[str, Any]) -> str:
     """The table `softcache bench` prints: a header, one line per row, a WARNING line per warning."""
     lines = [f"{result['teacher']} -> {result['student']} on {result['data']} ({result['device']}, {result['cores']} "
-             f"cores, batch {result['batch_size']}, {result['views']} views, {result['data_path']}; median of "
+             f"cores, batch {result['batch_size']}, {result['views']} views of {result.get('augment', 'cifar')}, "
+             f"{result['data_path']}; median of "
              f"{result['rounds']} interleaved rounds)",
              f"{'measurement':<40} {'median':>12} {'unit':<9} {'spread':>7} {'ratio':>8}  to"]
     for row in result["rows"]:

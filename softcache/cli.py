@@ -494,6 +494,7 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
     """Show a cache: a summary (teacher, data, views, targets, size, what the dump cost), then its arrays
     (shapes, dtypes, bytes on disk and per sample, compression)."""
     from softcache.store import open_cache
+    from softcache.store.manifest import describe_augment
     reader = open_cache(cache)
     rows = reader.describe()
     if as_json:
@@ -516,8 +517,10 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
     summary = [("cache", f"{m['id']} {'complete' if m.get('complete') else 'INCOMPLETE'}: {reader.path}"),
                ("teacher", teachers),
                ("dataset", f"{data['spec']} ({n:,} samples, {len(data['classes'])} classes)"),
-               ("views", f"{aug['policy']}, {aug['num_views']} per sample, {aug['image_size']}x{aug['image_size']}, "
-                         f"seed {aug['seed']}"),
+               ("views", f"{describe_augment(aug)}, {aug['num_views']} per sample, "
+                         f"{aug['image_size']}x{aug['image_size']}, seed {aug['seed']}"
+                         + "".join(f"; stream {name}: {describe_augment({**aug, 'pixels': {}, 'mix': {}, **st})}"
+                                   for name, st in m.get("streams", {}).items())),
                ("targets", f"logits {logits}{layers}"),
                ("size", f"{total / 2**20:,.1f} MiB on disk ({total / max(1, n):,.0f} B/sample, "
                         f"{raw / max(1, total):.1f}x compression), shards of {reader.shard_samples():,} samples"),
@@ -579,6 +582,8 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @_option("--student", default="resnet20", help="student model name")
 @_option("--data", default="imagefolder:data/cifar10-jpeg", metavar="SPEC", help="dataset spec (its training split)")
 @_option("--layer", default="layer3", help="the feature layer for (b) and the AT/FitNets rows")
+@augment
+@view_options
 @_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
 @_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
 @_option("--steps", type=click.IntRange(min=1), default=50,
@@ -593,8 +598,10 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @seed
 def bench_cmd(**kw: Any) -> None:
     """Measure teacher inference, dump, and student training (CE, cached KD/AT/FitNets, online KD) in one process."""
+    from types import SimpleNamespace
     from softcache.bench import format_bench, run_bench
-    click.echo(format_bench(run_bench(**kw)))
+    views = SimpleNamespace(augment=kw.pop("augment"), **{f: kw.pop(f) for f in ViewOptions.__dataclass_fields__})
+    click.echo(format_bench(run_bench(**kw, views_options=views)))
 
 
 def main() -> None:

@@ -246,7 +246,11 @@ def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
     if cfg.image_size is not None and cfg.image_size < 1:
         raise SoftcacheError(f"image_size = {cfg.image_size}: give a positive number of pixels")
     if not isinstance(cfg, StudentConfig):
-        Augment.from_options(cfg, cfg.image_size or 1)
+        augment = Augment.from_options(cfg, cfg.image_size or 1)
+        if cfg.data_path == "resident" and not (augment.finite and augment.plain):
+            raise SoftcacheError(f"--data-path resident needs crop-only views (cifar, none) without pixel work; "
+                                 f"'{augment.describe()}' views are made by DataLoader workers: use --data-path "
+                                 "loader (or auto)")
     if not isinstance(cfg, TeacherConfig):
         resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                         overrides=dict(cfg.weights))

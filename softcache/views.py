@@ -34,6 +34,8 @@ from softcache.mixing import NO_MIX, Mix, mix_pixels
 from softcache.pixels import Pixels, built, check_output, checksum, identity, run_seeded, what_changed
 from softcache.policies import POLICIES as POLICY_OBJECTS
 from softcache.policies import Policy, policy_of
+from softcache.store import MAIN, stream_augment, stream_prefix
+from softcache.store.manifest import describe_augment
 
 POLICIES = tuple(POLICY_OBJECTS)  # ("cifar", "imagenet", "none"): the names the CLI offers (names.POLICIES)
 VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see Augment.stored_views)
@@ -93,14 +95,8 @@ class Augment:
         return not self.pixels.active and not self.mix.active
 
     def describe(self) -> str:
-        """The pixel work and mixing in words, e.g. 'cifar crops, rand-m9-n2, reprob 0.25, mixup 0.8'."""
-        parts = [f"{self.policy} crops" if ":" not in self.policy else self.policy]
-        parts += [s for s in (self.pixels.auto_augment, self.pixels.color_jitter and
-                              f"color-jitter {self.pixels.color_jitter:g}",
-                              self.pixels.reprob and f"reprob {self.pixels.reprob:g}",
-                              self.mix.mixup and f"mixup {self.mix.mixup:g}",
-                              self.mix.cutmix and f"cutmix {self.mix.cutmix:g}") if s]
-        return ", ".join(parts)
+        """The policy, pixel work and mixing in words, e.g. 'cifar, rand-m9-n2, reprob 0.25, mixup 0.8'."""
+        return describe_augment({"policy": self.policy, "pixels": self.pixels.to_json(), "mix": self.mix.to_json()})
 
     def to_json(self) -> dict[str, Any]:
         """The manifest's record of the pixel work and mixing (none for plain crops, so old cache ids hold)."""
@@ -385,10 +381,9 @@ class ReplayViews(torch.utils.data.Dataset):
         self.labels = np.asarray(source.labels)
 
     @classmethod
-    def from_cache(cls, reader: Any, source: Source, image_size: int | None = None, stream: str = "main",
+    def from_cache(cls, reader: Any, source: Source, image_size: int | None = None, stream: str = MAIN,
                    **kwargs: Any) -> ReplayViews:
         """The replay of a cache's stored views of view stream `stream` (every record array, read whole)."""
-        from softcache.store import stream_augment, stream_prefix
         recorded = stream_augment(reader.manifest, stream)
         augment = Augment.from_manifest(recorded, image_size)
         prefix = stream_prefix(reader.manifest, stream)

@@ -3,6 +3,7 @@ saw, a changed pipeline is caught by the checksum and named, bad input is one li
 from __future__ import annotations
 
 import importlib
+import json
 import sys
 
 import numpy as np
@@ -393,3 +394,24 @@ def test_two_view_streams_of_one_cache_feed_the_student_and_the_targets(tmp_path
     assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1
     assert "unknown view stream 'medium'; this cache has: main, strong" in result.stderr
     assert not (tmp_path / "other").exists()
+
+
+def test_train_teacher_and_train_online_draw_fresh_pixel_work_and_mixes(tmp_path, cifar_subset, teacher_weights):
+    data = f"imagefolder:{cifar_subset}"
+    common = ["--epochs", "1", "--batch-size", "40", "--workers", "2", "--device", "cpu"]
+    result = invoke("train-teacher", "--model", "resnet8", "--data", data, "--augment", "user_pipelines:full",
+                    "--aa", "trivialaugment", "--cutmix", "1.0", *common, "--out", tmp_path / "teacher")
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "teacher" / "config.json").read_text())
+    assert (config["augment"], config["auto_augment"], config["cutmix"]) == ("user_pipelines:full", "trivialaugment",
+                                                                            1.0)
+    result = invoke("train-online", "--teacher", "resnet8", "--weights", teacher_weights, "--student", "resnet8",
+                    "--data", data, "--aa", "rand-m9-n2", "--reprob", "0.25", "--mixup", "0.8", "--loss", "kd",
+                    *common, "--out", tmp_path / "online")
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "online" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_kd", "train_ce"} <= set(metrics) and metrics["images"] == 120
+    result = invoke("train-teacher", "--model", "resnet8", "--data", data, "--augment", "user_pipelines:wrong_size",
+                    *common, "--out", tmp_path / "bad")
+    assert result.exit_code == 1 and "returned a torch.uint8 tensor of shape [3, 36, 36]" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()

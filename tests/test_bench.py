@@ -10,6 +10,7 @@ from click.testing import CliRunner
 
 from softcache.bench import summarise
 from softcache.cli import cli
+from softcache.store import open_cache
 
 STUDENT_ROWS = ["student CE only", "student KD (cache)", "student KD+AT (cache)", "student KD+FitNets (cache)",
                 "student KD+AT (cache, streamed)", "student KD (online teacher)", "student KD+AT (online teacher)"]
@@ -49,3 +50,15 @@ def test_summary_ratios_are_medians_of_ratios_within_a_round():
     rows = {r["name"]: r for r in summarise(per_round, {"base": None, "row": "base"})}
     assert rows["row"]["ratio"] == pytest.approx(0.5) and rows["base"]["spread"] == pytest.approx(0.8)
     assert rows["row"]["median"] == pytest.approx(45.0)
+
+
+def test_bench_takes_pixel_work_and_mixing(tmp_path):
+    result = CliRunner().invoke(cli, ["bench", "--teacher", "resnet8", "--student", "resnet8", "--data", "synthetic:32",
+                                      "--aa", "rand-m9-n2", "--mixup", "0.8", "--batch-size", "8", "--steps", "2",
+                                      "--rounds", "1", "--workers", "0", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    table = json.loads((tmp_path / "bench.json").read_text())
+    assert table["augment"] == "cifar, rand-m9-n2, mixup 0.8"
+    assert table["data_path"].startswith("loader images")  # pixel work is replayed on CPU workers
+    assert "views/crc" in open_cache(tmp_path / "cache_feat").names()
+    assert "2 views of cifar, rand-m9-n2, mixup 0.8" in result.output

@@ -100,6 +100,17 @@ def stream_augment(manifest: dict[str, Any], stream: str = MAIN) -> dict[str, An
                                                        "pixel_identity": None, **manifest["streams"][stream]}
 
 
+def describe_augment(augment: dict[str, Any]) -> str:
+    """An augmentation record in words, e.g. 'cifar, rand-m9-n2, reprob 0.25, mixup 0.8, cutmix 1'."""
+    pixels, mix = augment.get("pixels") or {}, augment.get("mix") or {}
+    parts = [augment["policy"], pixels.get("auto_augment"),
+             pixels.get("color_jitter") and f"color-jitter {pixels['color_jitter']:g}",
+             pixels.get("reprob") and f"reprob {pixels['reprob']:g}", mix.get("mixup") and f"mixup {mix['mixup']:g}",
+             mix.get("cutmix") and f"cutmix {mix['cutmix']:g}",
+             (mix.get("mixup") or mix.get("cutmix")) and mix.get("prob", 1) != 1 and f"mix-prob {mix['prob']:g}"]
+    return ", ".join(p for p in parts if p)
+
+
 def logits_prefix(manifest: dict[str, Any], teacher: str, stream: str = MAIN) -> str:
     """Where teacher `teacher`'s logits arrays live: `logits` for a single teacher, `teachers/<name>/logits`
     otherwise (under the stream's prefix)."""
