@@ -365,6 +365,10 @@ def test_two_view_streams_of_one_cache_feed_the_student_and_the_targets(tmp_path
     assert {"streams/strong/views/box", "streams/strong/views/crc", "streams/strong/views/mix",
             "streams/strong/logits", "logits", "views/box"} <= set(cache.names())
     assert "views/crc" not in cache.names()  # the main stream is plain crops
+    result = invoke("verify", tmp_path / "cache", "--teacher", "resnet8", "--weights", teacher_weights)
+    assert result.exit_code == 0 and result.stdout.rstrip().endswith("ok"), result.output
+    result = invoke("inspect", tmp_path / "cache")
+    assert "stream strong: cifar, rand-m9-n2, reprob 0.5, cutmix 1" in result.stdout, result.stdout
     # the streams share each slot's crop; their pixels and teacher outputs differ
     assert np.array_equal(cache.read("views/box"), cache.read("streams/strong/views/box"))
     assert not np.allclose(cache.read("logits"), cache.read("streams/strong/logits"))
