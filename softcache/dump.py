@@ -79,14 +79,24 @@ def parse_stream(spec: str, main: Augment) -> Augment:
                            options.get("mix_switch_prob", 0.5)))
 
 
-def stream_augments(streams: Sequence[tuple[str, str]], main: Augment) -> dict[str, Augment]:
-    """`--stream NAME:KEY=VALUE,...` entries -> {name: Augment}; names are lowercase words, each given once."""
+def stream_augments(streams: Sequence[tuple[str, str]], main: Augment, views: int | str) -> dict[str, Augment]:
+    """`--stream NAME:KEY=VALUE,...` entries -> {name: Augment}; names are lowercase words, each given once, and
+    every stream has the main stream's number of views (`--views`)."""
     out: dict[str, Augment] = {}
+    k = main.resolve_views(views)
     for name, spec in streams:
         if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == MAIN or name in out:
             raise SoftcacheError(f"stream name '{name}' must be a new lowercase word (letters, digits, _) other than "
                                  f"'{MAIN}' and {', '.join(out) or 'the others'}")
         out[name] = parse_stream(spec, main)
+        try:
+            same = out[name].resolve_views(views) == k
+        except SoftcacheError:
+            same = False
+        if not same:
+            raise SoftcacheError(f"--views {views} gives the main stream {k} views a sample, but not stream '{name}' "
+                                 f"({out[name].describe()}); streams store the same number of views: give --views as "
+                                 "a number both policies have")
     return out
 
 
@@ -367,8 +377,8 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
                     for stream in streams if stream != MAIN for name in ("views/box", "views/flip")})
     layout = array_layout(len(source), dataset.k,
                           {**records, **_target_layout(tapped, names, source, augment, manifest, fmt, dev)})
-    for views in streams.values():
-        if not views.augment.plain and world.main:
+    for views in streams.values():  # every rank, so none waits on one that refused
+        if not views.augment.plain:
             check_replayable(views, range(min(len(source), max(1, batch_size // dataset.k))))
     writer = _open_writer(out, layout, manifest, existing, threads=writer_threads or default_writer_threads(),
                           world=world)
@@ -437,7 +447,10 @@ def check_dump(cfg: DumpConfig) -> None:
         raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; "
                              "give one --weights per --teacher")
     augment = Augment.from_options(cfg, cfg.image_size or 1)  # the view count does not depend on the size
-    stream_augments(cfg.streams, augment)
+    streams = stream_augments(cfg.streams, augment, cfg.views)
+    if cfg.data_path == "resident" and streams:
+        raise SoftcacheError("--data-path resident makes the main stream's views on the device; with --stream the "
+                             "streams' views are made together by DataLoader workers: use --data-path loader (or auto)")
     if cfg.views != "all":
         augment.resolve_views(cfg.views)
     else:
@@ -459,7 +472,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     check_dump(cfg)
     source = load_source(cfg.data, "train", download=cfg.download)
     augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, source))
-    streams = stream_augments(cfg.streams, augment)
+    streams = stream_augments(cfg.streams, augment, cfg.views)
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
         if not Path(weights).is_file():

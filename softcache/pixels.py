@@ -47,9 +47,11 @@ AUTO_SPELLINGS = ("rand-mM-nN", *AUTO_POLICIES)  # what --aa takes (names.AUTO_S
 
 
 def parse_auto(spec: str) -> T.Transform:
-    """`--aa SPEC` -> a v2 transform. `rand-m9-n2` is RandAugment(magnitude=9, num_ops=2) in timm's spelling
-    (keys in any order, defaults m9 and n2); the other names are AUTO_POLICIES. timm's magnitude noise
-    (`mstd`) and its other RandAugment keys have no torchvision counterpart and are refused."""
+    """`--aa SPEC` -> a v2 transform. `rand-m9-n2` is RandAugment with 2 ops at magnitude 9 on timm's 0-10 scale
+    (torchvision's RandAugment with 11 magnitude bins, so m9 is 90% of each op's range, as in timm; keys in any
+    order, defaults m9 and n2); the other names are AUTO_POLICIES. Unlike timm, every chosen op is applied
+    (timm applies each with probability 0.5) and the op set is torchvision's; timm's magnitude noise (`mstd`)
+    and its other keys have no torchvision counterpart and are refused."""
     if spec in AUTO_POLICIES:
         return AUTO_POLICIES[spec]()
     parts = spec.split("-")
@@ -62,9 +64,10 @@ def parse_auto(spec: str) -> T.Transform:
             raise SoftcacheError(f"--aa '{spec}': '{part}' is not m<magnitude> or n<ops> (e.g. rand-m9-n2); timm's "
                                  "mstd, inc, p and w keys have no torchvision RandAugment counterpart")
         settings[key] = int(value)
-    if not 0 <= settings["m"] <= 30 or settings["n"] < 1:
-        raise SoftcacheError(f"--aa '{spec}': the magnitude must be 0-30 and the number of ops at least 1")
-    return T.RandAugment(num_ops=settings["n"], magnitude=settings["m"])
+    if not 0 <= settings["m"] <= 10 or settings["n"] < 1:
+        raise SoftcacheError(f"--aa '{spec}': the magnitude must be 0-10 (timm's scale) and the number of ops at "
+                             "least 1")
+    return T.RandAugment(num_ops=settings["n"], magnitude=settings["m"], num_magnitude_bins=11)
 
 
 @dataclass(frozen=True)
@@ -110,9 +113,10 @@ def _load_user(spec: str) -> Callable[..., Any]:
     module_name, _, attr = spec.partition(":")
     try:
         return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as err:
-        raise SoftcacheError(f"cannot load --augment '{spec}' ({err}); expected package.module:callable, importable "
-                             "from here, called as callable(image_size=S)") from None
+    except Exception as err:  # a user's module may fail to import in any way: name it in one line
+        raise SoftcacheError(f"cannot load --augment '{spec}' ({type(err).__name__}: {err}); expected "
+                             "package.module:callable, importable from here, called as callable(image_size=S)"
+                             ) from None
 
 
 @functools.lru_cache(maxsize=16)
@@ -131,6 +135,19 @@ def built(pixels: Pixels, image_size: int) -> tuple[Transform | None, Transform 
             raise SoftcacheError(f"--augment '{pixels.user}' returned a {type(user).__name__}, not a transform; "
                                  "it must return a callable from a uint8 tensor [3, H, W] to [3, S, S]")
     return user, pixels.ops()
+
+
+def call_user(transform: Transform, image: torch.Tensor, user: str) -> Any:
+    """The user's transform on `image`; an error inside it is one line naming the callable and its input."""
+    try:
+        return transform(image)
+    except SoftcacheError:
+        raise
+    except Exception as err:  # any failure of the user's code, named in one line
+        raise SoftcacheError(f"--augment '{user}' failed on a uint8 tensor {list(image.shape)} ({type(err).__name__}: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); it must take a uint8 "
+                             "image tensor [3, H, W] (torchvision v2 transforms, not v1's ToTensor/PIL-only ones)"
+                             ) from None
 
 
 def check_output(view: Any, image_size: int, user: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from softcache.data import check_data_matches, load_source, recorded_source
 from softcache.device import teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, file_sha256, load_weights
-from softcache.store import feature_name, logits_prefix, open_cache
+from softcache.store import feature_name, logits_prefix, open_cache, stream_names
 from softcache.targets import LogitsFormat, feature_target
 from softcache.views import ReplayViews
 
@@ -44,7 +44,8 @@ def check_chunks(path: str | Path) -> VerifyReport:
 
 def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int = 16, seed: int = 0,
               device: str = "cpu", data: str | None = None, download: bool = False) -> VerifyReport:
-    """Run the (first) teacher on `samples` random stored (sample, view) pairs; record the largest error per array."""
+    """Run the (first) teacher on `samples` random stored (sample, view) pairs of every view stream; record the
+    largest error per array."""
     reader = open_cache(report.path)
     manifest = reader.manifest
     first = manifest["teachers"][0]
@@ -61,21 +62,24 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
     rng = np.random.default_rng(seed)
     n, v = reader.shape("views/flip")
     index, view = rng.integers(0, n, samples), rng.integers(0, v, samples)
-    replay = ReplayViews.from_cache(reader, source)
-    batch = torch.stack([replay[(int(i), int(k))][0] for i, k in zip(index, view)])
-    logits, features = teacher_outputs(tapped, batch, mean=source.mean, std=source.std, device=dev)
-    fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
-    prefix = logits_prefix(manifest, first["name"])
-    expected = {prefix + suffix: value for suffix, value in fmt.encode(logits).items() if fmt.kind != "sampled"}
-    if fmt.kind == "sampled":  # the draw is random: check log p_T at the stored class ids instead
-        ids = np.stack([reader.read(prefix + "/sampled_ids", int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
-        log_p = torch.log_softmax(logits.float() / fmt.temperature, dim=1).gather(1, torch.from_numpy(ids).long())
-        expected = {prefix + "/sampled_logp": log_p.numpy()}
-    for layer, f in features.items():
-        expected[feature_name(manifest, layer)] = feature_target(manifest["storage"]["targets"], f).cpu().numpy()
-    for name, value in expected.items():
-        cached = np.stack([reader.read(name, int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
-        report.max_error[name] = float(np.abs(cached.astype(np.float64) - np.asarray(value, np.float64)).max())
+    for stream in stream_names(manifest):  # each view stream's views, and the teacher's outputs on them
+        replay = ReplayViews.from_cache(reader, source, stream=stream)
+        batch = torch.stack([replay[(int(i), int(k))][0] for i, k in zip(index, view)])
+        logits, features = teacher_outputs(tapped, batch, mean=source.mean, std=source.std, device=dev)
+        fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
+        prefix = logits_prefix(manifest, first["name"], stream)
+        expected = {prefix + suffix: value for suffix, value in fmt.encode(logits).items() if fmt.kind != "sampled"}
+        if fmt.kind == "sampled":  # the draw is random: check log p_T at the stored class ids instead
+            ids = np.stack([reader.read(prefix + "/sampled_ids", int(i), int(i) + 1)[0, k]
+                            for i, k in zip(index, view)])
+            log_p = torch.log_softmax(logits.float() / fmt.temperature, dim=1).gather(1, torch.from_numpy(ids).long())
+            expected = {prefix + "/sampled_logp": log_p.numpy()}
+        for layer, f in features.items():
+            expected[feature_name(manifest, layer, stream)] = feature_target(manifest["storage"]["targets"],
+                                                                             f).cpu().numpy()
+        for name, value in expected.items():
+            cached = np.stack([reader.read(name, int(i), int(i) + 1)[0, k] for i, k in zip(index, view)])
+            report.max_error[name] = float(np.abs(cached.astype(np.float64) - np.asarray(value, np.float64)).max())
     report.samples_checked = samples
     return report
 

@@ -31,7 +31,7 @@ from torchvision.transforms.v2 import functional as TF
 from softcache.data import Source
 from softcache.errors import SoftcacheError
 from softcache.mixing import NO_MIX, Mix, mix_pixels
-from softcache.pixels import Pixels, built, check_output, checksum, identity, run_seeded, what_changed
+from softcache.pixels import Pixels, built, call_user, check_output, checksum, identity, run_seeded, what_changed
 from softcache.policies import POLICIES as POLICY_OBJECTS
 from softcache.policies import Policy, policy_of
 from softcache.store import MAIN, stream_augment, stream_prefix
@@ -42,7 +42,7 @@ VIEW_BLOCK = 64  # samples whose stored views are drawn from one generator (see 
 RECORD_TAG = 0x51C0  # in the key of the generator a view's record (seed, mix) is drawn from
 # The per-view records of a cache whose views have pixel work or mixing: name -> (shape of one view's, dtype)
 RECORDS = {"views/seed": ((), "int64"), "views/crc": ((), "uint32")}
-MIX_RECORDS = {"views/mix": ((6,), "int32"), "views/lam": ((), "float32")}
+MIX_RECORDS = {"views/mix": ((6,), "int32"), "views/lam": ((), "float32"), "views/mixed_crc": ((), "uint32")}
 
 
 @dataclass(frozen=True)
@@ -148,7 +148,8 @@ class Augment:
         user, ops = built(self.pixels, size)
 
         def make(whole: torch.Tensor) -> torch.Tensor:
-            out = check_output(user(whole), size, self.pixels.user) if user else apply_view(whole, box, flip, size)
+            out = check_output(call_user(user, whole, self.pixels.user), size, self.pixels.user) if user \
+                else apply_view(whole, box, flip, size)
             return ops(out) if ops is not None else out
 
         return run_seeded(make, image, seed)
@@ -260,7 +261,8 @@ def apply_view(image: torch.Tensor, box: Sequence[float], flip: bool, size: int)
 class DumpViews(torch.utils.data.Dataset):
     """Sample `i` -> its `k` views for the teacher: `(views [k, 3, S, S] uint8, label, rows)`, `rows` the sample's
     records for the cache: `views/box [k, 4]`, `views/flip [k]` and, for views with pixel work or mixing,
-    `views/seed`, `views/crc` (of the unmixed pixels), `views/mix`, `views/lam` (see `Augment.record_layout`).
+    `views/seed`, `views/crc` (of the unmixed pixels), `views/mix`, `views/lam`, `views/mixed_crc` (of the
+    pixels the teacher got, mixed or not) (see `Augment.record_layout`).
 
     Views are drawn from `(seed, i)` (`Augment.stored_views`; with `views='all'` every view, in an order drawn
     from `(seed, i)`), records from `(seed, i, view)`, so a dump is the same whatever the batch size, worker
@@ -305,6 +307,8 @@ class DumpViews(torch.utils.data.Dataset):
                 seed = self.augment.view_record((self.seed, j, w), samples=len(self.source), views=self.k)[0]
                 other = self.augment.view(partner, boxes[w], bool(flips[w]), seed)
                 views[v] = mix_pixels(views[v], other, record, float(rows["views/lam"][v]))
+        if "views/mix" in rows:  # what the teacher got: a partner rebuilt here is checked on replay through it
+            rows["views/mixed_crc"] = np.asarray([checksum(x) for x in views], np.uint32)
         return torch.stack(views), label, rows
 
 
@@ -363,8 +367,8 @@ class AugmentedViews(torch.utils.data.Dataset):
 class ReplayViews(torch.utils.data.Dataset):
     """Key `(i, v)` -> `(view [3, S, S] uint8, label, i, v)`: the stored view `v` of sample `i`, replayed from
     its records (`records`: `views/box [N, V, 4]`, `views/flip [N, V]`, and for views with pixel work or mixing
-    `views/seed`, `views/crc`, `views/mix`, `views/lam`, as a cache stores them). With mixing, two more items:
-    the partner's label and λ, as `AugmentedViews` gives them.
+    `views/seed`, `views/crc`, `views/mix`, `views/lam`, `views/mixed_crc`, as a cache stores them). With
+    mixing, two more items: the partner's label and λ, as `AugmentedViews` gives them.
 
     Every replayed view with a stored checksum is checked against it (`verify`), the partner's included: a view
     whose pixels differ from what the teacher saw stops the replay with one line naming the sample, the view
@@ -400,16 +404,22 @@ class ReplayViews(torch.utils.data.Dataset):
         seeds = self.records.get("views/seed")
         view = self.augment.view(image, self.records["views/box"][i, v], bool(self.records["views/flip"][i, v]),
                                  int(seeds[i, v]) if seeds is not None else 0)
-        crc = self.records.get("views/crc")
-        if self.verify and crc is not None:
-            got = checksum(view)
-            if got != int(crc[i, v]):
-                now = identity(self.augment.pixels, self.augment.image_size) if self.augment.pixels.active else {}
-                raise SoftcacheError(f"sample {i} view {v}: the replayed pixels differ from those the teacher saw "
-                                     f"(CRC-32 {got:08x}, cached {int(crc[i, v]):08x}); "
-                                     f"{what_changed(self.recorded, now)}; re-dump the cache with this pipeline "
-                                     "or restore the one it was dumped with")
+        self._check(view, "views/crc", i, v)
         return view
+
+    def _check(self, view: torch.Tensor, name: str, i: int, v: int) -> None:
+        """Refuse `view` unless its CRC-32 is the one stored in `name` for (i, v), naming what changed."""
+        crc = self.records.get(name)
+        if not self.verify or crc is None:
+            return
+        got = checksum(view)
+        if got != int(crc[i, v]):
+            now = identity(self.augment.pixels, self.augment.image_size) if self.augment.pixels.active else {}
+            what = "the replayed pixels" if name == "views/crc" else "the replayed mixed pixels"
+            raise SoftcacheError(f"sample {i} view {v}: {what} differ from those the teacher saw "
+                                 f"(CRC-32 {got:08x}, cached {int(crc[i, v]):08x}); "
+                                 f"{what_changed(self.recorded, now)}; re-dump the cache with this pipeline "
+                                 "or restore the one it was dumped with")
 
     def __getitem__(self, key: tuple[int, int]):
         i, v = key
@@ -423,6 +433,7 @@ class ReplayViews(torch.utils.data.Dataset):
         if partner < 0:
             return view, label, i, v, label, lam
         view = mix_pixels(view, self.unmixed(partner, partner_view), mix[i, v], lam)
+        self._check(view, "views/mixed_crc", i, v)
         return view, label, i, v, int(self.labels[partner]), lam
 
 

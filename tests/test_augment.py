@@ -201,6 +201,15 @@ def test_a_pipeline_on_pythons_generator_is_refused_at_dump_and_caught_on_replay
     (["--aa", "rand-m9-mstd0.5"], r"--aa 'rand-m9-mstd0.5': 'mstd0.5' is not m<magnitude> or n<ops>"),
     (["--aa", "bogus"], r"unknown --aa 'bogus'; valid: rand-mM-nN, trivialaugment"),
     (["--aa", "rand-m9", "--data-path", "resident"], r"--data-path resident needs crop-only views"),
+    (["--aa", "rand-m11"], r"--aa 'rand-m11': the magnitude must be 0-10 \(timm's scale\)"),
+    (["--augment", "user_pipelines:v1_to_tensor"],
+     r"--augment 'user_pipelines:v1_to_tensor' failed on a uint8 tensor \[3, 32, 32\] \(TypeError: .*v2 transforms"),
+    (["--stream", "strong:aa=rand-m9-n2", "--data-path", "resident"],
+     r"--data-path resident makes the main stream's views on the device; with --stream"),
+    (["--views", "all", "--stream", "crops:augment=imagenet"],
+     r"--views all gives the main stream 162 views a sample, but not stream 'crops'"),
+    (["--stream", "main:aa=rand-m9-n2"], r"stream name 'main' must be a new lowercase word"),
+    (["--stream", "strong:aa=rand-m9-n2,bogus=1"], r"stream setting 'bogus=1' is not KEY=VALUE with KEY one of"),
 ])
 def test_bad_augmentation_input_is_one_line_and_writes_nothing(args, message, tmp_path, cifar_subset,
                                                                teacher_weights):
@@ -305,6 +314,7 @@ def test_named_policies_in_timms_spelling():
     assert "magnitude=7" in repr(parse_auto("rand-m7")) and "num_ops=3" in repr(parse_auto("rand-n3"))
     assert "CIFAR10" in repr(parse_auto("autoaugment-cifar10")) and "IMAGENET" in repr(parse_auto("original"))
     assert "TrivialAugmentWide" in repr(parse_auto("ta_wide"))
+    assert "num_magnitude_bins=11" in repr(parse_auto("rand-m9-n2"))  # m9 is 90% of each op's range, as in timm
     from softcache import names, pixels
     assert names.AUTO_SPELLINGS == pixels.AUTO_SPELLINGS
 
@@ -330,7 +340,8 @@ def test_readme_rebuild_recipe_without_softcache(cifar_subset, tmp_path, teacher
 
     import zlib
     from torchvision.transforms import v2
-    ops = v2.Compose([v2.RandAugment(num_ops=2, magnitude=9), v2.ColorJitter(0.4, 0.4, 0.4),
+    ops = v2.Compose([v2.RandAugment(num_ops=2, magnitude=9, num_magnitude_bins=11),
+                      v2.ColorJitter(0.4, 0.4, 0.4),
                       v2.RandomErasing(p=0.5, value=0)])
     for i, v in [(0, 0), (3, 1), (50, 0)]:
         crop = unmixed(i, v)
@@ -348,6 +359,7 @@ def test_readme_rebuild_recipe_without_softcache(cifar_subset, tmp_path, teacher
             else:
                 view = (view.double() * float(lam[i, v]) + other.double() * (1 - float(lam[i, v]))).round()
                 view = view.to(torch.uint8)
+        assert zlib.crc32(view.numpy().tobytes()) == int(root["views/mixed_crc"][i, v])
         assert torch.equal(view, ReplayViews.from_cache(open_cache(tmp_path / "cache"), source)[(i, v)][0])
 
 
@@ -367,6 +379,7 @@ def test_two_view_streams_of_one_cache_feed_the_student_and_the_targets(tmp_path
     assert "views/crc" not in cache.names()  # the main stream is plain crops
     result = invoke("verify", tmp_path / "cache", "--teacher", "resnet8", "--weights", teacher_weights)
     assert result.exit_code == 0 and result.stdout.rstrip().endswith("ok"), result.output
+    assert "streams/strong/logits" in result.stdout and "max |error| 0" in result.stdout, result.stdout
     result = invoke("inspect", tmp_path / "cache")
     assert "stream strong: cifar, rand-m9-n2, reprob 0.5, cutmix 1" in result.stdout, result.stdout
     # the streams share each slot's crop; their pixels and teacher outputs differ
@@ -419,3 +432,33 @@ def test_train_teacher_and_train_online_draw_fresh_pixel_work_and_mixes(tmp_path
                     *common, "--out", tmp_path / "bad")
     assert result.exit_code == 1 and "returned a torch.uint8 tensor of shape [3, 36, 36]" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "bad").exists()
+
+
+def test_a_changed_mix_is_caught_by_the_mixed_views_checksum(cifar_subset, tmp_path, teacher_weights, monkeypatch):
+    """The unmixed views replay unchanged, but mixing code that rounds another way would give the student other
+    pixels than the teacher's: the CRC-32 of the mixed view catches it."""
+    from softcache import views as views_module
+    source = load_source(f"imagefolder:{cifar_subset}", "train")
+    augment = Augment("cifar", image_size=32, pixels=Pixels(auto_augment="rand-m9-n2"), mix=Mix(mixup=0.8))
+    _dump(tmp_path / "cache", source, augment, teacher=load_teacher(teacher_weights), workers=0)
+    replay = ReplayViews.from_cache(open_cache(tmp_path / "cache"), source)
+    mixed = [i for i in range(len(source)) if replay.records["views/mix"][i, 0, 0] >= 0]
+    assert mixed and torch.is_tensor(replay[(mixed[0], 0)][0])  # replays as dumped
+
+    def floor_mix(view, partner, record, lam):
+        return (view.double() * lam + partner.double() * (1 - lam)).floor().to(torch.uint8)
+    monkeypatch.setattr(views_module, "mix_pixels", floor_mix)
+    with pytest.raises(SoftcacheError, match=f"sample {mixed[0]} view 0: the replayed mixed pixels differ"):
+        replay[(mixed[0], 0)]
+
+
+def test_a_user_module_that_fails_to_import_is_one_line(tmp_path, cifar_subset, teacher_weights, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "broken_augment.py").write_text("from torchvision.transforms import v2\nundefined_name\n")
+    importlib.invalidate_caches()
+    result = invoke("dump-teacher", "--teacher", "resnet8", "--weights", teacher_weights, "--data",
+                    f"imagefolder:{cifar_subset}", "--augment", "broken_augment:pipe", "--out", tmp_path / "c")
+    assert result.exit_code == 1 and len(result.stderr.strip().splitlines()) == 1, result.output
+    assert "cannot load --augment 'broken_augment:pipe' (NameError: name 'undefined_name' is not defined)" \
+        in result.stderr
+    sys.modules.pop("broken_augment", None)

@@ -32,3 +32,9 @@ def wrong_size(image_size: int) -> v2.Transform:
 
 def no_image_size() -> v2.Transform:
     return v2.RandomHorizontalFlip()
+
+
+def v1_to_tensor(image_size: int):
+    """torchvision v1's ToTensor, which takes PIL images or arrays, not the uint8 tensors softcache passes."""
+    from torchvision import transforms
+    return transforms.ToTensor()
