@@ -332,3 +332,19 @@ def test_the_seed_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
     assert rows == ["teacher", "ce", "kd", "fitnets", "at", "rkd", "combined", "gen1", "gen2", "gen3", "ensemble"]
     metrics = json.loads((tmp_path / "runs" / "students" / "combined" / "metrics.jsonl").read_text().splitlines()[0])
     assert {"train_kd", "train_ce", "train_fitnets", "train_at", "train_rkd"} <= set(metrics)
+
+
+def test_recipes_take_view_streams_pixel_work_and_mixing(tmp_path):
+    recipe = tmp_path / "streams.toml"
+    recipe.write_text('[teacher]\nmodel = "resnet8"\ndata = "synthetic"\n'
+                      + '[dump]\naugment = "cifar"\nviews = 2\nmixup = 0.8\n'
+                        'streams = { strong = "aa=rand-m9-n2,reprob=0.25" }\n'
+                        '[[student]]\nname = "s"\nstudent = "resnet8"\nstream = "strong"\ntarget_stream = "main"\n')
+    pipeline = load_pipeline(recipe)
+    assert pipeline.dump.streams == (("strong", "aa=rand-m9-n2,reprob=0.25"),) and pipeline.dump.mixup == 0.8
+    student = dict(pipeline.students)["s"]
+    assert (student.stream, student.target_stream) == ("strong", "main")
+    recipe.write_text(recipe.read_text().replace('streams = { strong = "aa=rand-m9-n2,reprob=0.25" }',
+                                                 'streams = ["strong"]'))
+    with pytest.raises(SoftcacheError, match=r"\[dump\] streams = \[\"strong\"\] is .*expected a table of strings"):
+        load_pipeline(recipe)
