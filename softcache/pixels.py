@@ -175,7 +175,7 @@ def run_seeded(transform: Callable[[torch.Tensor], Any], image: torch.Tensor, se
 
 def checksum(view: torch.Tensor) -> int:
     """CRC-32 (zlib.crc32) of a view's uint8 pixels `[3, S, S]` in C order: what `views/crc` stores."""
-    return zlib.crc32(view.contiguous().numpy().tobytes())
+    return zlib.crc32(view.contiguous().numpy())  # the buffer itself: no copy
 
 
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")  # a lambda's repr carries its address, which differs per process
