@@ -369,6 +369,13 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     streams = {stream: DumpViews(source, Augment.from_manifest(store_stream_augment(manifest, stream)), aug["views"],
                                  aug["seed"]) for stream in stream_names(manifest)}
     dataset = streams[MAIN]
+    for stream, views in streams.items():  # what the CLI checks first, for a Python caller too
+        if views.k != dataset.k:
+            raise SoftcacheError(f"stream '{stream}' has {views.k} views a sample, the main stream {dataset.k}; "
+                                 "streams store the same number of views")
+    if len(streams) > 1 and data_path == "resident":
+        raise SoftcacheError("--data-path resident makes the main stream's views on the device; with streams the "
+                             "views are made together by DataLoader workers: use --data-path loader (or auto)")
     names = [t["name"] for t in manifest["teachers"]]
     fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
     records = {stream_prefix(manifest, stream) + name: spec for stream, views in streams.items()

@@ -9,7 +9,8 @@ the image, λ then corrected to the box's real area). The labels are mixed with 
 `λ·y_i + (1 − λ)·y_partner`.
 
 A mix is recorded per view as `views/mix [N, V, 6] int32` (partner sample, partner view, box top, left, height,
-width; partner −1 for an unmixed view, a zero box for Mixup) and `views/lam [N, V] float32`.
+width; partner −1 for an unmixed view, a zero box for Mixup), `views/lam [N, V] float32` and the CRC-32 of
+the view the teacher got, `views/mixed_crc [N, V] uint32`.
 """
 from __future__ import annotations
 

@@ -336,6 +336,13 @@ def _with_cache(entry: dict[str, Any], name: str, dumps: list[tuple[str, DumpCon
     only dump when it names none."""
     named = dict(dumps)
     entry = dict(entry)
+    dump = named.get(entry.get("cache")) or (dumps[0][1] if "cache" not in entry and len(dumps) == 1 else None)
+    if dump is not None:  # a stream the dump will not store is refused before any stage runs
+        streams = ["main", *(stream for stream, _ in dump.streams)]
+        for key in ("stream", "target_stream"):
+            if entry.get(key) is not None and entry[key] not in streams:
+                raise SoftcacheError(f"[student {name}] {key} = \"{entry[key]}\" is not a view stream of its cache; "
+                                     f"its [dump] has: {', '.join(streams)}")
     if "cache" in entry and entry["cache"] in named:
         entry["cache"] = named[entry["cache"]].out
     elif "cache" in entry:

@@ -14,8 +14,9 @@ Policies (softcache.policies, one object each):
 
 After the crop a view may go through pixel work (softcache.pixels: RandAugment, colour jitter, erasing, or the
 user's pipeline) under torch's generator seeded per view, and be mixed with a partner view (softcache.mixing:
-Mixup, CutMix). Such views carry records besides the box and flip, stored per view in the cache (`RECORDS`):
-the seed, the CRC-32 of the unmixed pixels (what every replay is checked against) and the mix.
+Mixup, CutMix). Such views carry records besides the box and flip, stored per view in the cache (`RECORDS`,
+`MIX_RECORDS`): the seed, the CRC-32 of the unmixed pixels, the mix and the CRC-32 of the mixed view (what every
+replay is checked against).
 """
 from __future__ import annotations
 
@@ -414,12 +415,15 @@ class ReplayViews(torch.utils.data.Dataset):
             return
         got = checksum(view)
         if got != int(crc[i, v]):
-            now = identity(self.augment.pixels, self.augment.image_size) if self.augment.pixels.active else {}
-            what = "the replayed pixels" if name == "views/crc" else "the replayed mixed pixels"
+            if name == "views/crc":
+                now = identity(self.augment.pixels, self.augment.image_size) if self.augment.pixels.active else {}
+                what, why = "the replayed pixels", what_changed(self.recorded, now)
+            else:  # the view and its partner passed their own checks just now
+                what, why = ("the replayed mixed pixels", "the view and its partner replay as dumped, so the mixing "
+                             "itself changed since the dump (softcache's Mixup/CutMix code)")
             raise SoftcacheError(f"sample {i} view {v}: {what} differ from those the teacher saw "
-                                 f"(CRC-32 {got:08x}, cached {int(crc[i, v]):08x}); "
-                                 f"{what_changed(self.recorded, now)}; re-dump the cache with this pipeline "
-                                 "or restore the one it was dumped with")
+                                 f"(CRC-32 {got:08x}, cached {int(crc[i, v]):08x}); {why}; re-dump the cache "
+                                 "with this pipeline or restore the one it was dumped with")
 
     def __getitem__(self, key: tuple[int, int]):
         i, v = key

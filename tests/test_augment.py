@@ -448,8 +448,16 @@ def test_a_changed_mix_is_caught_by_the_mixed_views_checksum(cifar_subset, tmp_p
     def floor_mix(view, partner, record, lam):
         return (view.double() * lam + partner.double() * (1 - lam)).floor().to(torch.uint8)
     monkeypatch.setattr(views_module, "mix_pixels", floor_mix)
-    with pytest.raises(SoftcacheError, match=f"sample {mixed[0]} view 0: the replayed mixed pixels differ"):
+    with pytest.raises(SoftcacheError, match=f"sample {mixed[0]} view 0: the replayed mixed pixels differ .*the "
+                                             "view and its partner replay as dumped, so the mixing itself changed"):
         replay[(mixed[0], 0)]
+
+
+def test_python_streams_must_store_the_main_streams_view_count(tmp_path, teacher_weights):
+    source = load_source("synthetic:20", "train")
+    with pytest.raises(SoftcacheError, match="stream 'crops' has 1 views a sample, the main stream 162"):
+        dump_teacher(load_teacher(teacher_weights), source, tmp_path / "c", augment=Augment("cifar", image_size=32),
+                     views="all", workers=0, streams={"crops": Augment("none", image_size=32)})
 
 
 def test_a_user_module_that_fails_to_import_is_one_line(tmp_path, cifar_subset, teacher_weights, monkeypatch):

@@ -348,3 +348,8 @@ def test_recipes_take_view_streams_pixel_work_and_mixing(tmp_path):
                                                  'streams = ["strong"]'))
     with pytest.raises(SoftcacheError, match=r"\[dump\] streams = \[\"strong\"\] is .*expected a table of strings"):
         load_pipeline(recipe)
+    recipe.write_text(recipe.read_text().replace('streams = ["strong"]', 'streams = { strong = "aa=rand-m9-n2" }')
+                      .replace('stream = "strong"', 'stream = "strnog"'))
+    with pytest.raises(SoftcacheError, match=r"\[student s\] stream = \"strnog\" is not a view stream of its cache; "
+                                             "its \\[dump\\] has: main, strong"):
+        load_pipeline(recipe)
