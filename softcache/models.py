@@ -6,7 +6,6 @@ Names: the CIFAR ResNets of `softcache.cifar_resnet`, any torchvision classifica
 from __future__ import annotations
 
 import hashlib
-import importlib
 from pathlib import Path
 from collections.abc import Sequence
 
@@ -16,6 +15,7 @@ from torch import nn
 
 from softcache.cifar_resnet import CIFAR_RESNETS, CifarResNet, cifar_resnet
 from softcache.errors import SoftcacheError
+from softcache.imports import import_callable
 
 
 def torchvision_models() -> list[str]:
@@ -28,9 +28,8 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     if name in CIFAR_RESNETS:
         return cifar_resnet(name, num_classes)
     if ":" in name:
-        module_name, _, attr = name.partition(":")
         try:
-            factory = getattr(importlib.import_module(module_name), attr)
+            factory = import_callable(name)
         except (ImportError, AttributeError) as err:
             raise SoftcacheError(f"cannot load custom model '{name}' ({err}); "
                                  "expected package.module:callable") from None

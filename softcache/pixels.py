@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib
 import inspect
 import re
 import sys
@@ -30,6 +29,7 @@ import torchvision
 from torchvision.transforms import v2 as T
 
 from softcache.errors import SoftcacheError
+from softcache.imports import import_callable
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -110,9 +110,8 @@ class Pixels:
 
 
 def _load_user(spec: str) -> Callable[..., Any]:
-    module_name, _, attr = spec.partition(":")
     try:
-        return getattr(importlib.import_module(module_name), attr)
+        return import_callable(spec)
     except Exception as err:  # a user's module may fail to import in any way: name it in one line
         raise SoftcacheError(f"cannot load --augment '{spec}' ({type(err).__name__}: {err}); expected "
                              "package.module:callable, importable from here, called as callable(image_size=S)"

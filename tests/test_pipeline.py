@@ -292,21 +292,29 @@ def test_several_caches_and_students_naming_them(tmp_path):
         f"under '{tmp_path / 'runs'}'"]
 
 
-@pytest.mark.slow
-def test_the_function_matching_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
-    """pipelines/cifar10_function_matching.toml on 12 images per class, 1 epoch a stage, 2 views a cache."""
+def _run_tiny_recipe(name: str, tmp_path, cifar_subset, replace: dict[str, str] | None = None):
+    """A shipped recipe on the CIFAR subset, 1 epoch a stage, 2 views a cache, on CPU: its `softcache run`."""
     from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "pipelines" / "cifar10_function_matching.toml").read_text()
+    text = (Path(__file__).resolve().parents[1] / "pipelines" / name).read_text()
     text = re.sub(r"epochs = \d+", "epochs = 1", text)
     text = re.sub(r"views = \d+", "views = 2", text)
     text = re.sub(r"batch_size = \d+", "batch_size = 40", text).replace("workers = 8", "workers = 0")
-    text = text.replace('model = "resnet56"', 'model = "resnet8"')
-    text = text.replace('student = "resnet20"', 'student = "resnet8"')
-    text = text.replace('data = "imagefolder:data/cifar10-jpeg"', f'data = "imagefolder:{cifar_subset}"')
-    (tmp_path / "fm.toml").write_text(text)
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "fm.toml"), "--root", str(tmp_path / "runs"),
+    for old, new in {**(replace or {}),
+                     'data = "imagefolder:data/cifar10-jpeg"': f'data = "imagefolder:{cifar_subset}"'}.items():
+        text = text.replace(old, new)
+    (tmp_path / name).write_text(text)
+    result = CliRunner().invoke(cli, ["run", str(tmp_path / name), "--root", str(tmp_path / "runs"),
                                       "--device", "cpu"])
     assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.mark.slow
+def test_the_function_matching_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/cifar10_function_matching.toml on 12 images per class, 1 epoch a stage, 2 views a cache."""
+    result = _run_tiny_recipe("cifar10_function_matching.toml", tmp_path, cifar_subset,
+                              {'model = "resnet56"': 'model = "resnet8"',
+                               'student = "resnet20"': 'student = "resnet8"'})
     rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
     assert rows[0] == "teacher" and len(rows) == 7 and "function_matching" in " ".join(rows)
     cache = open_cache(tmp_path / "runs" / "caches" / "matching")
@@ -318,16 +326,7 @@ def test_the_function_matching_recipe_runs_end_to_end_on_real_images(tmp_path, c
 @pytest.mark.slow
 def test_the_seed_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
     """pipelines/seed_resnet34_resnet18.toml on 12 images per class, 1 epoch a stage, 2 views a cache."""
-    from pathlib import Path
-    text = (Path(__file__).resolve().parents[1] / "pipelines" / "seed_resnet34_resnet18.toml").read_text()
-    text = re.sub(r"epochs = \d+", "epochs = 1", text)
-    text = re.sub(r"views = \d+", "views = 2", text)
-    text = re.sub(r"batch_size = \d+", "batch_size = 40", text).replace("workers = 8", "workers = 0")
-    text = text.replace('data = "imagefolder:data/cifar10-jpeg"', f'data = "imagefolder:{cifar_subset}"')
-    (tmp_path / "seed.toml").write_text(text)
-    result = CliRunner().invoke(cli, ["run", str(tmp_path / "seed.toml"), "--root", str(tmp_path / "runs"),
-                                      "--device", "cpu"])
-    assert result.exit_code == 0, result.output
+    result = _run_tiny_recipe("seed_resnet34_resnet18.toml", tmp_path, cifar_subset)
     rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
     assert rows == ["teacher", "ce", "kd", "fitnets", "at", "rkd", "combined", "gen1", "gen2", "gen3", "ensemble"]
     metrics = json.loads((tmp_path / "runs" / "students" / "combined" / "metrics.jsonl").read_text().splitlines()[0])
