@@ -38,7 +38,7 @@ from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model, teacher_outputs
 from softcache.dump import dump_teacher, resolve_image_size, usable_cores
 from softcache.losses import attention_map, resolve_weights
-from softcache.models import Tapped, build_model, load_weights
+from softcache.models import Tapped, build_model, input_norm, load_weights
 from softcache.store import Existing, array_layout, open_cache, prepare_cache
 from softcache.store.base import CacheReader, plan_shards
 from softcache.train import build_criterion
@@ -162,7 +162,7 @@ def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, view
     the teacher (seeded, random weights unless `weights`); `settings` are BenchSetup's remaining fields."""
     source = load_source(data, "train")
     policy = views_options.augment if views_options is not None else "cifar"
-    size = resolve_image_size(policy, None, source)
+    size = resolve_image_size(policy, None, source, teacher)
     augment = (Augment.from_options(views_options, size) if views_options is not None
                else Augment("cifar", image_size=size))
     torch.manual_seed(seed)
@@ -196,7 +196,8 @@ def student_batches(b: BenchSetup, reader: CacheReader, path: str, layers: list[
     targets), and the data path chosen (softcache.planner decides it, inside student_data)."""
     targets = None
     if online:
-        targets = OnlineTargets(b.teacher, layers, mean=b.source.mean, std=b.source.std, device=b.dev)
+        mean, std = input_norm(b.teacher, b.source)
+        targets = OnlineTargets(b.teacher, layers, mean=mean, std=std, device=b.dev)
     batches, targets, chosen = student_data(reader, b.source, teacher_layers=layers, temperature=4.0,
                                             teachers="mean", image_size=b.augment.image_size,
                                             batch_size=b.batch_size, seed=b.seed, workers=b.workers, device=b.dev,
@@ -208,7 +209,7 @@ def inference_measurement(b: BenchSetup, views: torch.Tensor) -> tuple[Measureme
     """(a): the teacher's forward pass on one device-resident batch of uint8 `views [B, 3, S, S]` (the data
     path excluded), warmed up; also the teacher tapped at `b.layer`, on the device."""
     tapped_teacher = prepare_model(Tapped(b.teacher, [b.layer]), b.dev).eval()
-    fixed = model_inputs(views.to(b.dev), b.source.mean, b.source.std, b.dev)
+    fixed = model_inputs(views.to(b.dev), *input_norm(b.teacher, b.source), b.dev)
 
     @torch.no_grad()
     def infer() -> float:
@@ -225,7 +226,8 @@ def writer_measurements(b: BenchSetup, tapped_teacher: nn.Module, views: torch.T
                         cores: int) -> list[Measurement]:
     """(w): the writer, host only, on the bench teacher's own outputs for uint8 `views [B, 3, S, S]` (logits,
     `b.layer`'s features and their attention maps), with one thread and with `cores`; caches go in `scratch`."""
-    logits, features = teacher_outputs(tapped_teacher, views, mean=b.source.mean, std=b.source.std, device=b.dev)
+    mean, std = input_norm(b.teacher, b.source)
+    logits, features = teacher_outputs(tapped_teacher, views, mean=mean, std=std, device=b.dev)
     feature = features[b.layer]
     attention = attention_map(feature).view(len(logits), *feature.shape[2:]).half()
     outputs = {"logits": logits.cpu().numpy(), f"features {b.layer}": feature.cpu().numpy(),
@@ -263,7 +265,8 @@ def student_measurement(b: BenchSetup, reader: CacheReader, name: str, terms: li
     path = "stream" if targets_kind == "stream" else b.data_path
     batches, targets, _ = student_batches(b, reader, path, sorted(set(pairs.values())),
                                           online=targets_kind == "online")
-    step_loss = DistillStep(tapped, criterion, targets, mean=b.source.mean, std=b.source.std, device=b.dev)
+    mean, std = input_norm(model, b.source)
+    step_loss = DistillStep(tapped, criterion, targets, mean=mean, std=std, device=b.dev)
     opt = torch.optim.SGD(list(tapped.parameters()) + list(criterion.parameters()), lr=0.05, momentum=0.9)
     tapped.train()
 

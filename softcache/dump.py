@@ -27,7 +27,8 @@ from softcache.device import check_device, prepare_model, teacher_outputs, to_ho
 from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
-from softcache.models import check_classes, Tapped, build_model, check_layers, file_sha256, load_weights
+from softcache.models import (Tapped, build_model, check_classes, check_layers, conventions, file_sha256, load_weights,
+                              spec_conventions)
 from softcache.planner import image_bytes, plan
 from softcache.policies import policy_of
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
@@ -35,7 +36,7 @@ from softcache.store import where
 from softcache.store.backends import BACKENDS
 from softcache.store.base import ShardWriter
 from softcache.store import (MAIN, Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
-                             logits_prefix, prepare_cache, stream_names, stream_prefix, swap_in)
+                             logits_prefix, prepare_cache, stream_names, stream_prefix, swap_in, teacher_norm)
 from softcache.store import stream_augment as store_stream_augment
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
 from softcache.mixing import Mix
@@ -100,14 +101,16 @@ def stream_augments(streams: Sequence[tuple[str, str]], main: Augment, views: in
     return out
 
 
-def resolve_image_size(policy: str, image_size: int | None, source: Source) -> int:
-    """The view side: as given, else 224 for imagenet, else the images' own side when they all have one size.
+def resolve_image_size(policy: str, image_size: int | None, source: Source, model: str | None = None) -> int:
+    """The view side: as given, else for imagenet the input size of `model` (a timm or Hugging Face model's
+    conventions, `models.spec_conventions`) or 224, else the images' own side when they all have one size.
     (Given a size, `cifar` and `none` crop each image in its own size and resize the crop to it.) Images of
     several sizes without `image_size` are refused, naming the sizes: no image is shrunk to the first one's."""
     if image_size is not None:
         return image_size
-    if policy_of(policy).image_size is not None:  # imagenet: 224
-        return policy_of(policy).image_size
+    if policy_of(policy).image_size is not None:  # imagenet: the model's own input size, or 224
+        found = spec_conventions(model) if model else None
+        return found.input_size if found is not None and found.input_size else policy_of(policy).image_size
     sizes = source.image_sizes()
     if not sizes:
         raise SoftcacheError(f"the {source.spec} split holds no images")
@@ -119,6 +122,14 @@ def resolve_image_size(policy: str, image_size: int | None, source: Source) -> i
                              f"the '{policy}' policy makes views of the images' own size: give --image-size S to "
                              "resize every view to S, or --augment imagenet (crops in each image's own pixels)")
     return int(min(next(iter(sizes))))
+
+
+def input_of(arch: str) -> dict[str, Any]:
+    """A teacher's record of its input conventions (`{'input': ...}` for timm and Hugging Face models, whose views
+    are normalised their own way), or nothing (the dataset's normalisation: the cache id of such caches is
+    unchanged)."""
+    found = spec_conventions(arch)
+    return {"input": found.to_json()} if found is not None else {}
 
 
 def state_dict_sha256(model: nn.Module) -> str:
@@ -246,7 +257,8 @@ def _target_layout(tapped: Sequence[Tapped], names: Sequence[str], source: Sourc
     probe = apply_view(image, augment.eval_box(*image.shape[-2:]), False, augment.image_size)[None]
     arrays: dict[str, tuple[tuple[int, ...], str]] = {}
     for k, (name, teacher) in enumerate(zip(names, tapped)):
-        logits, features = teacher_outputs(teacher, probe, mean=source.mean, std=source.std, device=dev)
+        mean, std = teacher_norm(manifest, k)
+        logits, features = teacher_outputs(teacher, probe, mean=mean, std=std, device=dev)
         if logits.shape[1] != len(source.classes):
             raise SoftcacheError(f"class-count mismatch: teacher {name} has {logits.shape[1]} outputs, "
                                  f"the dataset {source.spec} has {len(source.classes)} classes")
@@ -255,6 +267,10 @@ def _target_layout(tapped: Sequence[Tapped], names: Sequence[str], source: Sourc
             arrays.update({prefix + suffix: spec for suffix, spec in fmt.arrays(logits.shape[1]).items()})
             if k == 0:
                 for layer, f in features.items():
+                    if manifest["storage"]["targets"] == "attention" and f.dim() == 3:
+                        raise SoftcacheError(f"--targets attention stores AT maps of [C, H, W] feature maps; layer "
+                                             f"'{layer}' gives tokens {list(f.shape[1:])}: dump it with --targets "
+                                             "features (token features serve fitnets, sp and the embedding terms)")
                     for key, stored in feature_targets(manifest["storage"]["targets"], layer, f).items():
                         arrays[feature_name(manifest, key, stream)] = (tuple(stored.shape[1:]), "float16")
     return arrays
@@ -296,9 +312,9 @@ class _TeacherBatches:
         if cuda:
             began.record()
         for stream, flat in flats.items():
-            for name, teacher in zip(self.names, self.tapped):
-                logits, features = teacher_outputs(teacher, flat, mean=self.source.mean, std=self.source.std,
-                                                   device=self.dev)
+            for k, (name, teacher) in enumerate(zip(self.names, self.tapped)):
+                mean, std = teacher_norm(self.manifest, k)
+                logits, features = teacher_outputs(teacher, flat, mean=mean, std=std, device=self.dev)
                 stored = {key: value for layer, f in features.items()
                           for key, value in feature_targets(self.manifest["storage"]["targets"], layer, f).items()}
                 outputs.append((stream, name, to_host(logits), {layer: to_host(v) for layer, v in stored.items()}))
@@ -435,6 +451,10 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     if not infos:
         archs = [type(m).__name__.lower() for m in modules]
         infos = [{"arch": a, "weights_sha256": state_dict_sha256(m)} for a, m in zip(archs, modules)]
+    for info, module in zip(infos, modules):  # a timm or Hugging Face teacher normalises its views its own way
+        found = conventions(module)
+        if found is not None and "input" not in info:
+            info["input"] = found.to_json()
     for info, name in zip(infos, _unique_names([i.get("arch", "teacher") for i in infos])):
         info.setdefault("name", name)
     backend = backend_of(out, format)
@@ -478,14 +498,14 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     since = time.perf_counter()
     check_dump(cfg)
     source = load_source(cfg.data, "train", download=cfg.download)
-    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, source))
+    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, source, cfg.teacher[0]))
     streams = stream_augments(cfg.streams, augment, cfg.views)
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
         if not Path(weights).is_file():
             raise SoftcacheError(f"weights file '{weights}' does not exist; "
                                  "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
-    infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w)}
+    infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w), **input_of(arch)}
              for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
     infos[0]["config"] = to_json(cfg)
     backend = backend_of(cfg.out, cfg.format)

@@ -21,7 +21,7 @@ from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
-from softcache.models import build_model, load_weights
+from softcache.models import build_model, input_norm, load_weights
 from softcache.runs import RunInfo, read_run
 from softcache.views import Augment
 
@@ -86,9 +86,10 @@ def ensemble(runs: Sequence[str | Path], *, data: str | None = None, device: str
     all_probs, accuracy, labels = [], [], None
     for run in runs:
         model = run_model(run, len(test.classes))
-        augment = Augment(run.policy, image_size=resolve_image_size(run.policy, run.image_size, test))
-        loader = eval_batches(test, augment, batch_size=batch_size, workers=workers, device=dev)
-        probs, y = predict(prepare_model(model, dev), loader, mean=test.mean, std=test.std, device=dev)
+        augment = Augment(run.policy, image_size=resolve_image_size(run.policy, run.image_size, test, run.model))
+        loader = eval_batches(test, augment.for_model(model), batch_size=batch_size, workers=workers, device=dev)
+        mean, std = input_norm(model, test)
+        probs, y = predict(prepare_model(model, dev), loader, mean=mean, std=std, device=dev)
         if labels is not None and not np.array_equal(labels, y):
             raise SoftcacheError(f"'{run.path}' evaluates another test split than '{runs[0].path}'")
         labels = y

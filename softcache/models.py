@@ -1,21 +1,35 @@
-"""Models by name, checkpoints, and feature taps.
+"""Models by name, checkpoints, input conventions and feature taps.
 
-Names: the CIFAR ResNets of `softcache.cifar_resnet`, any torchvision classification model (`resnet18`,
-`mobilenet_v3_small`, ...), or a user's own `package.module:callable` called as `callable(num_classes=K)`.
+A model name is one of (`SOURCES`, tried in this order):
+
+    resnet56, resnet8x4, ...       the CIFAR ResNets of `softcache.cifar_resnet`
+    timm:NAME[,KEY=VALUE,...]      `timm.create_model(NAME, num_classes=K, KEY=VALUE, ...)`, e.g.
+                                   `timm:vit_tiny_patch16_224,img_size=32,patch_size=4,drop_path_rate=0.1`
+    hf:PATH_OR_ID[,KEY=VALUE,...]  a Hugging Face image classifier (`softcache.hf`); KEY=VALUE set its config
+    package.module:callable        a user's own, called as `callable(num_classes=K)`
+    resnet18, vit_b_16, ...        any torchvision classification model
+
+`pretrained=true` (timm, hf) loads the zoo's published weights (a download, for users with internet); without
+it the model is freshly initialised and `--weights` loads a checkpoint (`softcache.weights`).
 """
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-from collections.abc import Sequence
+import difflib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torchvision
 from torch import nn
 
-from softcache.cifar_resnet import CIFAR_RESNETS, CifarResNet, cifar_resnet
+from softcache.cifar_resnet import CIFAR_RESNETS, cifar_resnet
 from softcache.errors import SoftcacheError
 from softcache.imports import import_callable
+from softcache.weights import file_sha256, load_weights  # noqa: F401  (re-exported: callers load from here)
+
+ZOOS = ("timm", "hf")  # the `SOURCE:` prefixes that name a model zoo rather than a user's package.module
 
 
 def torchvision_models() -> list[str]:
@@ -23,41 +37,215 @@ def torchvision_models() -> list[str]:
     return sorted(torchvision.models.list_models(module=torchvision.models))
 
 
+def _value(text: str) -> Any:
+    """A `KEY=VALUE` value: an int, a float, true / false / none, or the text itself."""
+    lowered = text.lower()
+    if lowered in ("true", "false", "none"):
+        return {"true": True, "false": False, "none": None}[lowered]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A parsed model name: its source, the name within it, and the `KEY=VALUE` options after it."""
+
+    source: str                          # cifar, timm, hf, callable, torchvision
+    name: str                            # resnet56, vit_tiny_patch16_224, ./my-vit, pkg.mod:fn, resnet18
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @classmethod
+    def parse(cls, spec: str) -> ModelSpec:
+        zoo, sep, rest = spec.partition(":")
+        if sep and zoo in ZOOS:
+            name, *pairs = rest.split(",")
+            options = []
+            for pair in pairs:
+                key, eq, value = pair.partition("=")
+                if not eq or not key.strip():
+                    raise SoftcacheError(f"model '{spec}': option '{pair}' is not KEY=VALUE; write "
+                                         f"{zoo}:NAME,KEY=VALUE,... (e.g. timm:resnet18,drop_path_rate=0.1)")
+                options.append((key.strip(), _value(value.strip())))
+            if not name:
+                raise SoftcacheError(f"model '{spec}' names no {zoo} model; write {zoo}:NAME")
+            return cls(zoo, name, tuple(options))
+        if spec in CIFAR_RESNETS:
+            return cls("cifar", spec)
+        return cls("callable" if sep else "torchvision", spec)
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {k: v for k, v in self.options if k != "pretrained"}
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(dict(self.options).get("pretrained", False))
+
+
+def _zoo_import(module: str, extra: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise SoftcacheError(f"{module} models need the {module} package: pip install {module} "
+                             f"(or pip install 'softcache[{extra}]')") from None
+
+
+def _suggest(name: str, valid: Sequence[str], what: str) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    return f"unknown {what} '{name}'" + (f"; closest: {', '.join(close)}" if close else "")
+
+
+def _timm(spec: ModelSpec, num_classes: int) -> nn.Module:
+    timm = _zoo_import("timm", "zoo")
+    if not timm.is_model(spec.name):
+        raise SoftcacheError(_suggest(spec.name, timm.list_models(), "timm model")
+                             + " (timm.list_models() lists them all)")
+    kwargs = spec.kwargs
+    if "img_size" in kwargs:  # the conventions follow the size the model is built for
+        size = kwargs["img_size"]
+        kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *((size, size) if isinstance(size, int) else size))}
+    try:
+        return timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=num_classes, **kwargs)
+    except TypeError as err:
+        raise SoftcacheError(f"timm:{spec.name} does not take {', '.join(spec.kwargs)} ({err}); "
+                             "give the keyword arguments its model class takes") from None
+
+
+def _hf(spec: ModelSpec, num_classes: int) -> nn.Module:
+    _zoo_import("transformers", "hf")
+    from softcache.hf import build_hf
+    return build_hf(spec.name, num_classes, pretrained=spec.pretrained, overrides=spec.kwargs)
+
+
+def _callable(spec: ModelSpec, num_classes: int) -> nn.Module:
+    name = spec.name
+    try:
+        factory = import_callable(name)
+    except (ImportError, AttributeError) as err:
+        raise SoftcacheError(f"cannot load custom model '{name}' ({err}); "
+                             "expected package.module:callable") from None
+    try:
+        model = factory(num_classes=num_classes)
+    except TypeError as err:
+        raise SoftcacheError(f"custom model '{name}' cannot be called as {name}(num_classes={num_classes}) "
+                             f"({err}); "
+                             "give a callable that takes num_classes and returns a torch.nn.Module") from None
+    if not isinstance(model, nn.Module):
+        raise SoftcacheError(f"custom model '{name}' returned a {type(model).__name__}, not a torch.nn.Module; "
+                             "give a callable that builds the model, called as callable(num_classes=K)")
+    return model
+
+
+def _torchvision(spec: ModelSpec, num_classes: int) -> nn.Module:
+    if spec.name not in torchvision_models():
+        raise SoftcacheError(f"unknown model '{spec.name}'; valid: {', '.join(CIFAR_RESNETS)}, any torchvision "
+                             "classification model (e.g. resnet18, mobilenet_v3_small), timm:NAME, hf:PATH_OR_ID, "
+                             "or package.module:callable")
+    return torchvision.models.get_model(spec.name, weights=None, num_classes=num_classes)
+
+
+SOURCES: dict[str, Callable[[ModelSpec, int], nn.Module]] = {
+    "cifar": lambda spec, k: cifar_resnet(spec.name, k),
+    "timm": _timm,
+    "hf": _hf,
+    "callable": _callable,
+    "torchvision": _torchvision,
+}
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
-    """A freshly initialised model with a `num_classes`-way classifier."""
-    if name in CIFAR_RESNETS:
-        return cifar_resnet(name, num_classes)
-    if ":" in name:
-        try:
-            factory = import_callable(name)
-        except (ImportError, AttributeError) as err:
-            raise SoftcacheError(f"cannot load custom model '{name}' ({err}); "
-                                 "expected package.module:callable") from None
-        try:
-            model = factory(num_classes=num_classes)
-        except TypeError as err:
-            raise SoftcacheError(f"custom model '{name}' cannot be called as {name}(num_classes={num_classes}) "
-                                 f"({err}); "
-                                 "give a callable that takes num_classes and returns a torch.nn.Module") from None
-        if not isinstance(model, nn.Module):
-            raise SoftcacheError(f"custom model '{name}' returned a {type(model).__name__}, not a torch.nn.Module; "
-                                 "give a callable that builds the model, called as callable(num_classes=K)")
-        return model
-    if name in torchvision_models():
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise SoftcacheError(f"unknown model '{name}'; valid: {', '.join(CIFAR_RESNETS)}, any torchvision "
-                         "classification model (e.g. resnet18, mobilenet_v3_small), or package.module:callable")
+    """The model `name` (see the module docstring) with a `num_classes`-way classifier: freshly initialised,
+    or with its zoo's published weights for `pretrained=true`."""
+    spec = ModelSpec.parse(name)
+    return SOURCES[spec.source](spec, num_classes)
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """How a zoo model expects its input (timm's `pretrained_cfg`, a Hugging Face image processor): what its
+    views are normalised with, the view side it is built for, the resampling and the evaluation crop."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: int | None = None   # the default view side of the `imagenet` policy (instead of 224)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875         # the `imagenet` policy's evaluation crop (a centred square of this fraction)
+    source: str = ""                # where they were read: "timm pretrained_cfg", "hf image processor"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mean": list(self.mean), "std": list(self.std), "input_size": self.input_size,
+                "interpolation": self.interpolation, "crop_pct": self.crop_pct, "source": self.source}
+
+    @classmethod
+    def from_timm(cls, cfg: dict[str, Any]) -> Conventions | None:
+        if not cfg or "mean" not in cfg or "std" not in cfg:
+            return None
+        size = cfg.get("input_size")
+        return cls(tuple(float(v) for v in cfg["mean"]), tuple(float(v) for v in cfg["std"]),
+                   int(size[-1]) if size else None, str(cfg.get("interpolation") or "bilinear"),
+                   float(cfg.get("crop_pct") or 0.875), "timm pretrained_cfg")
+
+
+CONVENTIONS_ATTR = "softcache_conventions"  # set by `softcache.hf` on the models it builds
+
+
+def conventions(model: nn.Module) -> Conventions | None:
+    """A zoo model's input conventions, or None for the CIFAR ResNets, torchvision and user models (which keep
+    the dataset's normalisation and the policies' sizes)."""
+    found = getattr(model, CONVENTIONS_ATTR, None)
+    if found is not None:
+        return found
+    cfg = getattr(model, "pretrained_cfg", None)
+    return Conventions.from_timm(dict(cfg)) if isinstance(cfg, dict) else None
+
+
+def spec_conventions(name: str) -> Conventions | None:
+    """`conventions(build_model(name, K))`, read without building the model (a dump describes its cache, and
+    reuses a finished one, before any teacher is built)."""
+    spec = ModelSpec.parse(name)
+    if spec.source == "timm":
+        timm = _zoo_import("timm", "zoo")
+        found = timm.models.get_pretrained_cfg(spec.name)
+        cfg = found.to_dict() if found is not None else {}
+        size = spec.kwargs.get("img_size")
+        if size is not None:
+            cfg["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
+        return Conventions.from_timm(cfg)
+    if spec.source == "hf":
+        _zoo_import("transformers", "hf")
+        from softcache.hf import hf_conventions
+        return hf_conventions(spec.name)
+    return None
+
+
+def input_norm(model: nn.Module, source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The `(mean, std)` `model`'s views are normalised with: its own conventions, else the dataset's
+    (`source.mean`, `source.std`)."""
+    found = conventions(model)
+    return (found.mean, found.std) if found is not None else (tuple(source.mean), tuple(source.std))
 
 
 @torch.no_grad()
 def check_classes(model: nn.Module, name: str, num_classes: int, image_size: int) -> None:
-    """Refuse a model whose output is not `[B, num_classes]` logits (a custom callable that ignores
-    num_classes, weights of another dataset), from one forward of a blank image, before any training."""
+    """Refuse a model that cannot take `image_size` views, or whose output is not `[B, num_classes]` logits (a
+    custom callable that ignores num_classes, weights of another dataset), from one forward of a blank image,
+    before any training."""
     training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
         out = model(torch.zeros(1, 3, image_size, image_size, device=device))
+    except (AssertionError, RuntimeError, ValueError) as err:  # timm asserts, HF raises ValueError, convs RuntimeError
+        size = conventions(model)
+        hint = (f"; it is built for {size.input_size}x{size.input_size}: give --image-size {size.input_size}"
+                if size is not None and size.input_size else "")
+        zoo = ", or build it for this size (timm: NAME,img_size=S; hf: PATH,image_size=S)" if size else ""
+        raise SoftcacheError(f"model '{name}' cannot take {image_size}x{image_size} views "
+                             f"({str(err).splitlines()[0] if str(err) else type(err).__name__}){hint}{zoo}") from None
     finally:
         model.train(training)
     shape = tuple(getattr(out, "shape", ()))
@@ -68,84 +256,20 @@ def check_classes(model: nn.Module, name: str, num_classes: int, image_size: int
                              f"(custom callables get num_classes={num_classes})")
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _listing(keys: Sequence[str], limit: int = 6) -> str:
-    shown = ", ".join(keys[:limit])
-    return shown + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
-
-
-def repdistiller_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A RepDistiller / mdistiller CIFAR ResNet state_dict under softcache's key names. Same architecture, other
-    names: their stem `conv1` + `bn1` is softcache's `conv1.0` + `conv1.1`, and their block shortcut
-    `downsample.{0,1}` is softcache's `shortcut.{0,1}`; every other key (blocks' conv/bn, `fc`) is the same."""
-    out = {}
-    for key, value in state.items():
-        if key == "conv1.weight":
-            key = "conv1.0.weight"
-        elif key.startswith("bn1."):
-            key = "conv1.1." + key.removeprefix("bn1.")
-        out[key.replace(".downsample.", ".shortcut.")] = value
-    return out
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a `state_dict` file into `model`, refusing with the missing/unexpected/mis-shaped keys if it does not fit.
-
-    Accepts what `train-teacher` writes, a plain `torch.save(model.state_dict())`, or a dict holding one
-    under 'state_dict' or 'model'; a DistributedDataParallel 'module.' prefix is dropped. CIFAR ResNet
-    checkpoints of RepDistiller and mdistiller (`ckpt_epoch_240.pth`) load through `repdistiller_keys`.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise SoftcacheError(f"weights file '{path}' does not exist; "
-                             "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises many types for a file that is not a checkpoint
-        raise SoftcacheError(f"'{path}' is not a readable torch checkpoint ({type(err).__name__}); "
-                             "expected a state_dict file") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
-            state = state[wrapper]
-    if not isinstance(state, dict):
-        raise SoftcacheError(f"'{path}' holds a {type(state).__name__}, not a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = model.state_dict()
-    if isinstance(model, CifarResNet) and set(state) != set(expected):
-        renamed = repdistiller_keys(state)
-        if set(renamed) == set(expected):  # a RepDistiller / mdistiller CIFAR ResNet checkpoint
-            state = renamed
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    misshaped = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                 if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or unexpected or misshaped:
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {_listing(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {_listing(unexpected)}")
-        if misshaped:
-            parts.append(f"shape mismatch (checkpoint vs model, a different class count?): {_listing(misshaped, 3)}")
-        raise SoftcacheError(f"checkpoint '{path}' does not fit {type(model).__name__}: " + "; ".join(parts))
-    model.load_state_dict(state)
-    return model
-
-
 EMBEDDING = "embedding"
+DIST_LOGITS = "dist_logits"  # a DeiT student's distillation-head logits, beside its features (`Tapped`)
 
 
 def classifier_name(model: nn.Module) -> str | None:
-    """The model's final classifier: its last `nn.Linear` in module order (CIFAR and torchvision ResNets' `fc`,
-    torchvision's `classifier.N` or `heads.head`), or None when it has none."""
-    return next((name for name, m in reversed(list(model.named_modules())) if isinstance(m, nn.Linear)), None)
+    """The model's final classifier: timm's `pretrained_cfg['classifier']` (the first, for DeiT's two heads),
+    else its last `nn.Linear` in module order (CIFAR and torchvision ResNets' `fc`, torchvision's
+    `classifier.N` or `heads.head`, a Hugging Face model's `classifier`), or None when it has none."""
+    modules = dict(model.named_modules())
+    named = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    named = named[0] if isinstance(named, (list, tuple)) else named
+    if isinstance(named, str) and isinstance(modules.get(named), nn.Linear):
+        return named
+    return next((name for name, m in reversed(list(modules.items())) if isinstance(m, nn.Linear)), None)
 
 
 def layer_names(model: nn.Module) -> list[str]:
@@ -155,7 +279,7 @@ def layer_names(model: nn.Module) -> list[str]:
 
 
 def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -> None:
-    """Refuse unknown module names, listing the valid ones (top-level first)."""
+    """Refuse unknown module names, listing the nearest valid ones and the top-level ones."""
     if EMBEDDING in layers and classifier_name(model) is None:
         raise SoftcacheError(f"{type(model).__name__} has no final nn.Linear classifier, so it has no '{EMBEDDING}' "
                              "(the classifier's input); tap a named layer instead")
@@ -163,16 +287,35 @@ def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -
     unknown = [layer for layer in layers if layer not in names]
     if unknown:
         top = [n for n in names if "." not in n]
+        close = [n for n in difflib.get_close_matches(unknown[0], names, n=4, cutoff=0.6) if n not in top]
         nested = len(names) - len(top)
-        hint = f" (and {nested} nested names such as {next(n for n in names if '.' in n)})" if nested else ""
+        hint = (f"; nearest: {', '.join(close)}" if close else
+                f" (and {nested} nested names such as {next(n for n in names if '.' in n)})" if nested else "")
         raise SoftcacheError(f"unknown {what} '{unknown[0]}'; valid: {', '.join(top)}{hint}")
 
 
-class Tapped(nn.Module):
-    """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature [B, C, H, W]})`.
+def prefix_tokens(count: int) -> int:
+    """How many of `count` tokens `[N, D]` come before the patch grid (class, distillation, register tokens): the
+    patch tokens are the last `g * g`, `g = isqrt(N)`; e.g. 197 = 1 + 14 * 14, 198 = 2 + 14 * 14, 64 = 0 + 8 * 8."""
+    side = math.isqrt(count)
+    return count - side * side
 
-    The layer `embedding` is the input of the final classifier (`classifier_name`), flattened: `[B, D]`, e.g.
-    the 64 pooled channels of a CIFAR ResNet-56 or the 512 of a torchvision ResNet-18.
+
+def class_token(tokens: torch.Tensor) -> torch.Tensor:
+    """`[B, N, D] -> [B, D]`: the first (class) token when there are prefix tokens, else the mean of the patch
+    tokens (a ViT without a class token). What the relation and embedding terms take from a token feature."""
+    return tokens[:, 0] if prefix_tokens(tokens.shape[1]) else tokens.mean(1)
+
+
+class Tapped(nn.Module):
+    """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature})`.
+
+    Features are what the module outputs: maps `[B, C, H, W]` of CNNs, tokens `[B, N, D]` of ViT blocks (the
+    first tensor of a block that returns a tuple). The layer `embedding` is the input of the final classifier
+    (`classifier_name`), flattened: `[B, D]`, e.g. the 64 pooled channels of a CIFAR ResNet-56, the 512 of a
+    torchvision ResNet-18, timm's `forward_head(pre_logits=True)`. A DeiT student training its distillation head
+    (timm's `set_distilled_training`) returns two logits: the class head's are `logits`, the distillation
+    head's `features[DIST_LOGITS]`.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]):
@@ -186,8 +329,8 @@ class Tapped(nn.Module):
                        for name in self.layers]
 
     def _hook(self, name: str):
-        def store(_module: nn.Module, _inputs, output: torch.Tensor) -> None:
-            self._features[name] = output
+        def store(_module: nn.Module, _inputs, output) -> None:
+            self._features[name] = output[0] if isinstance(output, (tuple, list)) else output
         return store
 
     def _embedding_hook(self):
@@ -199,4 +342,6 @@ class Tapped(nn.Module):
         self._features = {}
         logits = self.model(x)
         features, self._features = self._features, {}
+        if isinstance(logits, tuple):  # DeiT's (class head, distillation head) while training distillation
+            logits, features[DIST_LOGITS] = logits
         return logits, features

@@ -80,7 +80,7 @@ class PadCrop(Policy):
 
 class ResizedCrop(Policy):
     """`imagenet`: RandomResizedCrop(image_size, scale=a.scale, ratio=a.ratio) + flip; continuous. Evaluated
-    on the centred 87.5% square."""
+    on the centred square of `a.crop_pct` (87.5%, or the model's own, e.g. timm's 0.9 for ViTs) of the shorter side."""
 
     name = "imagenet"
     finite = False
@@ -95,7 +95,7 @@ class ResizedCrop(Policy):
         return np.asarray(boxes, np.float32), rng.random(k) < 0.5
 
     def eval_box(self, a: Augment, height: int, width: int) -> tuple[int, int, int, int]:
-        side = max(1, round(min(height, width) * 0.875))
+        side = max(1, round(min(height, width) * a.crop_pct))
         return (height - side) // 2, (width - side) // 2, side, side
 
 

@@ -23,7 +23,7 @@ from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
-from softcache.models import Tapped, build_model, check_classes, check_layers, load_weights
+from softcache.models import Tapped, build_model, check_classes, check_layers, input_norm, load_weights
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
 from softcache.training.loop import fit
@@ -70,11 +70,12 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         forward = wrap(model, world, dev)
         train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                          workers=optim.workers, device=dev, data_path=data_path, world=world)
-        mean, std = train_source.mean, train_source.std
+        mean, std = input_norm(model, train_source)
         return fit(model, CEStep(forward, mean=mean, std=std, device=dev), params=list(model.parameters()),
                    train_loader=train_loader,
-                   test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size, workers=optim.workers,
-                                            device=dev, data_path=data_path) if world.main else None,
+                   test_loader=eval_batches(test_source, augment.for_model(model), batch_size=optim.batch_size,
+                                            workers=optim.workers, device=dev, data_path=data_path)
+                   if world.main else None,
                    optim=optim, mean=mean, std=std, device=dev, out=run, world=world, since=since)
 
 
@@ -155,7 +156,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
     """The training of a student (train-student and train-online alike) in the run folder `out`:
     `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
     `plan_pairs` says; `fit`."""
-    labels, mean, std = train_source.labels, train_source.mean, train_source.std
+    labels, (mean, std) = train_source.labels, input_norm(student, train_source)
     with run_folder(out, config or {}, kind=kind, overwrite=overwrite, world=world) as run:
         torch.manual_seed(seed)
         dev = torch.device(device)
@@ -170,7 +171,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
                        train_loader=train_loader,
-                       test_loader=eval_batches(test_source, augment, batch_size=optim.batch_size,
+                       test_loader=eval_batches(test_source, augment.for_model(student), batch_size=optim.batch_size,
                                                 workers=optim.workers, device=dev,
                                                 data_path="loader" if data_path == "loader" else "auto")
                        if world.main else None,
@@ -263,7 +264,7 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     check_training(cfg)
     train_source = load_source(cfg.data, "train", download=cfg.download)
     test_source = load_source(cfg.data, "test", download=cfg.download)
-    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source))
+    augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source, cfg.model))
     augment.probe(train_source)
     world = distributed.init(cfg.device)
     torch.manual_seed(cfg.seed)  # the initial weights are part of what --seed fixes
@@ -324,7 +325,8 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     teacher_layers = sorted({t for _, t in pairs})
     check_layers(teacher, teacher_layers)
     dev = torch.device(device)
-    online = OnlineTargets(teacher, teacher_layers, mean=train_source.mean, std=train_source.std, device=dev)
+    t_mean, t_std = input_norm(teacher, train_source)
+    online = OnlineTargets(teacher, teacher_layers, mean=t_mean, std=t_std, device=dev)
     with torch.no_grad():  # one sample's output shape per teacher layer, for the pairs and the regressors
         _, probe = online(torch.zeros(1, 3, augment.image_size, augment.image_size, dtype=torch.uint8), None, None)
     student = sync_batchnorm(student, optim.sync_bn, world, device)
@@ -373,7 +375,8 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
                                  f" and its pixel work and mixing); drop --{given[0].replace('_', '-')}")
         augment = Augment.from_manifest(reader.manifest["augment"], cfg.image_size)
     else:
-        augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source))
+        augment = Augment.from_options(cfg, resolve_image_size(cfg.augment, cfg.image_size, train_source,
+                                                               cfg.teacher))
         augment.probe(train_source)
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))

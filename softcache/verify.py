@@ -10,7 +10,7 @@ from softcache.data import check_data_matches, load_source, recorded_source
 from softcache.device import teacher_outputs
 from softcache.errors import SoftcacheError
 from softcache.models import Tapped, build_model, file_sha256, load_weights
-from softcache.store import feature_name, logits_prefix, open_cache, stream_names
+from softcache.store import feature_name, logits_prefix, open_cache, stream_names, teacher_norm
 from softcache.targets import LogitsFormat, feature_target
 from softcache.views import ReplayViews
 
@@ -59,13 +59,14 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
     model = load_weights(build_model(teacher, num_classes=len(source.classes)), weights)
     dev = torch.device(device)
     tapped = Tapped(model, manifest["layers"]).to(dev).eval()
+    mean, std = teacher_norm(manifest, 0)
     rng = np.random.default_rng(seed)
     n, v = reader.shape("views/flip")
     index, view = rng.integers(0, n, samples), rng.integers(0, v, samples)
     for stream in stream_names(manifest):  # each view stream's views, and the teacher's outputs on them
         replay = ReplayViews.from_cache(reader, source, stream=stream)
         batch = torch.stack([replay[(int(i), int(k))][0] for i, k in zip(index, view)])
-        logits, features = teacher_outputs(tapped, batch, mean=source.mean, std=source.std, device=dev)
+        logits, features = teacher_outputs(tapped, batch, mean=mean, std=std, device=dev)
         fmt = LogitsFormat.from_json(manifest["storage"]["logits"])
         prefix = logits_prefix(manifest, first["name"], stream)
         expected = {prefix + suffix: value for suffix, value in fmt.encode(logits).items() if fmt.kind != "sampled"}

@@ -57,6 +57,8 @@ class Augment:
     ratio: tuple[float, float] = (3 / 4, 4 / 3)  # imagenet: crop aspect-ratio range
     pixels: Pixels = field(default_factory=Pixels)  # after the crop: RandAugment, jitter, erasing (softcache.pixels)
     mix: Mix = field(default_factory=Mix)        # Mixup / CutMix (softcache.mixing)
+    crop_pct: float = 0.875                      # imagenet: the evaluation view's centred crop (a model's own:
+                                                 # `for_model`); an evaluation setting, not stored in caches
 
     def __post_init__(self) -> None:
         if ":" not in self.policy and self.policy not in POLICY_OBJECTS:
@@ -89,6 +91,13 @@ class Augment:
                    pixels=Pixels(auto_augment=options.auto_augment, color_jitter=options.color_jitter,
                                  reprob=options.reprob),
                    mix=Mix(options.mixup, options.cutmix, options.mix_prob, options.mix_switch_prob))
+
+    def for_model(self, model: Any) -> Augment:
+        """These views as `model` is evaluated on them: its input conventions' evaluation crop, if it has any
+        (`models.conventions`: timm's `crop_pct`, a Hugging Face processor's)."""
+        from softcache.models import conventions
+        found = conventions(model)
+        return self if found is None else replace(self, crop_pct=found.crop_pct)
 
     @property
     def plain(self) -> bool:

@@ -23,12 +23,13 @@ from softcache.locks import cache_lock_path, holder
 from softcache.store import backends, where
 from softcache.store.base import CacheReader, ShardWriter, read_markers
 from softcache.store.manifest import (FORMAT_VERSION, MAIN, array_layout, build_manifest, differences, feature_name,
-                                      logits_prefix, stream_augment, stream_names, stream_prefix)
+                                      logits_prefix, stream_augment, stream_names, stream_prefix,
+                                      teacher_norm)
 
 __all__ = ["BACKENDS", "FORMAT_VERSION", "MAIN", "CacheReader", "Existing", "Found", "array_layout", "backend_of",
            "build_manifest", "check_existing", "committed_samples", "diagnose", "feature_name", "find_caches",
            "logits_prefix", "open_cache", "prepare_cache", "progress_dir", "read_manifest", "stream_augment",
-           "stream_names", "stream_prefix", "survey", "swap_in", "writing"]
+           "stream_names", "stream_prefix", "survey", "swap_in", "teacher_norm", "writing"]
 
 BACKENDS = tuple(backends.BACKENDS)  # the backends' names, in registry order (the registry: backends.BACKENDS)
 

@@ -50,7 +50,8 @@ def build_manifest(*, teachers: Sequence[dict[str, Any]], dataset: dict[str, Any
                    streams: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """A manifest marked incomplete, with its id; the dump marks it complete when everything is written."""
     identity = {
-        "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"]} for t in teachers],
+        "teachers": [{"name": t["name"], "arch": t["arch"], "weights_sha256": t["weights_sha256"],
+                      **({"input": t["input"]} if t.get("input") else {})} for t in teachers],
         "dataset": dataset["fingerprint"],
         "augment": {k: augment[k] for k in ("policy", "views", "seed", "image_size", "pad", "scale", "ratio", "mean",
                                             "std", "pixels", "mix", "pixel_identity") if k in augment},
@@ -123,3 +124,10 @@ def feature_name(manifest: dict[str, Any], layer: str, stream: str = MAIN) -> st
     a vector, is `features/embedding` under either kind), under the stream's prefix."""
     kind = "attention" if manifest["storage"]["targets"] == "attention" and layer != "embedding" else "features"
     return f"{stream_prefix(manifest, stream)}{kind}/{layer}"
+
+
+def teacher_norm(manifest: dict[str, Any], index: int = 0) -> tuple[list[float], list[float]]:
+    """The `(mean, std)` teacher `index` normalised its views with: its own input conventions (a timm or Hugging
+    Face teacher's, recorded as `teachers[k].input`), else the dataset's (`augment.mean`, `augment.std`)."""
+    found = manifest["teachers"][index].get("input")
+    return (found["mean"], found["std"]) if found else (manifest["augment"]["mean"], manifest["augment"]["std"])
