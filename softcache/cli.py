@@ -50,6 +50,9 @@ class SoftcacheGroup(click.Group):
 
 # ---------------------------------------------------------------- options, defined once
 
+MODEL_EXAMPLES = "resnet56, resnet18, timm:NAME[,KEY=VALUE,...], hf:PATH_OR_ID, package.module:callable"
+
+
 def _option(*names: str, **kwargs: Any) -> Callable:
     """click.option showing its default, unless its help says the default in words ("[default: ...]")."""
     return click.option(*names, show_default="[default:" not in kwargs.get("help", ""), **kwargs)
@@ -286,6 +289,10 @@ def _check_run_first(cfg: Any) -> None:
     check_resumable(cfg.out, to_json(cfg), overwrite=cfg.overwrite)
 
 
+def _floats(values: list[float]) -> str:
+    return "(" + ", ".join(f"{v:g}" for v in values) + ")"
+
+
 def _report(summary: dict[str, Any], out: str) -> None:
     if not summary:  # a torchrun rank other than 0: rank 0 reports
         return
@@ -294,7 +301,7 @@ def _report(summary: dict[str, Any], out: str) -> None:
 
 
 @cli.command("train-teacher")
-@_option("--model", required=True, help="model name, e.g. resnet56, resnet18, package.module:callable")
+@_option("--model", required=True, help=f"model name, e.g. {MODEL_EXAMPLES}")
 @data
 @augment
 @view_options
@@ -312,9 +319,10 @@ def train_teacher_cmd(**kw: Any) -> None:
 
 @cli.command("dump-teacher")
 @_option("--teacher", required=True, multiple=True,
-         help="teacher model name; repeat for an ensemble (features come from the first)")
-@_option("--weights", required=True, multiple=True,
-         help="teacher state_dict file (e.g. RUN/model.pt), one per --teacher")
+         help=f"teacher model name, e.g. {MODEL_EXAMPLES}; repeat for an ensemble (features come from the first)")
+@_option("--weights", multiple=True,
+         help="teacher weights file (RUN/model.pt, a state_dict, .safetensors, a timm checkpoint), one per --teacher; "
+              "none when every teacher is pretrained=true")
 @data
 @augment
 @view_options
@@ -370,7 +378,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
 
 @cli.command("train-student")
 @_option("--cache", required=True, type=click.Path(), help="cache folder written by dump-teacher")
-@_option("--student", required=True, help="student model name")
+@_option("--student", required=True, help=f"student model name, e.g. {MODEL_EXAMPLES}")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
 @loss_options
 @_option("--teachers", default=StudentConfig.teachers,
@@ -393,9 +401,9 @@ def train_student_cmd(**kw: Any) -> None:
 
 
 @cli.command("train-online")
-@_option("--teacher", required=True, help="teacher model name")
+@_option("--teacher", required=True, help=f"teacher model name, e.g. {MODEL_EXAMPLES}")
 @_option("--weights", "teacher_weights", required=True, help="teacher state_dict file (e.g. RUN/model.pt)")
-@_option("--student", required=True, help="student model name")
+@_option("--student", required=True, help=f"student model name, e.g. {MODEL_EXAMPLES}")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in --views-from]")
 @augment
 @view_options
@@ -516,6 +524,8 @@ def inspect_cmd(cache: str, as_json: bool) -> None:
                  f"{cost['views'] / cost['teacher_s']:,.0f} views/s")
     summary = [("cache", f"{m['id']} {'complete' if m.get('complete') else 'INCOMPLETE'}: {reader.path}"),
                ("teacher", teachers),
+               *[("input", f"{t['name']}: mean {_floats(t['input']['mean'])}, std {_floats(t['input']['std'])} "
+                           f"({t['input']['source']})") for t in m["teachers"] if t.get("input")],
                ("dataset", f"{data['spec']} ({n:,} samples, {len(data['classes'])} classes)"),
                ("views", f"{describe_augment(aug)}, {aug['num_views']} per sample, "
                          f"{aug['image_size']}x{aug['image_size']}, seed {aug['seed']}"

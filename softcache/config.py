@@ -64,9 +64,9 @@ class DumpConfig(ViewOptions):
     """dump-teacher: run the teacher once over replayable views and cache its outputs."""
 
     teacher: tuple[str, ...]        # teacher model name(s); features are taken from the first
-    weights: tuple[str, ...]        # one state_dict file per teacher
     data: str                       # dataset spec; the training split is dumped
     out: str                        # cache folder (zarr) or .h5 file (hdf5)
+    weights: tuple[str, ...] = ()   # one weights file per teacher; none when every teacher is pretrained=true
     augment: str = "cifar"          # crop policy (cifar, imagenet, none) or a package.module:callable pipeline
     views: str = "1"                # views per sample: a number, or 'all' for a finite policy
     layers: tuple[str, ...] = ()    # feature layers to store besides the logits

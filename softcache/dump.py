@@ -27,8 +27,8 @@ from softcache.device import check_device, prepare_model, teacher_outputs, to_ho
 from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
-from softcache.models import (Tapped, build_model, check_classes, check_layers, conventions, file_sha256, load_weights,
-                              spec_conventions)
+from softcache.models import (Tapped, build_model, check_classes, check_layers, conventions, file_sha256, is_pretrained,
+                              load_weights, spec_conventions)
 from softcache.planner import image_bytes, plan
 from softcache.policies import policy_of
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
@@ -470,9 +470,9 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
 def check_dump(cfg: DumpConfig) -> None:
     """The dump's values that need no data or model, checked before anything is loaded or written (and by
     `softcache run` for every stage before its first stage runs)."""
-    if len(cfg.weights) != len(cfg.teacher):
-        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; "
-                             "give one --weights per --teacher")
+    if len(cfg.weights) != len(cfg.teacher) and not (not cfg.weights and all(map(is_pretrained, cfg.teacher))):
+        raise SoftcacheError(f"{len(cfg.teacher)} --teacher but {len(cfg.weights)} --weights; give one --weights per "
+                             "--teacher (or none, when every teacher is a zoo model with pretrained=true)")
     augment = Augment.from_options(cfg, cfg.image_size or 1)  # the view count does not depend on the size
     streams = stream_augments(cfg.streams, augment, cfg.views)
     if cfg.data_path == "resident" and streams:
@@ -505,8 +505,14 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
         if not Path(weights).is_file():
             raise SoftcacheError(f"weights file '{weights}' does not exist; "
                                  "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
-    infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w), **input_of(arch)}
-             for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
+    built: list[nn.Module] = []
+    if cfg.weights:
+        infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w), **input_of(arch)}
+                 for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
+    else:  # the zoos' published weights: downloaded (or found in the zoo's own cache) and hashed here
+        built = [build_model(arch, num_classes=len(source.classes)) for arch in cfg.teacher]
+        infos = [{"name": name, "arch": arch, "weights": "pretrained", "weights_sha256": state_dict_sha256(model),
+                  **input_of(arch)} for name, arch, model in zip(_unique_names(cfg.teacher), cfg.teacher, built)]
     infos[0]["config"] = to_json(cfg)
     backend = backend_of(cfg.out, cfg.format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
@@ -526,11 +532,10 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
             check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend) if world.main else None, world)
         if existing.action == "reuse":
             return DumpResult(where.location(cfg.out), "reuse", manifest)
-        teachers = []
-        for arch, weights in zip(cfg.teacher, cfg.weights):
-            teacher = load_weights(build_model(arch, num_classes=len(source.classes)), weights)
+        teachers = built or [load_weights(build_model(arch, num_classes=len(source.classes)), weights)
+                             for arch, weights in zip(cfg.teacher, cfg.weights)]
+        for arch, teacher in zip(cfg.teacher, teachers):
             check_classes(teacher, arch, len(source.classes), augment.image_size)
-            teachers.append(teacher)
         check_layers(teachers[0], cfg.layers)
         return run_dump(teachers, source, cfg.out, manifest, existing, batch_size=cfg.batch_size, workers=cfg.workers,
                         device=device, data_path=cfg.data_path, writer_threads=cfg.writer_threads, world=world,

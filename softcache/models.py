@@ -157,6 +157,11 @@ SOURCES: dict[str, Callable[[ModelSpec, int], nn.Module]] = {
 }
 
 
+def is_pretrained(name: str) -> bool:
+    """Whether `name` asks for its zoo's published weights (`timm:NAME,pretrained=true`)."""
+    return ModelSpec.parse(name).pretrained
+
+
 def build_model(name: str, num_classes: int) -> nn.Module:
     """The model `name` (see the module docstring) with a `num_classes`-way classifier: freshly initialised,
     or with its zoo's published weights for `pretrained=true`."""

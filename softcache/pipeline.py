@@ -285,6 +285,11 @@ def _build_dump(merge: _Merge, table: dict[str, Any], section: str, teacher: Tea
     table = merge.fill(DumpConfig, table)
     if teacher is not None:
         table.setdefault("weights", str(Path(teacher.out) / "model.pt"))
+    from softcache.models import is_pretrained  # torch: only once a recipe is built
+    named = table.get("teacher", ())
+    if "weights" not in table and named and not all(map(is_pretrained, [named] if isinstance(named, str) else named)):
+        raise SoftcacheError(f"[{section}] needs 'weights' ({_EXAMPLES['str | list[str]']}){_WHERE['weights']}, "
+                             "unless every teacher is pretrained=true")
     table["views"] = str(table.get("views", "1"))
     table["layers"] = tuple(table.get("layers", ()))
     table["streams"] = tuple(dict(table.get("streams", {})).items())

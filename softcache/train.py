@@ -23,6 +23,7 @@ from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
+from softcache.losses.registry import DISTILL_HEAD_LOSSES
 from softcache.models import Tapped, build_model, check_classes, check_layers, input_norm, load_weights
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
@@ -79,6 +80,22 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                    optim=optim, mean=mean, std=std, device=dev, out=run, world=world, since=since)
 
 
+def distillation_head(student: nn.Module, weights: Mapping[str, float], logits: str = "fp32") -> None:
+    """With a `deit` term, switch a DeiT student (timm's `deit_*_distilled_*`) to train its distillation head
+    (its forward then returns both heads' logits, `Tapped` splits them); refuse a student without one, and hard
+    distillation from a `sampled` cache, which holds no argmax."""
+    used = [t for t in DISTILL_HEAD_LOSSES if t in weights]
+    if not used:
+        return
+    if not callable(getattr(student, "set_distilled_training", None)):
+        raise SoftcacheError(f"{used[0]} trains a student's distillation head, and {type(student).__name__} has none; "
+                             "give a DeiT student with one, e.g. timm:deit_tiny_distilled_patch16_224")
+    if "deit" in used and logits == "sampled":
+        raise SoftcacheError("deit (hard distillation) needs the teacher's top class, which a sampled cache does not "
+                             "hold; use deit-soft, or a cache with fp16, bf16, fp32 or topk logits")
+    student.set_distilled_training(True)
+
+
 def check_batch_fits(source: Source, batch_size: int) -> None:
     """Epochs train on full batches only (the last partial one is dropped): refuse a training split smaller than
     one batch rather than report a run of zero steps as finished."""
@@ -126,10 +143,11 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     student = sync_batchnorm(student, optim.sync_bn, world, device)
+    distillation_head(student, weights, manifest["storage"]["logits"]["format"])
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
-    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size or manifest["augment"]["image_size"],
-                                  stream=target_stream)
+    routes, channels, kinds = plan_pairs(tapped, reader, weights, pairs,
+                                         image_size or manifest["augment"]["image_size"], stream=target_stream)
     augment = Augment.from_manifest(stream_augment(manifest, stream), image_size)
 
     def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
@@ -141,7 +159,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
 
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
-                   pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
+                   kinds=kinds, pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
                    on_step=on_step, world=world, since=since)
 
 
@@ -149,7 +167,8 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             train_source: Source, test_source: Source, out: str | Path, *, config: Mapping[str, Any] | None,
             overwrite: bool, augment: Augment, weights: Mapping[str, float], temperature: float,
             routes: dict[str, list[tuple[str, str]]], channels: dict[tuple[str, str], tuple[int, int]],
-            pair_reduce: str, optim: OptimConfig, device: str, seed: int, data_path: str = "auto",
+            kinds: dict[tuple[str, str], str], pair_reduce: str, optim: OptimConfig, device: str, seed: int,
+            data_path: str = "auto",
             on_step: Callable[[int, dict[str, float]], None] | None = None,
             world: distributed.World = distributed.World(), since: float | None = None,
             kind: str = "student") -> dict[str, Any]:
@@ -163,7 +182,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
         tapped = prepare_model(tapped, dev)
         train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
-                                reduce=pair_reduce, labels=labels, seed=seed).to(dev)
+                                reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
         step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
                            device=dev)
@@ -183,14 +202,17 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
 
 def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ...]], weights: Mapping[str, float],
                pairs: Sequence[tuple[str, str]], image_size: int, stream: str = MAIN
-               ) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]]]:
-    """Which pairs each loss term uses (`route_pairs`) and each pair's `(student C, teacher C)`, from one probe
-    forward of the student (on its current device) and the teacher's outputs: a cache (its arrays' shapes), or
-    `{layer: shape of one sample's output}` for a teacher run online."""
+               ) -> tuple[dict[str, list[tuple[str, str]]], dict[tuple[str, str], tuple[int, int]],
+                          dict[tuple[str, str], str]]:
+    """Which pairs each loss term uses (`route_pairs`), each pair's `(student C, teacher C)` (`D` for tokens) and
+    kind (map, attention, vector, tokens), from one probe forward of the student (on its current device) and the
+    teacher's outputs: a cache (its arrays' shapes), or `{layer: shape of one sample's output}` for a teacher run
+    online."""
     with torch.no_grad():
         tapped.eval()
         device = next(tapped.parameters()).device
         _, probe = tapped(torch.zeros(2, 3, image_size, image_size, device=device))
+    attention = isinstance(teacher, CacheReader) and teacher.manifest["storage"]["targets"] == "attention"
     kinds, channels, planned = {}, {}, []
     for key, t in pairs:
         s = split_pair(key)[1]
@@ -198,16 +220,21 @@ def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ..
             shape = teacher.shape(feature_name(teacher.manifest, t, stream))[2:]  # [N, V, ...] -> one view's
         else:
             shape = teacher[t]
-        t_kind = {1: "vector", 2: "attention"}.get(len(shape), "map")
-        if (probe[s].dim() == 2) != (t_kind == "vector"):
-            raise SoftcacheError(f"--pair {key}={t} pairs a student "
-                                 f"{'embedding' if probe[s].dim() == 2 else 'feature map'} "
-                                 f"with a teacher {'embedding' if t_kind == 'vector' else 'map'}; pair like with like")
+        t_kind = {1: "vector", 2: "attention" if attention else "tokens"}.get(len(shape), "map")
+        s_kind = {2: "vector", 3: "tokens"}.get(probe[s].dim(), "map")
+        if s_kind != t_kind and not (s_kind, t_kind) == ("map", "attention"):
+            raise SoftcacheError(f"--pair {key}={t} pairs a student {_KIND_WORDS[s_kind]} "
+                                 f"{list(probe[s].shape[1:])} with a teacher {_KIND_WORDS[t_kind]} {list(shape)}; "
+                                 "pair like with like (maps with maps, tokens with tokens, embeddings with embeddings)")
         if t_kind == "attention" and probe[s].shape[-1] < shape[-1]:
             t = pooled_map(teacher, key, t, tuple(probe[s].shape[-2:]), tuple(shape[-2:]), stream)
-        kinds[(s, t)], channels[(s, t)] = t_kind, (probe[s].shape[1], shape[0])
+        kinds[(s, t)] = t_kind
+        channels[(s, t)] = (probe[s].shape[-1], shape[-1]) if t_kind == "tokens" else (probe[s].shape[1], shape[0])
         planned.append((key, t))
-    return route_pairs(list(weights), planned, kinds), channels
+    return route_pairs(list(weights), planned, kinds), channels, kinds
+
+
+_KIND_WORDS = {"vector": "embedding", "map": "feature map", "attention": "attention map", "tokens": "token feature"}
 
 
 def pooled_map(reader: CacheReader, key: str, layer: str, student: tuple[int, int], teacher: tuple[int, int],
@@ -229,8 +256,9 @@ def build_criterion(tapped: Tapped, reader: CacheReader, *, weights: Mapping[str
                     reduce: str = "sum") -> DistillLoss:
     """The student's loss terms; FitNets regressors are sized from the student's and the cached teacher's channels."""
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs)
-    routes, channels = plan_pairs(tapped, reader, weights, pairs, image_size)
-    return DistillLoss(weights, temperature=temperature, routes=routes, channels=channels, reduce=reduce).to(device)
+    routes, channels, kinds = plan_pairs(tapped, reader, weights, pairs, image_size)
+    return DistillLoss(weights, temperature=temperature, routes=routes, channels=channels, reduce=reduce,
+                       kinds=kinds).to(device)
 
 
 def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
@@ -330,9 +358,10 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     with torch.no_grad():  # one sample's output shape per teacher layer, for the pairs and the regressors
         _, probe = online(torch.zeros(1, 3, augment.image_size, augment.image_size, dtype=torch.uint8), None, None)
     student = sync_batchnorm(student, optim.sync_bn, world, device)
+    distillation_head(student, weights)
     tapped = Tapped(student, sorted({split_pair(key)[1] for key, _ in pairs}))
-    routes, channels = plan_pairs(tapped, {t: tuple(f.shape[1:]) for t, f in probe.items()}, weights, pairs,
-                                  augment.image_size)
+    routes, channels, kinds = plan_pairs(tapped, {t: tuple(f.shape[1:]) for t, f in probe.items()}, weights, pairs,
+                                         augment.image_size)
 
     def batches(dev: torch.device, layers: list[str]) -> tuple[Any, Targets]:
         if views_from is not None:
@@ -348,7 +377,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
 
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
-                   pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
+                   kinds=kinds, pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
                    on_step=on_step, world=world, since=since, kind="online")
 
 

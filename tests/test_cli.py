@@ -109,7 +109,7 @@ def test_train_student_bad_input(tmp_path, small_cache, cifar_subset):
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at"),
                  r"at needs a --pair of feature maps \(e.g. --pair layer3=layer3\)")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,dark"),
-                 r"unknown loss 'dark'; valid: at, ce, crd, fitnets, kd, nst, pkt, rkd, sp")
+                 r"unknown loss 'dark'; valid: at, ce, crd, deit, deit-soft, fitnets, kd, nst, pkt, rkd, sp")
     three = tmp_path / "three"
     for split in ("train", "test"):
         for cls in ("airplane", "bird", "cat"):

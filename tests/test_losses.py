@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from softcache.errors import SoftcacheError
+from softcache.models import DIST_LOGITS
 from softcache.losses import (ATLoss, CRDLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss,
                               attention_map, resolve_weights, route_pairs)
 from softcache.losses.registry import DEFAULT_WEIGHTS, FEATURE_LOSSES, REGISTRY, TRAINED_HEADS
@@ -321,7 +322,8 @@ def test_crd_negatives_are_uniform_over_the_other_classes():
 
 _PAIR_INPUTS = {"map": (torch.randn(6, 4, 4, 4), torch.randn(6, 6, 2, 2), (4, 6)),
                 "attention": (torch.randn(6, 4, 4, 4), torch.rand(6, 2, 2), (4, 6)),
-                "vector": (torch.randn(6, 5), torch.randn(6, 7), (5, 7))}
+                "vector": (torch.randn(6, 5), torch.randn(6, 7), (5, 7)),
+                "tokens": (torch.randn(6, 17, 5), torch.randn(6, 5, 7), (5, 7))}  # 1 + 4x4 and 1 + 2x2 tokens
 
 
 def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
@@ -340,7 +342,8 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
     assert TRAINED_HEADS == ("fitnets", "crd") and "ce" not in DEFAULT_WEIGHTS  # the trained terms DistillLoss builds
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
-    assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "at": 7.0, "fitnets": 3.0}
+    assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
+                       "fitnets": 3.0}
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -352,11 +355,12 @@ def test_each_term_takes_what_its_registry_entry_declares(name):
     logits, index = torch.randn(6, 10), torch.arange(6)
     labels = index % 3                                      # the training set's labels are arange(12) % 3
     for kind in [k for k in spec.takes if k != "logits"] or [None]:
-        routes, s_feat, t_feat, channels = {}, {}, {}, {}
+        routes, s_feat, t_feat, channels = {}, {DIST_LOGITS: torch.randn(6, 10)}, {}, {}
         if kind is not None:
             s_feat["s"], t_feat["t"], channels[("s", "t")] = _PAIR_INPUTS[kind]
             routes = route_pairs([name], [("s", "t")], {("s", "t"): kind})
-        criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist())
+        criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist(),
+                                kinds={("s", "t"): kind})
         out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index)
         assert set(out) == {name, "loss"} and out[name].dim() == 0 and torch.isfinite(out[name]), (name, kind)
         assert any(True for _ in criterion.parameters()) == spec.trained, (name, kind)

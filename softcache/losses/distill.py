@@ -8,9 +8,10 @@ from torch import nn
 
 from softcache.errors import SoftcacheError
 from softcache.losses.contrastive import CRDLoss
-from softcache.losses.features import FitNetsLoss
-from softcache.losses.registry import REGISTRY
-from softcache.losses.response import CELoss, KDLoss
+from softcache.losses.features import FitNetsLoss, TokenFitNetsLoss
+from softcache.losses.registry import REGISTRY, VECTOR_LOSSES
+from softcache.models import DIST_LOGITS, class_token
+from softcache.losses.response import CELoss, DeiTLoss, KDLoss, SoftDeiTLoss
 from softcache.losses.routing import PAIR_REDUCTIONS
 
 LOSSES: dict[str, type[nn.Module]] = {name: spec.load() for name, spec in REGISTRY.items()}
@@ -25,7 +26,8 @@ class DistillLoss(nn.Module):
 
     `routes` maps each pair-term to its (student layer, teacher layer) pairs (`route_pairs`); a term over
     several pairs is their sum (`reduce='sum'`, as RepDistiller sums AT over layer groups) or their mean.
-    `channels[(s, t)]` gives `(student C, teacher C)` per pair (FitNets sizes its regressors from them; they
+    `channels[(s, t)]` gives `(student C, teacher C)` per pair (`(D, D)` for tokens, whose FitNets regressor is
+    linear, as `kinds[(s, t)] == 'tokens'` says; FitNets sizes its regressors from them; they
     train with the student). A pair-term without trained parameters is one module, built without arguments and
     called as `term(student_feature, teacher_feature)`; the trained ones (`LossSpec.trained`) get one per pair.
     `forward(logits [B, K], labels [B], student_features {s_layer: [B, C, H, W] or [B, D]}, teacher (a KD
@@ -36,27 +38,35 @@ class DistillLoss(nn.Module):
     def __init__(self, weights: Mapping[str, float], *, temperature: float = 4.0,
                  routes: Mapping[str, Sequence[tuple[str, str]]] | None = None,
                  channels: Mapping[tuple[str, str], tuple[int, int]] | None = None, reduce: str = "sum",
-                 labels: Sequence[int] | None = None, seed: int = 0):
+                 labels: Sequence[int] | None = None, seed: int = 0,
+                 kinds: Mapping[tuple[str, str], str] | None = None):
         super().__init__()
         if reduce not in PAIR_REDUCTIONS:
             raise SoftcacheError(f"unknown pair reduction '{reduce}'; valid: {', '.join(PAIR_REDUCTIONS)}")
         self.weights, self.reduce = dict(weights), reduce
         self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
         self.ce, self.kd = CELoss(), KDLoss(temperature)
+        self.deit = nn.ModuleDict({name: cls(temperature) for name, cls in (("deit", DeiTLoss),
+                                                                            ("deit-soft", SoftDeiTLoss))
+                                   if name in self.weights})
         self.terms = nn.ModuleDict({t: LOSSES[t]() for t in self.routes if not REGISTRY[t].trained})
         # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
         self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
         for s, t in self.routes.get("fitnets", []):
             if _key(s) in self.hints:
                 raise SoftcacheError(f"fitnets pairs student layer '{s}' twice; give each student layer one hint")
-            self.hints[_key(s)] = FitNetsLoss(*channels[(s, t)])
+            hint = TokenFitNetsLoss if (kinds or {}).get((s, t)) == "tokens" else FitNetsLoss
+            self.hints[_key(s)] = hint(*channels[(s, t)])
         self.contrast = nn.ModuleDict()  # crd: heads and memories per pair (the training set's labels draw negatives)
         for k, (s, t) in enumerate(self.routes.get("crd", [])):
             self.contrast[_key(s)] = CRDLoss(*channels[(s, t)], labels, seed=seed + k)
 
     def _pair_loss(self, term: str, student: torch.Tensor, teacher: torch.Tensor, s_layer: str,
                   index: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        """Unweighted `term` on one pair: `student`, `teacher` as routed from layers (`s_layer`, ...)."""
+        """Unweighted `term` on one pair: `student`, `teacher` as routed from layers (`s_layer`, ...). The
+        embedding terms take a token feature's class token (`models.class_token`)."""
+        if term in VECTOR_LOSSES and student.dim() == 3:
+            student, teacher = class_token(student), class_token(teacher)
         if term == "fitnets":
             return self.hints[_key(s_layer)](student, teacher)
         if term == "crd":
@@ -74,6 +84,9 @@ class DistillLoss(nn.Module):
             terms["ce"] = self.ce(logits, labels, mixed)
         if "kd" in self.weights:
             terms["kd"] = self.kd.from_target(logits, teacher)
+        for name, term in self.deit.items():
+            assert DIST_LOGITS in student_features, "a deit term needs the student's distillation head (Tapped)"
+            terms[name] = term(student_features[DIST_LOGITS], teacher)
         for term, pairs in self.routes.items():
             values = [self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels)
                       for s, t in pairs]

@@ -1,5 +1,8 @@
-"""Feature-map terms on one (student, teacher) pair of `[B, C, H, W]` maps: FitNets, AT, NST."""
+"""Feature-map terms on one (student, teacher) pair of `[B, C, H, W]` maps: FitNets, AT, NST; FitNets on ViT
+tokens `[B, N, D]`."""
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,43 @@ class FitNetsLoss(nn.Module):
     def forward(self, student_feature: torch.Tensor, teacher_feature: torch.Tensor) -> torch.Tensor:
         s, t = match_spatial(self.regressor(student_feature), teacher_feature.to(student_feature.dtype))
         return F.mse_loss(s.float(), t.float())
+
+
+def token_grid(tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """`[B, N, D]` -> (the first prefix (class) token `[B, 1, D]` or None, the patch grid `[B, D, g, g]`); the patch
+    tokens are the last `g * g` (`models.prefix_tokens`)."""
+    b, n, d = tokens.shape
+    side = math.isqrt(n)
+    prefix = n - side * side
+    grid = tokens[:, prefix:].transpose(1, 2).reshape(b, d, side, side)
+    return (tokens[:, :1] if prefix else None), grid
+
+
+class TokenFitNetsLoss(nn.Module):
+    """FitNets (Romero et al., ICLR 2015) on ViT token features.
+
+    A trained regressor maps every student token to the teacher's width: linear, then LayerNorm (the token
+    analogue of the 1x1 conv + BN on maps; a bare linear map diverges under the hint weight 100 at lr 0.1, as
+    a bare 1x1 conv does); the loss is the mean squared
+    error to the teacher's tokens over the class token (when both have one) and the patch grid, the student's
+    grid resized to the teacher's by bilinear interpolation where the token counts differ (e.g. patch 16 vs 8).
+    `forward(student_tokens [B, Ns, Ds], teacher_tokens [B, Nt, Dt]) -> []`.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int):
+        super().__init__()
+        self.regressor = nn.Sequential(nn.Linear(student_dim, teacher_dim), nn.LayerNorm(teacher_dim))
+
+    def forward(self, student_tokens: torch.Tensor, teacher_tokens: torch.Tensor) -> torch.Tensor:
+        s_cls, s_grid = token_grid(self.regressor(student_tokens))
+        t_cls, t_grid = token_grid(teacher_tokens.to(s_grid.dtype))
+        if s_grid.shape[-1] != t_grid.shape[-1]:
+            s_grid = F.interpolate(s_grid, size=t_grid.shape[-2:], mode="bilinear", align_corners=False)
+        s_all, t_all = [s_grid.flatten(2).transpose(1, 2)], [t_grid.flatten(2).transpose(1, 2)]
+        if s_cls is not None and t_cls is not None:
+            s_all.insert(0, s_cls)
+            t_all.insert(0, t_cls)
+        return F.mse_loss(torch.cat(s_all, 1).float(), torch.cat(t_all, 1).float())
 
 
 def attention_map(feature: torch.Tensor) -> torch.Tensor:

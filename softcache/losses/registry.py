@@ -11,7 +11,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Literal
 
-Takes = Literal["logits", "map", "attention", "vector"]
+Takes = Literal["logits", "map", "attention", "vector", "tokens"]
 WeightOption = Literal["alpha", "beta", "hint_weight"]
 
 
@@ -21,7 +21,8 @@ class LossSpec:
 
     impl: str                         # "package.module:Class", imported by `load` (so this module needs no torch)
     takes: tuple[Takes, ...]          # ("logits",): the student's logits [B, K]; otherwise the --pair kinds it fits:
-                                      # "map" [B, C, H, W], "attention" (a cached AT map [B, H, W]), "vector" [B, D]
+                                      # "map" [B, C, H, W], "attention" (a cached AT map [B, H, W]), "vector" [B, D],
+                                      # "tokens" [B, N, D] (a ViT block's; the vector terms take the class token)
     weight: float | WeightOption      # default weight, or the resolve_weights option that sets it (--alpha, ...)
     help: str                         # one line for --help and error messages
     trained: bool = False             # owns parameters that train with the student, one module per pair
@@ -43,26 +44,32 @@ REGISTRY: dict[str, LossSpec] = {
                    "cross-entropy with the hard labels (weight 1 - alpha beside kd)"),
     "kd": LossSpec(f"{_PKG}.response:KDLoss", ("logits",), "alpha",
                    "Hinton's KD: T^2 KL of the softened teacher and student distributions"),
-    "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map",), "hint_weight",
-                        "FitNets hints: MSE after a trained 1x1 conv + BN regressor", trained=True),
+    "deit": LossSpec(f"{_PKG}.response:DeiTLoss", ("logits",), "alpha",
+                     "DeiT hard distillation: CE of the distillation head with the teacher's top class"),
+    "deit-soft": LossSpec(f"{_PKG}.response:SoftDeiTLoss", ("logits",), "alpha",
+                          "DeiT soft distillation: T^2 KL of teacher and distillation head"),
+    "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map", "tokens"), "hint_weight",
+                        "FitNets hints: MSE after a trained regressor (1x1 conv + BN; linear on tokens)", trained=True),
     "at": LossSpec(f"{_PKG}.features:ATLoss", ("map", "attention"), "beta",
                    "attention transfer: squared distance of normalised spatial attention maps"),
-    "rkd": LossSpec(f"{_PKG}.relations:RKDLoss", ("vector",), 1.0,
+    "rkd": LossSpec(f"{_PKG}.relations:RKDLoss", ("vector", "tokens"), 1.0,
                     "relational KD: distance and angle potentials of the batch's embeddings"),
-    "pkt": LossSpec(f"{_PKG}.relations:PKTLoss", ("vector",), 30000.0,
+    "pkt": LossSpec(f"{_PKG}.relations:PKTLoss", ("vector", "tokens"), 30000.0,
                     "probabilistic knowledge transfer: KL of cosine-similarity distributions"),
-    "sp": LossSpec(f"{_PKG}.relations:SPLoss", ("map",), 3000.0,
+    "sp": LossSpec(f"{_PKG}.relations:SPLoss", ("map", "tokens"), 3000.0,
                    "similarity-preserving KD: distance of the batch's normalised Gram matrices"),
     "nst": LossSpec(f"{_PKG}.features:NSTLoss", ("map",), 50.0,
                     "neuron selectivity transfer: polynomial-kernel MMD of channel maps"),
-    "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector",), 0.8,
+    "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }
 
 LOSS_NAMES = tuple(REGISTRY)
 MAP_LOSSES = tuple(n for n, s in REGISTRY.items() if "map" in s.takes)        # pair feature maps (at: attention too)
+TOKEN_LOSSES = tuple(n for n, s in REGISTRY.items() if "tokens" in s.takes)   # pair ViT tokens [B, N, D]
 VECTOR_LOSSES = tuple(n for n, s in REGISTRY.items() if "vector" in s.takes)  # pair embeddings [B, D]
 FEATURE_LOSSES = MAP_LOSSES + VECTOR_LOSSES                                   # every term that needs --pair
 TRAINED_HEADS = tuple(n for n, s in REGISTRY.items() if s.trained)           # modules of their own, one per pair
 # The pair terms' fixed weights (the CRD benchmark's); kd, at and fitnets take theirs from options.
 DEFAULT_WEIGHTS = {n: s.weight for n, s in REGISTRY.items() if s.paired and isinstance(s.weight, float)}
+DISTILL_HEAD_LOSSES = ("deit", "deit-soft")  # on a DeiT student's distillation head (models.DIST_LOGITS)

@@ -94,3 +94,45 @@ class KDLoss(nn.Module):
             return self.from_topk(student_logits, target["topk_values"], target["topk_indices"], target["tail_lse"])
         return self.from_samples(student_logits, target["sampled_ids"], target["sampled_weights"],
                                  target["sampled_logp"])
+
+
+def teacher_argmax(target: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """The teacher's top class `[B]` from a KD target (`KDLoss.from_target`'s forms): the argmax of its logits or
+    log-probabilities, or the first of its top-K (sorted). A `sampled` cache holds no argmax (`DeiTLoss` refuses
+    it before training)."""
+    if isinstance(target, torch.Tensor):
+        return target.argmax(1)
+    for key in ("logits", "log_p"):
+        if key in target:
+            return target[key].argmax(1)
+    return target["topk_indices"][:, 0].long()
+
+
+class DeiTLoss(nn.Module):
+    """Touvron et al., "Training data-efficient image transformers & distillation through attention" (ICML 2021).
+
+    A DeiT student has a class token and a distillation token, each with its head. The distillation head learns
+    from the teacher; the class head from the labels (the `ce` term, weighted 1 - alpha as beside kd; DeiT's own
+    mix is alpha = 0.5). Hard distillation (`deit`, the paper's best): `CE(z_dist, argmax z_teacher)`, the
+    teacher's top class on the very view the student sees (here: the replayed, possibly mixed, view). Soft
+    (`deit-soft`): `T^2 KL(softmax(z_t / T) || softmax(z_dist / T))`. At evaluation the student averages its two
+    heads' logits (timm's distilled ViTs do this in eval mode).
+    `forward(dist_logits [B, K], teacher (a KD target, see KDLoss.from_target)) -> []`.
+    """
+
+    hard: bool = True
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        self.kd = KDLoss(temperature)
+
+    def forward(self, dist_logits: torch.Tensor, teacher: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if self.hard:
+            return F.cross_entropy(dist_logits.float(), teacher_argmax(teacher).to(dist_logits.device))
+        return self.kd.from_target(dist_logits, teacher)
+
+
+class SoftDeiTLoss(DeiTLoss):
+    """`deit-soft`: DeiT's soft distillation on the distillation head (see DeiTLoss)."""
+
+    hard = False

@@ -5,15 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from softcache.errors import SoftcacheError
-from softcache.losses.registry import FEATURE_LOSSES, MAP_LOSSES, REGISTRY, VECTOR_LOSSES
+from softcache.losses.registry import FEATURE_LOSSES, MAP_LOSSES, REGISTRY, TOKEN_LOSSES, VECTOR_LOSSES
 
 PAIR_REDUCTIONS = ("sum", "mean")
-_PAIR_KINDS = {"vector": "embeddings", "map": "feature maps", "attention": "attention maps"}
+_PAIR_KINDS = {"vector": "embeddings", "map": "feature maps", "attention": "attention maps", "tokens": "token features"}
+# Why a term does not take a kind, where there is a reason beyond "another shape"
+_WHY_NOT = {("tokens", "at"): "AT is the spatial energy of [C, H, W] channel maps, and tokens [N, D] have no channels "
+                              "over a spatial grid",
+            ("tokens", "nst"): "NST's samples are [C, H, W] channel maps over positions, which tokens [N, D] are not"}
 
 
 def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_weight: float,
                     overrides: Mapping[str, float] | None = None) -> dict[str, float]:
-    """Weight of every active term. `kd` brings Hinton's mix: kd weighted alpha, hard-label ce weighted 1 - alpha.
+    """Weight of every active term. `kd` brings Hinton's mix: kd weighted alpha, hard-label ce weighted 1 - alpha
+    (`deit`, `deit-soft` likewise: on the distillation head, ce on the class head).
 
     Without kd, `ce` (if listed) has weight 1; `at` has beta, `fitnets` hint_weight, the relation terms their
     CRD-benchmark weights (the registry's `weight`); `overrides` win. The order is ce, kd, the terms weighted by
@@ -24,8 +29,9 @@ def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_wei
     if unknown:
         raise SoftcacheError(f"unknown loss '{unknown[0]}'; valid: {', '.join(sorted(REGISTRY))}")
     weights: dict[str, float] = {}
-    if "kd" in terms:
-        weights.update(ce=1.0 - alpha, kd=alpha)
+    if any(REGISTRY[t].weight == "alpha" for t in terms):  # kd, deit: mixed with the hard labels
+        weights["ce"] = 1.0 - alpha
+        weights.update({"kd": alpha} if "kd" in terms else {})
     elif "ce" in terms:
         weights["ce"] = 1.0
     for option, value in {"alpha": alpha, "beta": beta, "hint_weight": hint_weight}.items():
@@ -49,7 +55,8 @@ def route_pairs(terms: Sequence[str], pairs: Sequence[tuple[str, str]],
     """The (student layer, teacher layer) pairs each active pair-term uses.
 
     `pairs` are `--pair` entries `(S_LAYER or TERM:S_LAYER, T_LAYER)`; `kinds[(s, t)]` says what a pair holds
-    (vector: embeddings; map: feature maps; attention: cached AT maps). A pair without a term serves every active
+    (vector: embeddings; map: feature maps; attention: cached AT maps; tokens: ViT token features). A pair
+    without a term serves every active
     term that declares its kind (`LossSpec.takes`: maps feed fitnets, at, sp, nst; embeddings rkd, pkt, crd);
     `TERM:` gives it to that term only. A pair no term uses, and a term left without a pair, are refused.
     """
@@ -64,14 +71,17 @@ def route_pairs(terms: Sequence[str], pairs: Sequence[tuple[str, str]],
                 raise SoftcacheError(f"--pair {key}={teacher} names '{term}', which is not a pair loss in --loss "
                                      f"({', '.join(terms)})")
             if kind not in REGISTRY[term].takes:
-                raise SoftcacheError(f"--pair {key}={teacher} pairs {what}, which {term} cannot use")
+                why = _WHY_NOT.get((kind, term))
+                raise SoftcacheError(f"--pair {key}={teacher} pairs {what}, which {term} cannot use"
+                                     + (f": {why}; token features serve {', '.join(TOKEN_LOSSES)}" if why else ""))
             routes[term].append((student, teacher))
             continue
         users = [t for t in active if kind in REGISTRY[t].takes]
         if not users:
+            why = next((f" ({w})" for t in active if (w := _WHY_NOT.get((kind, t)))), "")
             raise SoftcacheError(f"--pair {key}={teacher} pairs {what}, which no loss in --loss ({', '.join(terms)}) "
-                                 f"uses; embeddings serve {', '.join(VECTOR_LOSSES)}, feature maps "
-                                 f"{', '.join(MAP_LOSSES)}")
+                                 f"uses{why}; embeddings serve {', '.join(VECTOR_LOSSES)}, feature maps "
+                                 f"{', '.join(MAP_LOSSES)}, token features {', '.join(TOKEN_LOSSES)}")
         for t in users:
             routes[t].append((student, teacher))
     for term, used in routes.items():
