@@ -166,7 +166,7 @@ def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, view
     augment = (Augment.from_options(views_options, size) if views_options is not None
                else Augment("cifar", image_size=size))
     torch.manual_seed(seed)
-    teacher_model = build_model(teacher, len(source.classes))
+    teacher_model = build_model(teacher, len(source.classes), weights_follow=bool(weights))
     if weights:
         load_weights(teacher_model, weights)
     return BenchSetup(source=source, augment=augment, teacher=teacher_model, seed=seed, **settings)

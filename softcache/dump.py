@@ -532,7 +532,7 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
             check_existing(cfg.out, manifest, overwrite=cfg.overwrite, backend=backend) if world.main else None, world)
         if existing.action == "reuse":
             return DumpResult(where.location(cfg.out), "reuse", manifest)
-        teachers = built or [load_weights(build_model(arch, num_classes=len(source.classes)), weights)
+        teachers = built or [load_weights(build_model(arch, len(source.classes), weights_follow=True), weights)
                              for arch, weights in zip(cfg.teacher, cfg.weights)]
         for arch, teacher in zip(cfg.teacher, teachers):
             check_classes(teacher, arch, len(source.classes), augment.image_size)

@@ -49,7 +49,7 @@ def finished_runs(paths: Sequence[str | Path]) -> list[RunInfo]:
 
 def run_model(run: RunInfo, num_classes: int) -> nn.Module:
     """A finished run's model, its weights loaded."""
-    return load_weights(build_model(run.model, num_classes), run.path / "model.pt")
+    return load_weights(build_model(run.model, num_classes, weights_follow=True), run.path / "model.pt")
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from __future__ import annotations
 import difflib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -162,10 +162,13 @@ def is_pretrained(name: str) -> bool:
     return ModelSpec.parse(name).pretrained
 
 
-def build_model(name: str, num_classes: int) -> nn.Module:
+def build_model(name: str, num_classes: int, *, weights_follow: bool = False) -> nn.Module:
     """The model `name` (see the module docstring) with a `num_classes`-way classifier: freshly initialised,
-    or with its zoo's published weights for `pretrained=true`."""
+    or with its zoo's published weights for `pretrained=true`, unless `weights_follow` (a weights file is
+    loaded next: a run's model.pt of a model fine-tuned from them needs no download)."""
     spec = ModelSpec.parse(name)
+    if weights_follow and spec.pretrained:
+        spec = replace(spec, options=tuple((k, v) for k, v in spec.options if k != "pretrained"))
     return SOURCES[spec.source](spec, num_classes)
 
 

@@ -410,7 +410,8 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
     world = distributed.init(cfg.device)
-    teacher = load_weights(build_model(cfg.teacher, num_classes=len(train_source.classes)), cfg.teacher_weights)
+    teacher = load_weights(build_model(cfg.teacher, num_classes=len(train_source.classes), weights_follow=True),
+                           cfg.teacher_weights)
     torch.manual_seed(cfg.seed)  # the student's initial weights, as train-student makes them
     student = build_model(cfg.student, num_classes=len(train_source.classes))
     for model, name in ((teacher, cfg.teacher), (student, cfg.student)):

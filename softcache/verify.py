@@ -56,7 +56,7 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
     source = (load_source(data, "train", download=download) if data
               else recorded_source(manifest["dataset"], "train", download=download))
     check_data_matches(reader, source)
-    model = load_weights(build_model(teacher, num_classes=len(source.classes)), weights)
+    model = load_weights(build_model(teacher, num_classes=len(source.classes), weights_follow=True), weights)
     dev = torch.device(device)
     tapped = Tapped(model, manifest["layers"]).to(dev).eval()
     mean, std = teacher_norm(manifest, 0)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import pytest
@@ -96,8 +97,18 @@ def test_set_seeds_and_online_students(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
-    assert [r.name for r in recipes] == ["cifar10_function_matching.toml", "cifar10_resnet56_resnet20.toml",
+    assert [r.name for r in recipes] == ["cifar10_function_matching.toml", "cifar10_resnet50_to_deit.toml",
+                                         "cifar10_resnet56_resnet20.toml", "cifar10_vit_to_resnet18.toml",
                                          "quickstart.toml", "seed_resnet34_resnet18.toml"]
+    deit = load_pipeline(recipes.pop(1))
+    students = dict(deit.students)
+    assert deit.teacher.model == "timm:resnet50,pretrained=true" and deit.dump.image_size == 224
+    assert students["deit_hard"].losses == ("deit",) and students["deit_hard"].alpha == 0.5
+    assert (students["deit_soft"].alpha, students["deit_soft"].temperature) == (0.1, 3.0)
+    vit = load_pipeline(recipes.pop(2))
+    assert vit.dump.layers == ("embedding", "blocks.11")
+    assert vit.dump.weights == ("runs/cifar10_vit_to_resnet18/teacher/model.pt",)  # the fine-tuned teacher's
+    assert dict(dict(vit.students)["vit_tiny_fitnets"].pairs) == {"blocks.11": "blocks.11"}
     matching = load_pipeline(recipes.pop(0))
     dumps = dict(matching.dumps)
     matched = dumps["matching"]
@@ -352,3 +363,39 @@ def test_recipes_take_view_streams_pixel_work_and_mixing(tmp_path):
     with pytest.raises(SoftcacheError, match=r"\[student s\] stream = \"strnog\" is not a view stream of its cache; "
                                              "its \\[dump\\] has: main, strong"):
         load_pipeline(recipe)
+
+
+TINY = "depth={depth},img_size=32,patch_size=8,embed_dim={dim},num_heads=2"
+
+
+@pytest.mark.slow
+def test_the_cnn_to_deit_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/cifar10_resnet50_to_deit.toml at 32 px with small timm models and no downloads: the wiring of a
+    timm teacher, its cache and DeiT students with the distillation head."""
+    result = _run_tiny_recipe("cifar10_resnet50_to_deit.toml", tmp_path, cifar_subset, {
+        'model = "timm:resnet50,pretrained=true"': 'model = "timm:resnet10t"',
+        "timm:deit_tiny_distilled_patch16_224,pretrained=true":
+            "timm:deit_tiny_distilled_patch16_224," + TINY.format(depth=1, dim=32),
+        "timm:vit_tiny_patch16_224,pretrained=true": "timm:vit_tiny_patch16_224," + TINY.format(depth=1, dim=32),
+        "image_size = 224": "image_size = 32"})
+    rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
+    assert rows[0] == "teacher" and sorted(rows[1:]) == ["deit_hard", "deit_soft", "vit_ce", "vit_kd"]
+    cache = open_cache(tmp_path / "runs" / "cache")
+    assert cache.manifest["teachers"][0]["input"]["mean"] == [0.485, 0.456, 0.406]  # timm's, not CIFAR's
+    hard = json.loads((tmp_path / "runs" / "deit_hard" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"train_ce", "train_deit"} <= set(hard)
+
+
+@pytest.mark.slow
+def test_the_vit_to_cnn_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/cifar10_vit_to_resnet18.toml at 32 px with 12-block but narrow timm ViTs and no downloads."""
+    result = _run_tiny_recipe("cifar10_vit_to_resnet18.toml", tmp_path, cifar_subset, {
+        "timm:vit_small_patch16_224,pretrained=true": "timm:vit_small_patch16_224," + TINY.format(depth=12, dim=32),
+        "timm:vit_tiny_patch16_224,pretrained=true": "timm:vit_tiny_patch16_224," + TINY.format(depth=12, dim=16),
+        "timm:resnet18,pretrained=true": "timm:resnet18", "image_size = 224": "image_size = 32"})
+    rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
+    assert sorted(rows[1:]) == ["resnet18_ce", "resnet18_kd", "resnet18_kd_rkd", "vit_tiny_fitnets"]
+    cache = open_cache(tmp_path / "runs" / "cache")
+    assert cache.shape("features/blocks.11") == (120, 2, 17, 32) and cache.shape("features/embedding") == (120, 2, 32)
+    fitnets = json.loads((tmp_path / "runs" / "vit_tiny_fitnets" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(fitnets["train_fitnets"])
