@@ -402,7 +402,8 @@ def train_student_cmd(**kw: Any) -> None:
 
 @cli.command("train-online")
 @_option("--teacher", required=True, help=f"teacher model name, e.g. {MODEL_EXAMPLES}")
-@_option("--weights", "teacher_weights", required=True, help="teacher state_dict file (e.g. RUN/model.pt)")
+@_option("--weights", "teacher_weights", default=None,
+         help="teacher weights file (e.g. RUN/model.pt); none for a pretrained=true teacher")
 @_option("--student", required=True, help=f"student model name, e.g. {MODEL_EXAMPLES}")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in --views-from]")
 @augment
@@ -564,7 +565,7 @@ def ls_cmd(root: str) -> None:
 @cli.command("verify")
 @click.argument("cache", type=click.Path())
 @_option("--teacher", default=None, help="the cache's (first) teacher model name, to recompute targets")
-@_option("--weights", default=None, help="its state_dict file")
+@_option("--weights", default=None, help="its weights file (none for a pretrained=true teacher)")
 @_option("--samples", type=click.IntRange(min=1), default=16, help="random (sample, view) pairs to recompute")
 @_option("--tolerance", type=click.FloatRange(min=0), default=1e-2, help="largest acceptable |recomputed - cached|")
 @_option("--data", default=None, metavar="SPEC", help="dataset spec [default: the one recorded in the cache]")
@@ -574,8 +575,10 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
                data: str | None, device: str, seed: int) -> None:
     """Check a cache: complete, every chunk's checksum, and (given the teacher) recomputed targets."""
     from softcache.verify import verdict, verify_cache
-    if (teacher is None) != (weights is None):
-        raise click.UsageError("--teacher and --weights go together")
+    from softcache.models import is_pretrained
+    alone = teacher is not None and weights is None and not is_pretrained(teacher)
+    if (weights is not None and teacher is None) or alone:
+        raise click.UsageError("--teacher and --weights go together (a pretrained=true teacher takes no --weights)")
     report, lines = verify_cache(cache, teacher=teacher, weights=weights, samples=samples, seed=seed, device=device,
                                  data=data)
     for line in lines:

@@ -124,9 +124,9 @@ class OnlineConfig(ViewOptions):
     order train-student would, and only the targets are computed online."""
 
     teacher: str                    # teacher model name
-    teacher_weights: str            # its state_dict file (e.g. RUN/model.pt)
     student: str                    # student model name
     out: str                        # run folder
+    teacher_weights: str | None = None  # its weights file (e.g. RUN/model.pt); None: a pretrained=true teacher
     data: str | None = None         # dataset spec; None: the one recorded in `views_from`
     augment: str = "cifar"          # crop policy or package.module:callable pipeline (fresh views)
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size

@@ -27,8 +27,9 @@ from softcache.device import check_device, prepare_model, teacher_outputs, to_ho
 from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
-from softcache.models import (Tapped, build_model, check_classes, check_layers, conventions, file_sha256, is_pretrained,
-                              load_weights, spec_conventions)
+from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head, conventions,
+                              file_sha256, is_pretrained, load_weights, spec_conventions)
+from softcache.weights import check_weights_file
 from softcache.planner import image_bytes, plan
 from softcache.policies import policy_of
 from softcache.resident import ViewGather, crop_only, decode_all, padding_for, view_corners
@@ -502,14 +503,14 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     streams = stream_augments(cfg.streams, augment, cfg.views)
     views: int | str = "all" if cfg.views == "all" else augment.resolve_views(cfg.views)
     for weights in cfg.weights:
-        if not Path(weights).is_file():
-            raise SoftcacheError(f"weights file '{weights}' does not exist; "
-                                 "give the model.pt a train-teacher run wrote, or a torch.save'd state_dict")
+        check_weights_file(weights)
     built: list[nn.Module] = []
     if cfg.weights:
         infos = [{"name": name, "arch": arch, "weights": str(w), "weights_sha256": file_sha256(w), **input_of(arch)}
                  for name, arch, w in zip(_unique_names(cfg.teacher), cfg.teacher, cfg.weights)]
     else:  # the zoos' published weights: downloaded (or found in the zoo's own cache) and hashed here
+        for arch in cfg.teacher:
+            check_published_head(arch, len(source.classes))
         built = [build_model(arch, num_classes=len(source.classes)) for arch in cfg.teacher]
         infos = [{"name": name, "arch": arch, "weights": "pretrained", "weights_sha256": state_dict_sha256(model),
                   **input_of(arch)} for name, arch, model in zip(_unique_names(cfg.teacher), cfg.teacher, built)]

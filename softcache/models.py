@@ -86,12 +86,11 @@ class ModelSpec:
         return bool(dict(self.options).get("pretrained", False))
 
 
-def _zoo_import(module: str, extra: str):
+def _zoo_import(module: str, how: str):
     try:
         return __import__(module)
     except ImportError:
-        raise SoftcacheError(f"{module} models need the {module} package: pip install {module} "
-                             f"(or pip install 'softcache[{extra}]')") from None
+        raise SoftcacheError(f"{module} models need the {module} package: pip install {module} ({how})") from None
 
 
 def _suggest(name: str, valid: Sequence[str], what: str) -> str:
@@ -100,7 +99,7 @@ def _suggest(name: str, valid: Sequence[str], what: str) -> str:
 
 
 def _timm(spec: ModelSpec, num_classes: int) -> nn.Module:
-    timm = _zoo_import("timm", "zoo")
+    timm = _zoo_import("timm", "a softcache dependency")
     if not timm.is_model(spec.name):
         raise SoftcacheError(_suggest(spec.name, timm.list_models(), "timm model")
                              + " (timm.list_models() lists them all)")
@@ -109,14 +108,18 @@ def _timm(spec: ModelSpec, num_classes: int) -> nn.Module:
         size = kwargs["img_size"]
         kwargs["pretrained_cfg_overlay"] = {"input_size": (3, *((size, size) if isinstance(size, int) else size))}
     try:
-        return timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=num_classes, **kwargs)
+        model = timm.create_model(spec.name, pretrained=spec.pretrained, num_classes=num_classes, **kwargs)
     except TypeError as err:
+        if not spec.kwargs:
+            raise
         raise SoftcacheError(f"timm:{spec.name} does not take {', '.join(spec.kwargs)} ({err}); "
                              "give the keyword arguments its model class takes") from None
+    setattr(model, CONVENTIONS_ATTR, Conventions.from_timm(dict(model.pretrained_cfg)))
+    return model
 
 
 def _hf(spec: ModelSpec, num_classes: int) -> nn.Module:
-    _zoo_import("transformers", "hf")
+    _zoo_import("transformers", "or pip install 'softcache[hf]'")
     from softcache.hf import build_hf
     return build_hf(spec.name, num_classes, pretrained=spec.pretrained, overrides=spec.kwargs)
 
@@ -198,17 +201,14 @@ class Conventions:
                    float(cfg.get("crop_pct") or 0.875), "timm pretrained_cfg")
 
 
-CONVENTIONS_ATTR = "softcache_conventions"  # set by `softcache.hf` on the models it builds
+CONVENTIONS_ATTR = "softcache_conventions"  # set on the models built from timm: and hf: names
 
 
 def conventions(model: nn.Module) -> Conventions | None:
-    """A zoo model's input conventions, or None for the CIFAR ResNets, torchvision and user models (which keep
-    the dataset's normalisation and the policies' sizes)."""
-    found = getattr(model, CONVENTIONS_ATTR, None)
-    if found is not None:
-        return found
-    cfg = getattr(model, "pretrained_cfg", None)
-    return Conventions.from_timm(dict(cfg)) if isinstance(cfg, dict) else None
+    """A model's input conventions, as `build_model` recorded them for a timm: or hf: name; None for the CIFAR
+    ResNets, torchvision and user models, a timm model returned by a user's callable included (they keep the
+    dataset's normalisation and the policies' sizes)."""
+    return getattr(model, CONVENTIONS_ATTR, None)
 
 
 def spec_conventions(name: str) -> Conventions | None:
@@ -216,7 +216,7 @@ def spec_conventions(name: str) -> Conventions | None:
     reuses a finished one, before any teacher is built)."""
     spec = ModelSpec.parse(name)
     if spec.source == "timm":
-        timm = _zoo_import("timm", "zoo")
+        timm = _zoo_import("timm", "a softcache dependency")
         found = timm.models.get_pretrained_cfg(spec.name)
         cfg = found.to_dict() if found is not None else {}
         size = spec.kwargs.get("img_size")
@@ -224,10 +224,34 @@ def spec_conventions(name: str) -> Conventions | None:
             cfg["input_size"] = (3, *((size, size) if isinstance(size, int) else size))
         return Conventions.from_timm(cfg)
     if spec.source == "hf":
-        _zoo_import("transformers", "hf")
+        _zoo_import("transformers", "or pip install 'softcache[hf]'")
         from softcache.hf import hf_conventions
         return hf_conventions(spec.name)
     return None
+
+
+def published_classes(name: str) -> int | None:
+    """How many classes the published weights of a `pretrained=true` zoo name classify (timm's
+    `pretrained_cfg['num_classes']`, a Hugging Face config's `num_labels`); None where unknown or not pretrained."""
+    spec = ModelSpec.parse(name)
+    if not spec.pretrained or spec.source not in ZOOS:
+        return None
+    if spec.source == "timm":
+        found = _zoo_import("timm", "a softcache dependency").models.get_pretrained_cfg(spec.name)
+        return int(found.num_classes) if found is not None and found.num_classes else None
+    from transformers import AutoConfig
+    return int(AutoConfig.from_pretrained(spec.name).num_labels)
+
+
+def check_published_head(name: str, num_classes: int, what: str = "teacher") -> None:
+    """Refuse a pretrained zoo teacher used as it is whose published classifier does not fit the data: the zoo
+    would give it a fresh, random head (and a cache of random logits)."""
+    published = published_classes(name)
+    if published is not None and published != num_classes:
+        raise SoftcacheError(f"{what} '{name}' is used with its published weights, whose classifier has {published} "
+                             f"classes, but the data has {num_classes}: the zoo would give it a random "
+                             f"{num_classes}-way head; fine-tune it first (train-teacher --model {name}) and give "
+                             "its model.pt as --weights")
 
 
 def input_norm(model: nn.Module, source: Any) -> tuple[tuple[float, ...], tuple[float, ...]]:

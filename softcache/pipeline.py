@@ -376,8 +376,8 @@ def _build_student(merge: _Merge, entry: dict[str, Any], name: str,
     if online is None:
         return _build(StudentConfig, merge.fill(StudentConfig, entry), f"student {name}")
     entry.pop("cache", None)
-    entry = {"teacher": online.teacher[0], "teacher_weights": online.weights[0], "data": online.data,
-             "augment": online.augment, "image_size": online.image_size, **entry}
+    entry = {"teacher": online.teacher[0], "teacher_weights": online.weights[0] if online.weights else None,
+             "data": online.data, "augment": online.augment, "image_size": online.image_size, **entry}
     return _build(OnlineConfig, merge.fill(OnlineConfig, entry), f"student {name}")
 
 

@@ -24,7 +24,9 @@ from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
 from softcache.losses.registry import DISTILL_HEAD_LOSSES
-from softcache.models import Tapped, build_model, check_classes, check_layers, input_norm, load_weights
+from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head, input_norm,
+                              is_pretrained, load_weights)
+from softcache.weights import check_weights_file
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
 from softcache.training.loop import fit
@@ -387,9 +389,11 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     check_training(cfg)
     if cfg.views_from is None and cfg.data is None:
         raise SoftcacheError("train-online needs --data SPEC (or --views-from CACHE, whose dataset it takes)")
-    if not Path(cfg.teacher_weights).is_file():
-        raise SoftcacheError(f"weights file '{cfg.teacher_weights}' does not exist; give the model.pt a train-teacher "
-                             "run wrote, or a torch.save'd state_dict")
+    if cfg.teacher_weights:
+        check_weights_file(cfg.teacher_weights)
+    elif not is_pretrained(cfg.teacher):
+        raise SoftcacheError(f"train-online needs --weights for teacher '{cfg.teacher}' (its model.pt, a state_dict "
+                             "or a .safetensors file), unless it is a zoo model with pretrained=true")
     reader = open_cache(cfg.views_from) if cfg.views_from else None
     if cfg.data:
         train_source = load_source(cfg.data, "train", download=cfg.download)
@@ -410,8 +414,11 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
     weights = resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
                               overrides=dict(cfg.weights))
     world = distributed.init(cfg.device)
-    teacher = load_weights(build_model(cfg.teacher, num_classes=len(train_source.classes), weights_follow=True),
-                           cfg.teacher_weights)
+    if not cfg.teacher_weights:
+        check_published_head(cfg.teacher, len(train_source.classes))
+    teacher = build_model(cfg.teacher, len(train_source.classes), weights_follow=bool(cfg.teacher_weights))
+    if cfg.teacher_weights:
+        load_weights(teacher, cfg.teacher_weights)
     torch.manual_seed(cfg.seed)  # the student's initial weights, as train-student makes them
     student = build_model(cfg.student, num_classes=len(train_source.classes))
     for model, name in ((teacher, cfg.teacher), (student, cfg.student)):

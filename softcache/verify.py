@@ -9,6 +9,7 @@ import torch
 from softcache.data import check_data_matches, load_source, recorded_source
 from softcache.device import teacher_outputs
 from softcache.errors import SoftcacheError
+from softcache.dump import state_dict_sha256
 from softcache.models import Tapped, build_model, file_sha256, load_weights
 from softcache.store import feature_name, logits_prefix, open_cache, stream_names, teacher_norm
 from softcache.targets import LogitsFormat, feature_target
@@ -42,7 +43,7 @@ def check_chunks(path: str | Path) -> VerifyReport:
     return report
 
 
-def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int = 16, seed: int = 0,
+def recompute(report: VerifyReport, *, teacher: str, weights: str | None, samples: int = 16, seed: int = 0,
               device: str = "cpu", data: str | None = None, download: bool = False) -> VerifyReport:
     """Run the (first) teacher on `samples` random stored (sample, view) pairs of every view stream; record the
     largest error per array."""
@@ -51,12 +52,18 @@ def recompute(report: VerifyReport, *, teacher: str, weights: str, samples: int 
     first = manifest["teachers"][0]
     if teacher != first["arch"]:
         raise SoftcacheError(f"--teacher {teacher} is not the cache's first teacher ({first['arch']})")
-    if file_sha256(weights) != first["weights_sha256"]:
+    if weights is None:  # a pretrained=true teacher: its published weights, hashed as the dump hashed them
+        model = build_model(teacher, num_classes=len(manifest["dataset"]["classes"]))
+        if state_dict_sha256(model) != first["weights_sha256"]:
+            raise SoftcacheError(f"the published weights of {teacher} are not those this cache was dumped with "
+                                 "(sha256 differs: the zoo changed them?)")
+    elif file_sha256(weights) != first["weights_sha256"]:
         raise SoftcacheError(f"--weights '{weights}' are not the weights this cache was dumped with (sha256 differs)")
     source = (load_source(data, "train", download=download) if data
               else recorded_source(manifest["dataset"], "train", download=download))
     check_data_matches(reader, source)
-    model = load_weights(build_model(teacher, num_classes=len(source.classes), weights_follow=True), weights)
+    if weights is not None:
+        model = load_weights(build_model(teacher, num_classes=len(source.classes), weights_follow=True), weights)
     dev = torch.device(device)
     tapped = Tapped(model, manifest["layers"]).to(dev).eval()
     mean, std = teacher_norm(manifest, 0)
@@ -100,7 +107,7 @@ def verify_cache(path: str | Path, *, teacher: str | None = None, weights: str |
     """Check every chunk, then (given the teacher, and no damage) recompute targets;
     returns the report and its lines."""
     report = check_chunks(path)
-    if teacher and weights and not report.damaged:
+    if teacher and not report.damaged:
         recompute(report, teacher=teacher, weights=weights, samples=samples, seed=seed, device=device, data=data)
     return report, format_report(report)
 

@@ -47,12 +47,18 @@ def repdistiller_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return out
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """The state_dict a weights file holds (see the module docstring), `module.` prefixes dropped."""
+def check_weights_file(path: str | Path) -> Path:
+    """Refuse a weights file that does not exist (checked before any data or model is loaded)."""
     path = Path(path)
     if not path.is_file():
-        raise SoftcacheError(f"weights file '{path}' does not exist; "
-                             "give the model.pt a train-teacher run wrote, a torch.save'd state_dict or a .safetensors")
+        raise SoftcacheError(f"weights file '{path}' does not exist; give the model.pt a train-teacher run wrote, "
+                             "a torch.save'd state_dict or a .safetensors file")
+    return path
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The state_dict a weights file holds (see the module docstring), `module.` prefixes dropped."""
+    path = check_weights_file(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

@@ -382,7 +382,7 @@ def test_the_cnn_to_deit_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_s
     assert rows[0] == "teacher" and sorted(rows[1:]) == ["deit_hard", "deit_soft", "vit_ce", "vit_kd"]
     cache = open_cache(tmp_path / "runs" / "cache")
     assert cache.manifest["teachers"][0]["input"]["mean"] == [0.485, 0.456, 0.406]  # timm's, not CIFAR's
-    hard = json.loads((tmp_path / "runs" / "deit_hard" / "metrics.jsonl").read_text().splitlines()[-1])
+    hard = json.loads((tmp_path / "runs" / "students" / "deit_hard" / "metrics.jsonl").read_text().splitlines()[-1])
     assert {"train_ce", "train_deit"} <= set(hard)
 
 
@@ -397,5 +397,6 @@ def test_the_vit_to_cnn_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_su
     assert sorted(rows[1:]) == ["resnet18_ce", "resnet18_kd", "resnet18_kd_rkd", "vit_tiny_fitnets"]
     cache = open_cache(tmp_path / "runs" / "cache")
     assert cache.shape("features/blocks.11") == (120, 2, 17, 32) and cache.shape("features/embedding") == (120, 2, 32)
-    fitnets = json.loads((tmp_path / "runs" / "vit_tiny_fitnets" / "metrics.jsonl").read_text().splitlines()[-1])
+    metrics = (tmp_path / "runs" / "students" / "vit_tiny_fitnets" / "metrics.jsonl").read_text()
+    fitnets = json.loads(metrics.splitlines()[-1])
     assert math.isfinite(fitnets["train_fitnets"])

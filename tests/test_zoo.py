@@ -82,7 +82,7 @@ def test_timm_names_take_keyword_options_and_bring_their_conventions():
     assert found.mean == (0.5, 0.5, 0.5) and found.input_size == 32 and found.crop_pct == 0.9
     resnet = build_model("timm:resnet10t", 10)
     assert conventions(resnet).mean == (0.485, 0.456, 0.406) and conventions(resnet).input_size == 176
-    source = load_source("synthetic:4", "train")
+    source = load_source("synthetic:10", "train")
     assert input_norm(resnet, source) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     # CIFAR ResNets and torchvision models keep the dataset's normalisation
     assert conventions(build_model("resnet8", 10)) is None and spec_conventions("resnet18") is None
@@ -108,6 +108,33 @@ def test_a_missing_zoo_package_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(SoftcacheError, match=r"pip install 'softcache\[hf\]'"):
         build_model("hf:google/vit-base-patch16-224", 10)
+
+
+def timm_callable(num_classes: int):
+    import timm
+    return timm.create_model("resnet10t", num_classes=num_classes)
+
+
+def test_a_users_callable_keeps_the_datasets_normalisation_even_when_it_returns_a_timm_model():
+    model = build_model(f"{__name__}:timm_callable", 10)
+    assert conventions(model) is None and spec_conventions(f"{__name__}:timm_callable") is None
+
+
+def test_a_published_head_of_other_classes_is_refused_before_any_download(tmp_path, cifar_subset):
+    """timm:resnet18,pretrained=true as it is would get a random 10-way head: refused, from timm's own record of
+    the published weights, with nothing downloaded or written."""
+    data = f"imagefolder:{cifar_subset}"
+    result = run("dump-teacher", "--teacher", "timm:resnet18,pretrained=true", "--data", data,
+                 "--out", tmp_path / "cache", "--device", "cpu")
+    one_line_error(result, "whose classifier has 1000 classes, but the data has 10")
+    assert "fine-tune it first (train-teacher --model timm:resnet18,pretrained=true)" in result.stderr
+    assert not (tmp_path / "cache").exists()
+    result = run("train-online", "--teacher", "timm:resnet18", "--student", "resnet8", "--data", data,
+                 "--out", tmp_path / "online", "--device", "cpu")
+    one_line_error(result, "train-online needs --weights for teacher 'timm:resnet18'")
+    result = run("dump-teacher", "--teacher", "timm:resnet18", "--data", data, "--out", tmp_path / "cache")
+    one_line_error(result, "1 --teacher but 0 --weights")
+    assert not (tmp_path / "online").exists() and not (tmp_path / "cache").exists()
 
 
 def test_an_image_size_the_model_cannot_take_is_refused_before_anything_is_written(tmp_path, cifar_subset):
@@ -226,11 +253,13 @@ def test_vit_teacher_at_224_px_tokens_cached_as_such_and_a_vit_student_with_toke
     assert all(math.isfinite(m["train_fitnets"]) and math.isfinite(m["train_rkd"]) for m in metrics)
     assert metrics[-1]["train_fitnets"] < metrics[0]["train_fitnets"]  # the regressor and student learn the hint
     result = run("train-student", "--cache", tmp_path / "cache", "--student", student, "--loss", "kd,at",
-                 "--pair", "at:blocks.0=blocks.1", "--out", tmp_path / "refused", "--device", "cpu")
+                 "--pair", "at:blocks.0=blocks.1", "--batch-size", "40", "--out", tmp_path / "refused",
+                 "--device", "cpu")
     one_line_error(result, "pairs token features, which at cannot use: AT is the spatial energy")
     assert not (tmp_path / "refused").exists()
     result = run("train-student", "--cache", tmp_path / "cache", "--student", "timm:resnet10t", "--loss", "kd,fitnets",
-                 "--pair", "layer3=blocks.1", "--out", tmp_path / "refused", "--device", "cpu")
+                 "--pair", "layer3=blocks.1", "--batch-size", "40", "--out", tmp_path / "refused",
+                 "--device", "cpu")
     one_line_error(result, "pairs a student feature map [256, 14, 14] with a teacher token feature [197, 192]")
     result = run("dump-teacher", "--teacher", name, "--weights", tmp_path / "vit.pt", "--data", data,
                  "--image-size", "224", "--layers", "blocks.1", "--targets", "attention", "--out", tmp_path / "att",
@@ -286,6 +315,8 @@ def test_a_hugging_face_vit_teacher_from_a_local_folder(tmp_path, cifar_subset, 
     torch.testing.assert_close(torch.from_numpy(cache.read("logits")[index, view]).float(), out.logits, **FP16_TOL)
     torch.testing.assert_close(torch.from_numpy(cache.read("features/vit.layers.1")[index, view]).float(),
                                out.hidden_states[2], **FP16_TOL)  # [0] is the embeddings, [k + 1] after layer k
+    verified = ok("verify", tmp_path / "cache", "--teacher", name, "--device", "cpu")  # hashes the saved weights
+    assert verified.output.splitlines()[-1] == "ok" and "recomputed" in verified.output
     ok("train-student", "--cache", tmp_path / "cache", "--student", "resnet8", "--loss", "kd", "--epochs", "1",
        "--batch-size", "40", "--out", tmp_path / "student", "--device", "cpu")
     source = load_source(data, "train")
@@ -337,6 +368,6 @@ def test_a_deit_student_trains_its_distillation_head_and_evaluates_on_both(tmp_p
     logits, features = Tapped(model, [])(x)
     assert logits.shape == features[DIST_LOGITS].shape == (3, 10)
     result = run("train-student", "--cache", small_cache, "--student", TINY_VIT, "--loss", "deit",
-                 "--out", tmp_path / "refused", "--device", "cpu")
+                 "--batch-size", "20", "--out", tmp_path / "refused", "--device", "cpu")
     one_line_error(result, "deit trains a student's distillation head, and VisionTransformer has none")
     assert not (tmp_path / "refused").exists()
