@@ -36,9 +36,14 @@ def softcache(*args, cwd: Path) -> subprocess.CompletedProcess:
     return result
 
 
+# A timm ViT by name (4x4 patches of the 32 px views: 64 tokens + the class token), normalised its own way
+VIT_STUDENT = "timm:vit_tiny_patch16_224,img_size=32,patch_size=4,embed_dim=64,depth=2,num_heads=2"
+
+
 @pytest.fixture(scope="module")
 def flow(cifar_full, tmp_path_factory) -> dict[str, Path]:
-    """train-teacher (1 epoch), dump-teacher (2 views + layer3), train-student (1 epoch, KD+AT) on the full set."""
+    """train-teacher (1 epoch), dump-teacher (2 views + layer3), train-student (1 epoch, KD+AT; and a timm ViT
+    student with KD) on the full set."""
     assert SCRIPT, "the softcache console script is not installed: pip install -e '.[dev]'"
     work = tmp_path_factory.mktemp("full")
     data = f"imagefolder:{cifar_full}"
@@ -47,13 +52,16 @@ def flow(cifar_full, tmp_path_factory) -> dict[str, Path]:
               "--views", "2", "--layers", "layer3", "--out", "cache", cwd=work)
     softcache("train-student", "--cache", "cache", "--student", "tinynet:tiny", "--loss", "kd,at", "--pair",
               "layer3=layer3", "--epochs", "1", "--out", "student", cwd=work)
+    softcache("train-student", "--cache", "cache", "--student", VIT_STUDENT, "--loss", "kd", "--epochs", "1",
+              "--out", "vit_student", cwd=work)
     return {"work": work, "data": data}
 
 
 @pytest.mark.slow
 def test_full_cifar10_flow_in_an_ordinary_shell(flow):
     work = flow["work"]
-    for run, terms in (("teacher", {"train_loss"}), ("student", {"train_kd", "train_at", "train_ce"})):
+    for run, terms in (("teacher", {"train_loss"}), ("student", {"train_kd", "train_at", "train_ce"}),
+                       ("vit_student", {"train_kd", "train_ce"})):
         metrics = [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 1 and terms <= set(metrics[0]) and 10.0 < metrics[0]["test_acc"] <= 100.0, (run, metrics)
         assert metrics[0]["images_per_s"] > 0 and (work / run / "model.pt").is_file()
@@ -66,16 +74,16 @@ def test_full_cifar10_flow_in_an_ordinary_shell(flow):
 
 @pytest.mark.slow
 def test_full_cifar10_flow_with_randaugment_mixup_and_cutmix(flow):
-    """Pixel work and mixing at full size: 50,000 x 4 views through RandAugment, Mixup and CutMix (each view's
+    """Pixel work and mixing at full size: 50,000 x 2 views through RandAugment, Mixup and CutMix (each view's
     partner decoded and augmented too), and a student replaying them in DataLoader workers, every replayed view
     checked against its CRC-32."""
     work, data = flow["work"], flow["data"]
     softcache("dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,
-              "--views", "4", "--aa", "rand-m9-n2", "--mixup", "0.8", "--cutmix", "1.0", "--out", "mixed", cwd=work)
+              "--views", "2", "--aa", "rand-m9-n2", "--mixup", "0.8", "--cutmix", "1.0", "--out", "mixed", cwd=work)
     softcache("train-student", "--cache", "mixed", "--student", "tinynet:tiny", "--loss", "kd,ce", "--epochs", "1",
               "--out", "mixed_student", cwd=work)
     cache = open_cache(work / "mixed")
-    assert cache.shape("views/seed") == (50000, 4) and cache.shape("views/mix") == (50000, 4, 6)
+    assert cache.shape("views/seed") == (50000, 2) and cache.shape("views/mix") == (50000, 2, 6)
     mixes, lam = cache.read("views/mix"), cache.read("views/lam")
     cut = mixes[..., 4] > 0
     assert (mixes[..., 0] >= 0).all()  # --mix-prob 1: every view is mixed, about half of them by CutMix
