@@ -38,7 +38,7 @@ from softcache.data import Source, load_source
 from softcache.device import autocast, model_inputs, prepare_model, teacher_outputs
 from softcache.dump import dump_teacher, resolve_image_size, usable_cores
 from softcache.losses import attention_map, resolve_weights
-from softcache.models import Tapped, build_model, input_norm, load_weights
+from softcache.models import Tapped, build_model, check_classes, input_norm, load_weights
 from softcache.store import Existing, array_layout, open_cache, prepare_cache
 from softcache.store.base import CacheReader, plan_shards
 from softcache.train import build_criterion
@@ -162,13 +162,16 @@ def build_setup(*, teacher: str, weights: str | None, data: str, seed: int, view
     the teacher (seeded, random weights unless `weights`); `settings` are BenchSetup's remaining fields."""
     source = load_source(data, "train")
     policy = views_options.augment if views_options is not None else "cifar"
-    size = resolve_image_size(policy, None, source, teacher)
+    size = resolve_image_size(policy, getattr(views_options, "image_size", None), source, teacher)
     augment = (Augment.from_options(views_options, size) if views_options is not None
                else Augment("cifar", image_size=size))
     torch.manual_seed(seed)
     teacher_model = build_model(teacher, len(source.classes), weights_follow=bool(weights))
     if weights:
         load_weights(teacher_model, weights)
+    check_classes(teacher_model, teacher, len(source.classes), size)  # a size the model cannot take: one line
+    check_classes(build_model(settings["student"], len(source.classes)), settings["student"], len(source.classes),
+                  size)
     return BenchSetup(source=source, augment=augment, teacher=teacher_model, seed=seed, **settings)
 
 

@@ -598,6 +598,8 @@ def verify_cmd(cache: str, teacher: str | None, weights: str | None, samples: in
 @augment
 @view_options
 @_option("--views", type=click.IntRange(min=1), default=2, help="views per sample in the dumped caches")
+@_option("--image-size", type=click.IntRange(min=1), default=None,
+         help="view side [default: the teacher's input size for imagenet, else the images' own]")
 @_option("--batch-size", type=click.IntRange(min=1), default=512, help="images per step")
 @_option("--steps", type=click.IntRange(min=1), default=50,
          help="timed steps per measurement and round (after 5 warm-up steps)")
@@ -613,7 +615,8 @@ def bench_cmd(**kw: Any) -> None:
     """Measure teacher inference, dump, and student training (CE, cached KD/AT/FitNets, online KD) in one process."""
     from types import SimpleNamespace
     from softcache.bench import format_bench, run_bench
-    views = SimpleNamespace(augment=kw.pop("augment"), **{f: kw.pop(f) for f in ViewOptions.__dataclass_fields__})
+    views = SimpleNamespace(augment=kw.pop("augment"), image_size=kw.pop("image_size"),
+                            **{f: kw.pop(f) for f in ViewOptions.__dataclass_fields__})
     click.echo(format_bench(run_bench(**kw, views_options=views)))
 
 

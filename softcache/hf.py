@@ -44,8 +44,9 @@ class HFClassifier(nn.Module):
         return self._hf[0](pixel_values=x).logits
 
 
-def hf_conventions(path: str) -> Conventions | None:
-    """The image processor's conventions at `path`, or None where there is none (the dataset's normalisation)."""
+def hf_conventions(path: str, overrides: dict[str, Any] | None = None) -> Conventions | None:
+    """The image processor's conventions at `path`, or None where there is none (the dataset's normalisation);
+    an `image_size` override of the config is the input size."""
     from transformers import AutoImageProcessor
     try:
         processor = AutoImageProcessor.from_pretrained(path)
@@ -55,10 +56,14 @@ def hf_conventions(path: str) -> Conventions | None:
         return None
     side = getattr(processor, "size", None) or {}
     side = {"height": side} if isinstance(side, int) else dict(side)
-    found = side.get("height") or side.get("shortest_edge")
+    found = (overrides or {}).get("image_size") or side.get("height") or side.get("shortest_edge")
     return Conventions(tuple(float(v) for v in processor.image_mean), tuple(float(v) for v in processor.image_std),
                        int(found) if found else None, RESAMPLING.get(getattr(processor, "resample", 2), "bilinear"),
                        float(getattr(processor, "crop_pct", None) or 0.875), "hf image processor")
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0]
 
 
 def build_hf(path: str, num_classes: int, *, pretrained: bool, overrides: dict[str, Any]) -> HFClassifier:
@@ -69,7 +74,7 @@ def build_hf(path: str, num_classes: int, *, pretrained: bool, overrides: dict[s
     try:
         config = AutoConfig.from_pretrained(path, num_labels=num_classes, **overrides)
     except (OSError, ValueError) as err:
-        raise SoftcacheError(f"hf:{path}: no Hugging Face model there ({str(err).splitlines()[0]}); give a folder "
+        raise SoftcacheError(f"hf:{path}: no Hugging Face model there ({_first_line(err)}); give a folder "
                              "written by save_pretrained, or a Hub id such as google/vit-base-patch16-224") from None
     try:
         if pretrained:
@@ -78,5 +83,5 @@ def build_hf(path: str, num_classes: int, *, pretrained: bool, overrides: dict[s
             model = AutoModelForImageClassification.from_config(config)
     except ValueError as err:
         raise SoftcacheError(f"hf:{path} is a {type(config).__name__}, not an image classifier "
-                             f"({str(err).splitlines()[0]}); give an AutoModelForImageClassification model") from None
-    return HFClassifier(model, hf_conventions(path))
+                             f"({_first_line(err)}); give an AutoModelForImageClassification model") from None
+    return HFClassifier(model, hf_conventions(path, overrides))

@@ -226,7 +226,7 @@ def spec_conventions(name: str) -> Conventions | None:
     if spec.source == "hf":
         _zoo_import("transformers", "or pip install 'softcache[hf]'")
         from softcache.hf import hf_conventions
-        return hf_conventions(spec.name)
+        return hf_conventions(spec.name, spec.kwargs)
     return None
 
 

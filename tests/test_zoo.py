@@ -89,6 +89,21 @@ def test_timm_names_take_keyword_options_and_bring_their_conventions():
     assert input_norm(build_model("resnet8", 10), source) == (tuple(source.mean), tuple(source.std))
 
 
+def test_conventions_set_the_imagenet_view_size_and_evaluation_crop(cifar_subset):
+    from softcache.dump import resolve_image_size
+    from softcache.views import Augment
+    source = load_source(f"imagefolder:{cifar_subset}", "train")
+    assert resolve_image_size("imagenet", None, source, "timm:resnet10t") == 176  # its pretrained_cfg input size
+    assert resolve_image_size("imagenet", None, source, "resnet18") == 224       # torchvision: the policy's
+    assert resolve_image_size("cifar", None, source, "timm:resnet10t") == 32     # cifar keeps the images' size
+    assert resolve_image_size("imagenet", 96, source, "timm:resnet10t") == 96    # as given
+    augment = Augment("imagenet", image_size=224)
+    vit = augment.for_model(build_model("timm:vit_tiny_patch16_224,depth=1", 10))
+    assert vit.crop_pct == 0.9 and vit.eval_box(100, 100) == (5, 5, 90, 90)
+    assert augment.for_model(build_model("resnet8", 10)).eval_box(100, 100) == (6, 6, 88, 88)  # 0.875, as before
+    assert augment.to_json() == vit.to_json() == {}  # an evaluation setting: not part of a cache's id
+
+
 @pytest.mark.parametrize("name, message", [
     ("timm:resnet10x", "unknown timm model 'resnet10x'; closest: resnet10t"),
     ("timm:vit_tiny_patch16", "closest: vit_tiny_patch16_384, vit_tiny_patch16_224"),
@@ -316,7 +331,7 @@ def test_a_hugging_face_vit_teacher_from_a_local_folder(tmp_path, cifar_subset, 
     torch.testing.assert_close(torch.from_numpy(cache.read("features/vit.layers.1")[index, view]).float(),
                                out.hidden_states[2], **FP16_TOL)  # [0] is the embeddings, [k + 1] after layer k
     verified = ok("verify", tmp_path / "cache", "--teacher", name, "--device", "cpu")  # hashes the saved weights
-    assert verified.output.splitlines()[-1] == "ok" and "recomputed" in verified.output
+    assert verified.stdout.strip().splitlines()[-1] == "ok" and "recomputed" in verified.stdout
     ok("train-student", "--cache", tmp_path / "cache", "--student", "resnet8", "--loss", "kd", "--epochs", "1",
        "--batch-size", "40", "--out", tmp_path / "student", "--device", "cpu")
     source = load_source(data, "train")
@@ -371,3 +386,29 @@ def test_a_deit_student_trains_its_distillation_head_and_evaluates_on_both(tmp_p
                  "--batch-size", "20", "--out", tmp_path / "refused", "--device", "cpu")
     one_line_error(result, "deit trains a student's distillation head, and VisionTransformer has none")
     assert not (tmp_path / "refused").exists()
+
+
+def test_caches_of_models_without_conventions_keep_their_ids():
+    """The manifest of a CIFAR ResNet / torchvision dump holds nothing new: its id is the one softcache gave it
+    before model zoos (847c0800b75f86ca, computed at commit e0233b9)."""
+    from softcache.dump import describe_dump
+    from softcache.targets import LogitsFormat
+    from softcache.views import Augment
+    manifest = describe_dump(teachers=[{"name": "resnet8", "arch": "resnet8", "weights_sha256": "0" * 64}],
+                             source=load_source("synthetic:20", "train"), augment=Augment("cifar", image_size=32),
+                             views=5, layers=["layer2"], seed=7, logits=LogitsFormat.parse("fp16", 4.0),
+                             targets="features", backend="zarr")
+    assert manifest["id"] == "847c0800b75f86ca" and "input" not in manifest["teachers"][0]
+
+
+def test_bench_takes_timm_names_and_refuses_a_size_the_teacher_cannot_take(tmp_path):
+    result = ok("bench", "--teacher", "timm:resnet10t", "--student", "timm:resnet10t", "--data", "synthetic:32",
+                "--batch-size", "8", "--steps", "1", "--rounds", "1", "--workers", "0", "--out", tmp_path / "b",
+                "--device", "cpu")
+    rows = {row["name"] for row in json.loads((tmp_path / "b" / "bench.json").read_text())["rows"]}
+    assert {"teacher inference only", "dump: logits + layer3", "student KD+FitNets (cache)"} <= rows
+    assert "timm:resnet10t -> timm:resnet10t" in result.output
+    result = run("bench", "--teacher", "timm:vit_tiny_patch16_224,depth=1", "--student", "resnet8", "--data",
+                 "synthetic:32", "--layer", "blocks.0", "--out", tmp_path / "v", "--device", "cpu")
+    one_line_error(result, "cannot take 32x32 views")
+    assert "give --image-size 224" in result.stderr

@@ -88,6 +88,7 @@ def route_pairs(terms: Sequence[str], pairs: Sequence[tuple[str, str]],
         if not used:
             vector = "vector" in REGISTRY[term].takes
             example = "embedding=embedding" if vector else "layer3=layer3"
+            tokens = " or ViT token features (e.g. blocks.11=blocks.11)" if "tokens" in REGISTRY[term].takes else ""
             raise SoftcacheError(f"{term} needs a --pair of {'embeddings' if vector else 'feature maps'} "
-                                 f"(e.g. --pair {example})")
+                                 f"(e.g. --pair {example}){tokens}")
     return routes
