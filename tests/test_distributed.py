@@ -29,20 +29,25 @@ def torchrun(processes: int) -> list[str]:
 
 def kill_every_process_of(marker: str) -> None:
     """SIGKILL every process whose command line holds `marker` (torchrun's workers live in sessions of their
-    own), and wait until they are gone."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                pids.append(int(entry.name))
-        except OSError:
-            continue
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    own), and wait until they are gone. The scan is repeated until it finds none alive: a process forked between
+    a scan and the kills (a DataLoader worker, which inherits rank 0's lock on the cache) would otherwise
+    outlive its parent for a while and keep the cache locked."""
     deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid) for pid in pids):
+    while True:
+        pids = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
+        if not alive:
+            return
         assert time.monotonic() < deadline, "killed processes did not end"
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
 
 
