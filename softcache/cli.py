@@ -16,7 +16,7 @@ from softcache.config import (DumpConfig, OnlineConfig, OptimConfig, StudentConf
                               default_device)
 from softcache.errors import SoftcacheError
 from softcache.names import AUTO_SPELLINGS, BACKENDS, POLICIES, TARGET_KINDS
-from softcache.losses.registry import MAP_LOSSES, VECTOR_LOSSES
+from softcache.losses.registry import MAP_LOSSES, TOKEN_LOSSES, VECTOR_LOSSES
 from softcache.losses.routing import PAIR_REDUCTIONS
 from softcache.names import LOSS_NAMES as LOSSES
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
@@ -232,12 +232,12 @@ def loss_options(f: Callable) -> Callable:
                 help=f"comma-separated terms from {', '.join(sorted(LOSSES))}"),
         _option("--pair", "pairs", multiple=True, callback=_pairs, metavar="[TERM:]S_LAYER=T_LAYER",
                 help="student layer distilled from a teacher layer, for every pair loss it fits (feature maps: "
-                     f"{', '.join(MAP_LOSSES)}; embeddings: {', '.join(VECTOR_LOSSES)}) or, with TERM:, that loss "
-                     "only; repeatable"),
+                     f"{', '.join(MAP_LOSSES)}; embeddings: {', '.join(VECTOR_LOSSES)}; ViT tokens: "
+                     f"{', '.join(TOKEN_LOSSES)}) or, with TERM:, that loss only; repeatable"),
         _option("--pair-reduce", type=click.Choice(PAIR_REDUCTIONS), default=StudentConfig.pair_reduce,
                 help="a loss over several pairs: their sum (RepDistiller) or their mean"),
         _option("--alpha", type=click.FloatRange(0, 1), default=StudentConfig.alpha,
-                help="kd weight; the hard-label ce gets 1 - alpha"),
+                help="kd (and deit, deit-soft) weight; the hard-label ce gets 1 - alpha"),
         _option("--temperature", type=click.FloatRange(min=0, min_open=True), default=StudentConfig.temperature,
                 help="kd temperature T"),
         _option("--beta", type=click.FloatRange(min=0), default=StudentConfig.beta, help="at weight"),

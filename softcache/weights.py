@@ -1,12 +1,14 @@
 """Checkpoints: weights files into models, refusing the ones that do not fit with the keys that differ.
 
 Formats: a `torch.save`d state_dict (`.pt`, `.pth`, `.pth.tar`: what train-teacher writes), one held under
-`state_dict`, `model` or `state_dict_ema` (timm's training checkpoints; the first of these found is taken),
+`state_dict`, `model` or `state_dict_ema` (timm's training checkpoints, their `args` Namespace included; the
+first of these found is taken),
 and `.safetensors` (timm's and Hugging Face's published files). A DistributedDataParallel `module.` prefix is
 dropped; RepDistiller / mdistiller CIFAR ResNet checkpoints load through `repdistiller_keys`.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -67,8 +69,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError) as err:
             raise SoftcacheError(f"'{path}' is not a readable safetensors file ({err})") from None
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # timm's training checkpoints hold their argparse.Namespace of arguments beside the weights
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch raises many types for a file that is not a checkpoint
             raise SoftcacheError(f"'{path}' is not a readable torch checkpoint ({type(err).__name__}); "
                                  "expected a state_dict file (.pt, .pth) or a .safetensors") from None

@@ -170,7 +170,8 @@ def test_a_layer_that_is_not_a_module_lists_the_nearest():
 # ---------------------------------------------------------------- weights files
 
 
-@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "state_dict_ema", "ddp", "safetensors"])
+@pytest.mark.parametrize("layout", ["plain", "state_dict", "model", "state_dict_ema", "ddp", "timm-train",
+                                    "safetensors"])
 def test_weights_load_from_every_checkpoint_layout(tmp_path, layout):
     torch.manual_seed(1)
     saved = build_model("timm:resnet10t", 10).state_dict()
@@ -179,7 +180,10 @@ def test_weights_load_from_every_checkpoint_layout(tmp_path, layout):
         from safetensors.torch import save_file
         save_file(saved, str(path))
     else:
-        wrapped = {"plain": saved, "ddp": {f"module.{k}": v for k, v in saved.items()}}.get(
+        import argparse
+        timm_train = {"epoch": 3, "arch": "resnet10t", "state_dict": saved, "optimizer": {},  # as timm's train.py
+                      "args": argparse.Namespace(model="resnet10t", lr=0.1), "version": 2, "metric": 71.2}
+        wrapped = {"plain": saved, "ddp": {f"module.{k}": v for k, v in saved.items()}, "timm-train": timm_train}.get(
             layout, {layout: saved, "epoch": 3, "arch": "resnet10t"})
         torch.save(wrapped, path)
     torch.manual_seed(2)
