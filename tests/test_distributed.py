@@ -18,6 +18,7 @@ from click.testing import CliRunner
 
 from helpers import ENV, arrays, dump_args
 from softcache.cli import cli
+from softcache.locks import cache_lock_path, holder, run_lock_path
 from softcache.models import build_model
 from softcache.store import committed_samples, open_cache
 
@@ -27,28 +28,39 @@ def torchrun(processes: int) -> list[str]:
             "-m", "softcache"]
 
 
-def kill_every_process_of(marker: str) -> None:
+def kill_every_process_of(marker: str, lock: Path) -> None:
     """SIGKILL every process whose command line holds `marker` (torchrun's workers live in sessions of their
-    own), and wait until they are gone. The scan is repeated until it finds none alive: a process forked between
-    a scan and the kills (a DataLoader worker, which inherits rank 0's lock on the cache) would otherwise
-    outlive its parent for a while and keep the cache locked."""
+    own), and wait until they are gone and the writer's `lock` is free. The scan repeats until it finds none
+    alive (a process forked between a scan and the kills, such as a DataLoader worker, inherits rank 0's lock),
+    and the lock is waited for itself: a process that is exiting reads as an empty command line while it still
+    holds its files."""
     deadline = time.monotonic() + 30
     while True:
         pids = []
         for entry in Path("/proc").iterdir():
             try:
-                if entry.name.isdigit() and marker in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                if entry.name.isdigit() and (marker in (entry / "cmdline").read_bytes().decode(errors="replace")
+                                             or _holds(entry, lock)):
                     pids.append(int(entry.name))
             except OSError:
                 continue
         alive = [pid for pid in pids if Path(f"/proc/{pid}").exists() and "zombie" not in _state(pid)]
-        if not alive:
+        if not alive and holder(lock) is None:
             return
         assert time.monotonic() < deadline, "killed processes did not end"
         for pid in alive:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.01)
+
+
+def _holds(proc: Path, path: Path) -> bool:
+    """Whether the process `/proc/PID` has `path` open (whatever its command line reads as)."""
+    target = str(path.resolve())
+    try:
+        return any(os.readlink(fd) == target for fd in (proc / "fd").iterdir())
+    except OSError:
+        return False
 
 
 def _state(pid: int) -> str:
@@ -75,7 +87,7 @@ def test_a_two_process_dump_equals_one_process_and_resumes_with_one(tmp_path, te
     deadline = time.monotonic() + 300
     while proc.poll() is None and time.monotonic() < deadline and committed_samples(killed) < 96:
         time.sleep(0.005)
-    kill_every_process_of(str(killed))  # the launcher and both ranks, at once
+    kill_every_process_of(str(killed), cache_lock_path(killed))  # the launcher and both ranks, at once
     proc.wait()
     committed = committed_samples(killed)
     assert 96 <= committed < 400, "the dump finished before it could be killed"
@@ -223,7 +235,7 @@ def test_a_killed_two_rank_run_resumes_to_the_same_model(tmp_path, student_cache
         if (run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 2:
             break
         time.sleep(0.005)
-    kill_every_process_of(str(run))
+    kill_every_process_of(str(run), run_lock_path(run))
     proc.wait()
     assert (run / "checkpoint.pt").exists() and not (run / "summary.json").exists(), "it finished before the kill"
     first_epoch = (run / "metrics.jsonl").read_text().splitlines()[0]
