@@ -111,6 +111,35 @@ def _weights(ctx: click.Context, param: click.Parameter, value: tuple[str, ...])
     return tuple(out)
 
 
+def _loss_options(ctx: click.Context, param: click.Parameter,
+                  value: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    """`TERM.KEY=VALUE` entries; whether TERM is active and has KEY is checked with the other loss settings."""
+    out = []
+    for item in value:
+        name, sep, number = item.partition("=")
+        term, dot, key = name.partition(".")
+        try:
+            out.append((name, float(number)))
+        except ValueError:
+            sep = ""
+        if not sep or not dot or not key:
+            raise click.BadParameter(f"'{item}' is not TERM.KEY=VALUE (e.g. dkd.beta=2)")
+        if term not in LOSSES:
+            raise click.BadParameter(f"'{item}' names loss '{term}'; valid: {', '.join(sorted(LOSSES))}")
+    return tuple(out)
+
+
+def _settings_help() -> str:
+    """Every term's own settings with their defaults, for --loss-option's help."""
+    from softcache.losses.registry import REGISTRY
+    return "; ".join(f"{term}: " + ", ".join(f"{k}={v:g}" for k, v in spec.options.items())
+                     for term, spec in REGISTRY.items() if spec.options)
+
+
+label_smoothing = _option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+                          help="ce: label smoothing epsilon (the one-hot target becomes (1 - eps) onehot + eps / K)")
+
+
 def _streams(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
     out = []
     for item in value:
@@ -245,6 +274,14 @@ def loss_options(f: Callable) -> Callable:
                 help="fitnets weight"),
         _option("--weight", "weights", multiple=True, callback=_weights, metavar="TERM=W",
                 help="override a term's weight; repeatable"),
+        _option("--loss-option", "loss_options", multiple=True, callback=_loss_options, metavar="TERM.KEY=V",
+                help=f"a term's own setting; repeatable. Defaults (the reference code's CIFAR-100 values; warmup: "
+                     f"epochs over which the term's weight ramps to its value): {_settings_help()}"),
+        _option("--kd-standardize", is_flag=True,
+                help="kd and dkd on per-sample standardized logits (logit standardization, Sun et al. 2024)"),
+        _option("--learn-temperature", is_flag=True,
+                help="kd and dkd at a learned temperature, trained adversarially with a cosine curriculum (CTKD)"),
+        label_smoothing,
     ]):
         f = opt(f)
     return f
@@ -308,6 +345,7 @@ def _report(summary: dict[str, Any], out: str) -> None:
 @image_size
 @_option("--data-path", type=click.Choice(IMAGE_PATHS), default=TeacherConfig.data_path,
          help="resident: images decoded once, views gathered on the device (cifar, none); loader: DataLoader workers")
+@label_smoothing
 @training_options
 def train_teacher_cmd(**kw: Any) -> None:
     """Train a model with plain cross-entropy (a teacher, or the no-KD baseline)."""

@@ -52,6 +52,7 @@ class TeacherConfig(ViewOptions):
     augment: str = "cifar"          # crop policy (cifar, imagenet, none) or a package.module:callable pipeline
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
     optim: OptimConfig = field(default_factory=OptimConfig)
+    label_smoothing: float = 0.0    # label smoothing epsilon of the cross-entropy (the no-KD baseline the seed uses)
     device: str = field(default_factory=default_device)
     seed: int = 0
     data_path: str = "auto"         # resident (views gathered on the device) | loader (DataLoader workers) | auto
@@ -103,6 +104,10 @@ class StudentConfig:
     beta: float = 1000.0            # at: weight of the attention-transfer term
     hint_weight: float = 100.0      # fitnets: weight of the hint term
     weights: tuple[tuple[str, float], ...] = ()       # explicit per-term weights, overriding the above
+    loss_options: tuple[tuple[str, float], ...] = ()  # (TERM.KEY, value): a term's own settings, e.g. dkd.beta
+    kd_standardize: bool = False    # kd, dkd on standardized logits (logit standardization, Sun et al. 2024)
+    learn_temperature: bool = False  # kd, dkd at a learned temperature (CTKD, Li et al. 2023)
+    label_smoothing: float = 0.0    # ce: label smoothing epsilon
     teachers: str = "mean"          # several cached teachers: 'mean' of their probabilities, or one name
     stream: str = "main"            # the cache's view stream the student replays
     target_stream: str | None = None  # the stream whose teacher outputs are the targets; None: `stream`
@@ -139,6 +144,10 @@ class OnlineConfig(ViewOptions):
     beta: float = 1000.0
     hint_weight: float = 100.0
     weights: tuple[tuple[str, float], ...] = ()
+    loss_options: tuple[tuple[str, float], ...] = ()
+    kd_standardize: bool = False
+    learn_temperature: bool = False
+    label_smoothing: float = 0.0
     data_path: str = "auto"
     optim: OptimConfig = field(default_factory=OptimConfig)
     device: str = field(default_factory=default_device)

@@ -66,6 +66,7 @@ class BornAgain:
 
 # Recipe keys whose TOML form differs from the config field's type; the rest take the field's type.
 _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "weights": "dict[str, float]",
+                              "loss_options": "dict[str, dict[str, float]]",
                               "cache": "str", "online": "bool", "seeds": "list[int]"},
               BornAgain: {"model": "str", "generations": "int", "loss": "list[str]", "views": "int | str"},
               DumpConfig: {"layers": "list[str]", "teacher": "str | list[str]", "weights": "str | list[str]",
@@ -73,6 +74,7 @@ _RAW_TYPES = {StudentConfig: {"loss": "list[str]", "pairs": "dict[str, str]", "w
 _EXAMPLES = {"list[str]": 'a list of strings, e.g. ["kd", "at"]',
              "dict[str, str]": 'a table of strings, e.g. { layer3 = "layer3" }',
              "dict[str, float]": "a table of numbers, e.g. { kd = 0.9 }",
+             "dict[str, dict[str, float]]": "a table of tables of numbers, e.g. { dkd = { beta = 2 } }",
              "str | list[str]": "a string or a list of strings", "int | str": 'an integer or "all"',
              "list[int]": "a list of integers, e.g. [0, 1]", "int": "an integer", "float": "a number",
              "str": "a string", "bool": "true or false", "int | None": "an integer", "str | None": "a string"}
@@ -373,6 +375,9 @@ def _build_student(merge: _Merge, entry: dict[str, Any], name: str,
         entry["losses"] = tuple(entry.pop("loss"))
     entry["pairs"] = tuple(dict(entry.get("pairs", {})).items())
     entry["weights"] = tuple(dict(entry.get("weights", {})).items())
+    options = dict(entry.get("loss_options", {}))
+    entry["loss_options"] = tuple((f"{term}.{key}", value) for term, table in options.items()
+                                  for key, value in table.items())
     if online is None:
         return _build(StudentConfig, merge.fill(StudentConfig, entry), f"student {name}")
     entry.pop("cache", None)

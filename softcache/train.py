@@ -22,8 +22,8 @@ from softcache.data import Source, check_data_matches, load_source, recorded_sou
 from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
-from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_weights, route_pairs, split_pair
-from softcache.losses.registry import DISTILL_HEAD_LOSSES
+from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_options, resolve_weights, route_pairs, split_pair
+from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED
 from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head, input_norm,
                               is_pretrained, load_weights)
 from softcache.weights import check_weights_file
@@ -59,9 +59,10 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
                      augment: Augment, optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0,
                      overwrite: bool = False, config: Mapping[str, Any] | None = None,
                      data_path: str = "auto", world: distributed.World = distributed.World(),
-                     since: float | None = None) -> dict[str, Any]:
+                     since: float | None = None, label_smoothing: float = 0.0) -> dict[str, Any]:
     """Cross-entropy training on fresh views of `augment` each epoch (see `augmented_batches`); under torchrun
-    (`world`) with DistributedDataParallel, `optim.batch_size` being the global batch."""
+    (`world`) with DistributedDataParallel, `optim.batch_size` being the global batch; `label_smoothing` ε smooths
+    the one-hot targets."""
     since = time.perf_counter() if since is None else since
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
@@ -74,7 +75,8 @@ def train_classifier(model: nn.Module, train_source: Source, test_source: Source
         train_loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                          workers=optim.workers, device=dev, data_path=data_path, world=world)
         mean, std = input_norm(model, train_source)
-        return fit(model, CEStep(forward, mean=mean, std=std, device=dev), params=list(model.parameters()),
+        return fit(model, CEStep(forward, mean=mean, std=std, device=dev, label_smoothing=label_smoothing),
+                   params=list(model.parameters()),
                    train_loader=train_loader,
                    test_loader=eval_batches(test_source, augment.for_model(model), batch_size=optim.batch_size,
                                             workers=optim.workers, device=dev, data_path=data_path)
@@ -114,13 +116,16 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   config: Mapping[str, Any] | None = None, targets: Targets | None = None,
                   teachers: str = "mean", data_path: str = "auto", stream: str = MAIN, target_stream: str | None = None,
                   on_step: Callable[[int, dict[str, float]], None] | None = None,
-                  world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
+                  world: distributed.World = distributed.World(), since: float | None = None,
+                  settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
     The student replays view stream `stream`; the targets are the teacher's outputs on `target_stream`'s views
     of the same (sample, slot) (default: the same stream).
 
     At epoch e, every sample replays stored view slot `replay_slot(V, seed, e)`; the student sees exactly the
-    crop the teacher saw (resized to `image_size` if given). `targets` replaces the cache as the source of
+    crop the teacher saw (resized to `image_size` if given). `settings`: DistillLoss's term options,
+    standardization, learned temperature and label smoothing (`loss_settings`). `targets` replaces the cache as
+    the source of
     teacher outputs (tests compare online KD this way). `data_path` (auto, resident, loader, stream) says where
     images and targets come from; see `softcache.planner`.
     """
@@ -142,6 +147,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     if "fitnets" in weights and manifest["storage"]["targets"] == "attention":
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
+    check_full_logits(weights, settings or {}, manifest["storage"]["logits"]["format"])
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     student = sync_batchnorm(student, optim.sync_bn, world, device)
@@ -162,7 +168,41 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
                    kinds=kinds, pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
-                   on_step=on_step, world=world, since=since)
+                   on_step=on_step, world=world, since=since, settings=settings)
+
+
+def check_full_logits(weights: Mapping[str, float], settings: Mapping[str, Any], logits: str) -> None:
+    """Refuse a term that reads the teacher's whole logit vector with a cache that holds part of it (`topk`,
+    `sampled`), naming why; KD itself is exact or unbiased from those."""
+    if logits not in ("topk", "sampled"):
+        return
+    why = {"dkd": "its non-target distribution needs every class's logit",
+           "dist": "its Pearson correlations run over every class's probability"}
+    needs = [(t, why.get(t, "it reads every class's logit")) for t in weights if t in FULL_LOGIT_LOSSES]
+    changed = [t for t in STANDARDIZED if t in weights]
+    if settings.get("standardize") and changed:
+        needs.append(("--kd-standardize", "the mean and std of the logits need every class's logit"))
+    if settings.get("learn_temperature") and changed:
+        needs.append(("--learn-temperature", f"a {logits} cache holds KD at the dump's temperatures only"))
+    if needs:
+        term, reason = needs[0]
+        raise SoftcacheError(f"{term} needs the teacher's full logits, and this cache stores {logits} logits "
+                             f"({reason}); dump with --logits fp16 (or bf16, fp32)")
+
+
+def loss_settings(cfg: StudentConfig | OnlineConfig, weights: Mapping[str, float]) -> dict[str, Any]:
+    """DistillLoss's settings beyond the weights, from a student stage's configuration (checked)."""
+    changed = [t for t in STANDARDIZED if t in weights]
+    for flag, on in (("--kd-standardize", cfg.kd_standardize), ("--learn-temperature", cfg.learn_temperature)):
+        if on and not changed:
+            raise SoftcacheError(f"{flag} changes {' and '.join(STANDARDIZED)}, and --loss has neither "
+                                 f"({', '.join(cfg.losses)}); add kd or dkd")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise SoftcacheError(f"label_smoothing = {cfg.label_smoothing}: give an epsilon in [0, 1)")
+    if cfg.label_smoothing and "ce" not in weights:
+        raise SoftcacheError("--label-smoothing smooths the ce term, which --loss does not have; add ce")
+    return {"options": resolve_options(weights, cfg.loss_options), "standardize": cfg.kd_standardize,
+            "learn_temperature": cfg.learn_temperature, "label_smoothing": cfg.label_smoothing}
 
 
 def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device, list[str]], tuple[Any, Targets]],
@@ -173,7 +213,7 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
             data_path: str = "auto",
             on_step: Callable[[int, dict[str, float]], None] | None = None,
             world: distributed.World = distributed.World(), since: float | None = None,
-            kind: str = "student") -> dict[str, Any]:
+            kind: str = "student", settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The training of a student (train-student and train-online alike) in the run folder `out`:
     `batches(device, teacher layers) -> (training batches, their teacher targets)`; the loss terms, routed as
     `plan_pairs` says; `fit`."""
@@ -184,7 +224,8 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
         tapped = prepare_model(tapped, dev)
         train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
-                                reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds).to(dev)
+                                reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds,
+                                **(settings or {})).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
         step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
                            device=dev)
@@ -283,8 +324,10 @@ def check_training(cfg: TeacherConfig | StudentConfig | OnlineConfig) -> None:
                                  f"'{augment.describe()}' views are made by DataLoader workers: use --data-path "
                                  "loader (or auto)")
     if not isinstance(cfg, TeacherConfig):
-        resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
-                        overrides=dict(cfg.weights))
+        loss_settings(cfg, resolve_weights(cfg.losses, alpha=cfg.alpha, beta=cfg.beta, hint_weight=cfg.hint_weight,
+                                           overrides=dict(cfg.weights)))
+    elif not 0 <= cfg.label_smoothing < 1:
+        raise SoftcacheError(f"label_smoothing = {cfg.label_smoothing}: give an epsilon in [0, 1)")
     check_device(cfg.device)
 
 
@@ -303,7 +346,7 @@ def train_teacher_from_config(cfg: TeacherConfig) -> dict[str, Any]:
     return train_classifier(model, train_source, test_source, cfg.out, augment=augment, optim=cfg.optim,
                             device=distributed.local_device(cfg.device, world), seed=cfg.seed,
                             overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path, world=world,
-                            since=since)
+                            since=since, label_smoothing=cfg.label_smoothing)
 
 
 def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
@@ -329,7 +372,7 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
                          device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
                          config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path, stream=cfg.stream,
-                         target_stream=cfg.target_stream, since=since)
+                         target_stream=cfg.target_stream, since=since, settings=loss_settings(cfg, weights))
 
 
 def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
@@ -338,7 +381,8 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
                  optim: OptimConfig = OptimConfig(), device: str = "cpu", seed: int = 0, overwrite: bool = False,
                  config: Mapping[str, Any] | None = None, data_path: str = "auto",
                  on_step: Callable[[int, dict[str, float]], None] | None = None,
-                 world: distributed.World = distributed.World(), since: float | None = None) -> dict[str, Any]:
+                 world: distributed.World = distributed.World(), since: float | None = None,
+                 settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Train `student` with `teacher` run on every batch (online KD): the baseline the cache replaces, with
     train-student's losses and outputs. Views are fresh each epoch (`augmented_batches`), or with `views_from`
     the stored views of that cache replayed exactly as train-student replays them (same batches, same loss
@@ -380,7 +424,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
                    kinds=kinds, pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
-                   on_step=on_step, world=world, since=since, kind="online")
+                   on_step=on_step, world=world, since=since, kind="online", settings=settings)
 
 
 def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
@@ -427,4 +471,4 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
                         temperature=cfg.temperature, pairs=list(cfg.pairs), pair_reduce=cfg.pair_reduce,
                         views_from=reader, optim=cfg.optim, device=distributed.local_device(cfg.device, world),
                         seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path,
-                        world=world, since=since)
+                        world=world, since=since, settings=loss_settings(cfg, weights))

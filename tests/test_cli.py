@@ -109,7 +109,19 @@ def test_train_student_bad_input(tmp_path, small_cache, cifar_subset):
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,at"),
                  r"at needs a --pair of feature maps \(e.g. --pair layer3=layer3\)")
     assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "kd,dark"),
-                 r"unknown loss 'dark'; valid: at, ce, crd, deit, deit-soft, fitnets, kd, nst, pkt, rkd, sp")
+                 r"unknown loss 'dark'; valid: at, ce, crd, deit, deit-soft, dist, dkd, fitnets, kd, nst, pkt, rkd, sp")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "ce,dkd", "--loss-option",
+                        "dkd.gamma=1"),
+                 r"--loss-option dkd.gamma=1: dkd has no setting 'gamma'; its settings: dkd.alpha \(default 1\), "
+                 r"dkd.beta \(default 8\), dkd.warmup \(default 20\)")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss-option", "dkd.beta=2"),
+                 r"--loss-option dkd.beta=2 names 'dkd', which is not an active term; active: ce, kd")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss-option", "dkd=2"),
+                 r"'dkd=2' is not TERM.KEY=VALUE \(e.g. dkd.beta=2\)")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "ce,dist", "--kd-standardize"),
+                 r"--kd-standardize changes kd and dkd, and --loss has neither \(ce, dist\); add kd or dkd")
+    assert_fails(invoke(*STUDENT, "--cache", small_cache, "--out", run, "--loss", "dkd", "--label-smoothing", "0.1"),
+                 r"--label-smoothing smooths the ce term, which --loss does not have; add ce")
     three = tmp_path / "three"
     for split in ("train", "test"):
         for cls in ("airplane", "bird", "cat"):

@@ -343,7 +343,7 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
-                       "fitnets": 3.0}
+                       "fitnets": 3.0, "dkd": 1.0, "dist": 2.0}
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))

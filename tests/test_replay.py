@@ -12,7 +12,7 @@ from conftest import load_teacher
 from softcache.data import load_source
 from softcache.device import normalize, teacher_outputs
 from softcache.dump import dump_teacher
-from softcache.losses import ATLoss, resolve_weights
+from softcache.losses import FEATURE_LOSSES, ATLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import open_cache
 from softcache.config import OptimConfig
@@ -78,7 +78,7 @@ def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_wei
         assert (boxes[i, :, 2:] == 32).all()
 
 
-def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None):
+def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, settings=None):
     """The loss terms of each step of a 2-epoch train-student run from `cache`, or of the train-online run that
     replays the same views with `online_teacher` in the loop."""
     recorded = []
@@ -86,7 +86,7 @@ def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None):
     student = build_model("resnet8", num_classes=10)
     weights = resolve_weights(losses, alpha=0.9, beta=1000.0, hint_weight=100.0)
     options = dict(weights=weights, pairs=list(pairs.items()), optim=OptimConfig(epochs=2, batch_size=8, workers=0),
-                   seed=3, on_step=lambda step, terms: recorded.append(terms))
+                   seed=3, on_step=lambda step, terms: recorded.append(terms), settings=settings)
     if online_teacher is None:
         train_student(student, cache, source, test_source, out, **options)
     else:
@@ -105,17 +105,25 @@ def embedding_cache(tmp_path_factory, teacher_weights):
     return out
 
 
-@pytest.mark.parametrize("losses", [("kd",), ("kd", "at", "fitnets"), ("kd", "rkd", "pkt", "sp", "nst", "crd")])
+# Every term, and the settings that change terms: (losses, DistillLoss settings)
+_REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt", "sp", "nst", "crd"), {}),
+             (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
+             (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
+
+
+@pytest.mark.parametrize("losses, settings", _REPLAYED,
+                         ids=["+".join((*losses, *settings)) for losses, settings in _REPLAYED])
 def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cache, embedding_cache, teacher_weights,
-                                                                        tmp_path, losses):
+                                                                        tmp_path, losses, settings):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
-    pairs = {"layer3": "layer3", "layer2": "layer2"} if len(losses) > 1 else {}
+    pairs = {"layer3": "layer3", "layer2": "layer2"} if any(t in FEATURE_LOSSES for t in losses) else {}
     cache = small_cache
     if "rkd" in losses:  # relation terms: sp and nst on layer3, rkd and pkt on the embedding
         cache, pairs = embedding_cache, {"layer3": "layer3", "embedding": "embedding"}
         assert open_cache(cache).shape("features/embedding") == (20, 5, 64)
-    cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses)
-    live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights))
+    cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses, settings=settings)
+    live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights),
+                  settings=settings)
     assert len(cached) == len(live) == 4  # 2 epochs x (20 // 8) steps
     for a, b in zip(cached, live):
         assert a.keys() == b.keys() and set(losses) <= set(a)

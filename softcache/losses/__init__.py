@@ -2,6 +2,7 @@
 
     registry.py     the one table of terms (LossSpec: what each takes, its default weight, its implementation)
     response.py     ce, kd (and KD from cached top-K or samples)      features.py   fitnets, at, nst
+    logit.py        dkd, dist; logit standardization, CTKD's learned temperature
     relations.py    rkd, pkt, sp                                       contrastive.py  crd
     routing.py      resolve_weights, which --pair feeds which term     distill.py    DistillLoss, the weighted sum
 
@@ -18,17 +19,20 @@ from typing import Any
 
 from softcache.losses.registry import (DEFAULT_WEIGHTS, FEATURE_LOSSES, LOSS_NAMES, MAP_LOSSES, REGISTRY,
                                        TRAINED_HEADS, VECTOR_LOSSES, LossSpec)
-from softcache.losses.routing import PAIR_REDUCTIONS, resolve_weights, route_pairs, split_pair
+from softcache.losses.routing import (PAIR_REDUCTIONS, resolve_options, resolve_weights, route_pairs,
+                                      split_pair)
 
 # name -> the module defining it: every registered loss class, and the torch-side helpers others import.
 _LAZY = {**{name: module for module, name in (spec.impl.split(":") for spec in REGISTRY.values())},
          "LOSSES": "softcache.losses.distill", "DistillLoss": "softcache.losses.distill",
          "attention_map": "softcache.losses.features", "match_spatial": "softcache.losses.features",
+         "teacher_logits": "softcache.losses.logit", "standardize": "softcache.losses.logit",
          "pairwise_distances": "softcache.losses.relations"}
 
 # `import *` takes the torch-free names only; dir() and attribute access see the lazy ones too.
 __all__ = ["DEFAULT_WEIGHTS", "FEATURE_LOSSES", "LOSS_NAMES", "MAP_LOSSES", "PAIR_REDUCTIONS", "REGISTRY",
-           "TRAINED_HEADS", "VECTOR_LOSSES", "LossSpec", "resolve_weights", "route_pairs", "split_pair"]
+           "TRAINED_HEADS", "VECTOR_LOSSES", "LossSpec", "resolve_options", "resolve_weights", "route_pairs",
+           "split_pair"]
 
 
 def __getattr__(name: str) -> Any:

@@ -1,6 +1,7 @@
 """The student's whole objective: every active term, weighted, by name."""
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -9,9 +10,10 @@ from torch import nn
 from softcache.errors import SoftcacheError
 from softcache.losses.contrastive import CRDLoss
 from softcache.losses.features import FitNetsLoss, TokenFitNetsLoss
-from softcache.losses.registry import REGISTRY, VECTOR_LOSSES
+from softcache.losses.logit import LearnedTemperature, standardize, teacher_logits
+from softcache.losses.registry import DISTILL_HEAD_LOSSES, REGISTRY, STANDARDIZED, VECTOR_LOSSES
 from softcache.models import DIST_LOGITS, class_token
-from softcache.losses.response import CELoss, DeiTLoss, KDLoss, SoftDeiTLoss
+from softcache.losses.response import CELoss, KDLoss
 from softcache.losses.routing import PAIR_REDUCTIONS
 
 LOSSES: dict[str, type[nn.Module]] = {name: spec.load() for name, spec in REGISTRY.items()}
@@ -39,17 +41,23 @@ class DistillLoss(nn.Module):
                  routes: Mapping[str, Sequence[tuple[str, str]]] | None = None,
                  channels: Mapping[tuple[str, str], tuple[int, int]] | None = None, reduce: str = "sum",
                  labels: Sequence[int] | None = None, seed: int = 0,
-                 kinds: Mapping[tuple[str, str], str] | None = None):
+                 kinds: Mapping[tuple[str, str], str] | None = None,
+                 options: Mapping[str, Mapping[str, float]] | None = None, standardize: bool = False,
+                 learn_temperature: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         if reduce not in PAIR_REDUCTIONS:
             raise SoftcacheError(f"unknown pair reduction '{reduce}'; valid: {', '.join(PAIR_REDUCTIONS)}")
-        self.weights, self.reduce = dict(weights), reduce
+        self.weights, self.reduce, self.temperature = dict(weights), reduce, temperature
+        # every active term's settings: its registry defaults, then --loss-option; `warmup` is the schedule's
+        self.options = {t: {**REGISTRY[t].options, **(options or {}).get(t, {})} for t in self.weights}
         self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
-        self.ce, self.kd = CELoss(), KDLoss(temperature)
-        self.deit = nn.ModuleDict({name: cls(temperature) for name, cls in (("deit", DeiTLoss),
-                                                                            ("deit-soft", SoftDeiTLoss))
-                                   if name in self.weights})
+        self.ce, self.kd = CELoss(label_smoothing), KDLoss(temperature)
+        self.standardize = standardize
+        self.temperature_module = LearnedTemperature() if learn_temperature else None
+        self.logit_terms = nn.ModuleDict({t: self._build(t) for t in self.weights
+                                          if REGISTRY[t].takes == ("logits",) and t not in ("ce", "kd")})
         self.terms = nn.ModuleDict({t: LOSSES[t]() for t in self.routes if not REGISTRY[t].trained})
+        self.epoch = 0
         # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
         self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
         for s, t in self.routes.get("fitnets", []):
@@ -60,6 +68,48 @@ class DistillLoss(nn.Module):
         self.contrast = nn.ModuleDict()  # crd: heads and memories per pair (the training set's labels draw negatives)
         for k, (s, t) in enumerate(self.routes.get("crd", [])):
             self.contrast[_key(s)] = CRDLoss(*channels[(s, t)], labels, seed=seed + k)
+
+    def _build(self, term: str) -> nn.Module:
+        """A logit term's module: its options (but the schedule's), and the KD temperature where it takes one."""
+        cls = LOSSES[term]
+        kwargs = {k: v for k, v in self.options[term].items() if k != "warmup"}
+        if "temperature" in inspect.signature(cls).parameters:
+            kwargs["temperature"] = self.temperature
+        return cls(**kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch (0-based) the next steps belong to: the warm-up ramps, the learned temperature's λ."""
+        self.epoch = epoch
+        if self.temperature_module is not None:
+            self.temperature_module.set_epoch(epoch)
+
+    def ramp(self, term: str) -> float:
+        """A term's warm-up factor `min((epoch + 1) / warmup, 1)` (mdistiller's, its epochs counted from 1)."""
+        warmup = self.options[term].get("warmup", 0)
+        return min((self.epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
+
+    def _logit_terms(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
+                     teacher: torch.Tensor | Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """kd and the other logit terms, unweighted. Standardization and the learned temperature change kd and
+        dkd (`STANDARDIZED`); those and the `full_logits` terms read the teacher's logit vector."""
+        terms: dict[str, torch.Tensor] = {}
+        changed = self.standardize or self.temperature_module is not None
+        full = teacher_logits(teacher, self.temperature) if teacher is not None else None
+        t = self.temperature_module() if self.temperature_module is not None else None
+        s_z, t_z = logits, full
+        if self.standardize and full is not None:
+            s_z, t_z = standardize(logits), standardize(full)
+        if "kd" in self.weights:
+            terms["kd"] = self.kd(s_z, t_z, temperature=t) if changed else self.kd.from_target(logits, teacher)
+        for name, term in self.logit_terms.items():
+            if name in DISTILL_HEAD_LOSSES:
+                assert DIST_LOGITS in student_features, "a deit term needs the student's distillation head (Tapped)"
+                terms[name] = term(student_features[DIST_LOGITS], teacher)
+            elif name in STANDARDIZED:
+                terms[name] = term(s_z, t_z, labels, temperature=t)
+            else:
+                terms[name] = term(logits, full, labels)
+        return terms
 
     def _pair_loss(self, term: str, student: torch.Tensor, teacher: torch.Tensor, s_layer: str,
                   index: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
@@ -82,15 +132,11 @@ class DistillLoss(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if "ce" in self.weights:
             terms["ce"] = self.ce(logits, labels, mixed)
-        if "kd" in self.weights:
-            terms["kd"] = self.kd.from_target(logits, teacher)
-        for name, term in self.deit.items():
-            assert DIST_LOGITS in student_features, "a deit term needs the student's distillation head (Tapped)"
-            terms[name] = term(student_features[DIST_LOGITS], teacher)
+        terms.update(self._logit_terms(logits, labels, student_features, teacher))
         for term, pairs in self.routes.items():
             values = [self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels)
                       for s, t in pairs]
             terms[term] = sum(values) / (len(values) if self.reduce == "mean" else 1)
-        out = {name: self.weights[name] * value for name, value in terms.items()}
+        out = {name: self.weights[name] * self.ramp(name) * value for name, value in terms.items()}
         out["loss"] = sum(out.values())
         return out

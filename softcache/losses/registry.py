@@ -8,7 +8,8 @@ below, and its test.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Literal
 
 Takes = Literal["logits", "map", "attention", "vector", "tokens"]
@@ -26,6 +27,10 @@ class LossSpec:
     weight: float | WeightOption      # default weight, or the resolve_weights option that sets it (--alpha, ...)
     help: str                         # one line for --help and error messages
     trained: bool = False             # owns parameters that train with the student, one module per pair
+    options: Mapping[str, float] = field(default_factory=dict)  # its own settings and their defaults (the
+                                      # reference code's CIFAR-100 values), set by --loss-option TERM.KEY=VALUE;
+                                      # `warmup` (epochs) ramps its weight by min((epoch + 1) / warmup, 1)
+    full_logits: bool = False         # reads the teacher's whole logit vector: refused with a topk or sampled cache
 
     @property
     def paired(self) -> bool:
@@ -48,6 +53,12 @@ REGISTRY: dict[str, LossSpec] = {
                      "DeiT hard distillation: CE of the distillation head with the teacher's top class"),
     "deit-soft": LossSpec(f"{_PKG}.response:SoftDeiTLoss", ("logits",), "alpha",
                           "DeiT soft distillation: T^2 KL of teacher and distillation head"),
+    "dkd": LossSpec(f"{_PKG}.logit:DKDLoss", ("logits",), 1.0,
+                    "decoupled KD: alpha TCKD + beta NCKD, KD split at the target class (ce weight 1 beside it)",
+                    options={"alpha": 1.0, "beta": 8.0, "warmup": 20}, full_logits=True),
+    "dist": LossSpec(f"{_PKG}.logit:DISTLoss", ("logits",), 2.0,
+                     "DIST: Pearson distances of the predictions per sample and per class (ce weight 1 beside it)",
+                     options={"tau": 4.0, "beta": 1.0, "gamma": 1.0}, full_logits=True),
     "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map", "tokens"), "hint_weight",
                         "FitNets hints: MSE after a trained regressor (1x1 conv + BN; linear + LayerNorm on tokens)",
                         trained=True),
@@ -74,3 +85,5 @@ TRAINED_HEADS = tuple(n for n, s in REGISTRY.items() if s.trained)           # m
 # The pair terms' fixed weights (the CRD benchmark's); kd, at and fitnets take theirs from options.
 DEFAULT_WEIGHTS = {n: s.weight for n, s in REGISTRY.items() if s.paired and isinstance(s.weight, float)}
 DISTILL_HEAD_LOSSES = ("deit", "deit-soft")  # on a DeiT student's distillation head (models.DIST_LOGITS)
+FULL_LOGIT_LOSSES = tuple(n for n, s in REGISTRY.items() if s.full_logits)
+STANDARDIZED = ("kd", "dkd")   # the terms --kd-standardize and --learn-temperature change

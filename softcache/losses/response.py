@@ -13,16 +13,23 @@ class CELoss(nn.Module):
 
     For mixed views (Mixup, CutMix; softcache.mixing) `mixed = (partner_labels [B], lam [B])` and the target is
     the mixed label `λ·y + (1 − λ)·y_partner`: `λ·CE(y) + (1 − λ)·CE(y_partner)`, averaged over the batch.
+    `label_smoothing` ε (Szegedy et al. 2016, the baseline the seed compares KD with) replaces each one-hot
+    target by `(1 − ε)·onehot + ε / K` (torch's `cross_entropy(label_smoothing=ε)`).
     """
+
+    def __init__(self, label_smoothing: float = 0.0):
+        super().__init__()
+        self.label_smoothing = label_smoothing
 
     def forward(self, student_logits: torch.Tensor, labels: torch.Tensor,
                 mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        ls = self.label_smoothing
         if mixed is None:
-            return F.cross_entropy(student_logits, labels)
+            return F.cross_entropy(student_logits, labels, label_smoothing=ls)
         partner, lam = mixed
         lam = lam.to(student_logits.device, student_logits.dtype)
-        own = F.cross_entropy(student_logits, labels, reduction="none")
-        other = F.cross_entropy(student_logits, partner.to(labels.device), reduction="none")
+        own = F.cross_entropy(student_logits, labels, reduction="none", label_smoothing=ls)
+        other = F.cross_entropy(student_logits, partner.to(labels.device), reduction="none", label_smoothing=ls)
         return (lam * own + (1 - lam) * other).mean()
 
 
@@ -38,14 +45,17 @@ class KDLoss(nn.Module):
         super().__init__()
         self.temperature = temperature
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-        t = self.temperature
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                temperature: float | torch.Tensor | None = None) -> torch.Tensor:
+        """`temperature`: this step's T instead of the loss's own (a learned one, `LearnedTemperature`)."""
+        t = self.temperature if temperature is None else temperature
         log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
-        return self.from_log_probs(student_logits, log_p_t)
+        return self.from_log_probs(student_logits, log_p_t, t)
 
-    def from_log_probs(self, student_logits: torch.Tensor, teacher_log_p: torch.Tensor) -> torch.Tensor:
+    def from_log_probs(self, student_logits: torch.Tensor, teacher_log_p: torch.Tensor,
+                       temperature: float | torch.Tensor | None = None) -> torch.Tensor:
         """The same loss from the teacher's log-probabilities at T `[B, K]` (e.g. an ensemble's)."""
-        t = self.temperature
+        t = self.temperature if temperature is None else temperature
         log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
         return F.kl_div(log_p_s, teacher_log_p, log_target=True, reduction="batchmean") * t * t
 

@@ -44,6 +44,26 @@ def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_wei
     return weights
 
 
+def resolve_options(weights: Mapping[str, float], items: Sequence[tuple[str, float]]) -> dict[str, dict[str, float]]:
+    """`--loss-option TERM.KEY=VALUE` entries -> `{term: {key: value}}`, each naming an active term and one of the
+    settings its registry entry declares (`LossSpec.options`)."""
+    out: dict[str, dict[str, float]] = {}
+    for name, value in items:
+        term, _, key = name.partition(".")
+        if term not in weights:
+            raise SoftcacheError(f"--loss-option {name}={value:g} names '{term}', which is not an active term; "
+                                 f"active: {', '.join(weights)}")
+        known = REGISTRY[term].options
+        if key not in known:
+            offered = ", ".join(f"{term}.{k} (default {v:g})" for k, v in known.items()) or "none"
+            raise SoftcacheError(f"--loss-option {name}={value:g}: {term} has no setting '{key}'; its settings: "
+                                 f"{offered}")
+        if key == "warmup" and (value < 0 or value != int(value)):
+            raise SoftcacheError(f"--loss-option {name}={value:g}: warm-up epochs must be a whole number >= 0")
+        out.setdefault(term, {})[key] = float(value)
+    return out
+
+
 def split_pair(key: str) -> tuple[str | None, str]:
     """`--pair` student side `TERM:S_LAYER` or `S_LAYER` -> (term or None, student layer)."""
     term, sep, layer = key.partition(":")

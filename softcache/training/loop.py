@@ -188,6 +188,8 @@ def fit(model: nn.Module, step: Step, *, params: Sequence[nn.Parameter], train_l
     trace = BatchTrace(world)
     for epoch in range(state.epoch, optim.epochs):
         train_loader.set_epoch(epoch)
+        if hasattr(step, "set_epoch"):  # loss schedules (warm-up, a learned temperature's curriculum)
+            step.set_epoch(epoch)
         model.train()
         lr = sched.get_last_lr()[0]
         done = train_epoch(step, train_loader, opt, sched, state, epoch=epoch, device=device, world=world,

@@ -30,9 +30,10 @@ class CEStep:
     """`batch (views [B, 3, S, S] uint8, labels [B], ...) -> ({'loss': CE}, logits [B, K], labels [B])`; for
     mixed views the CE of the mixed labels (`CELoss`)."""
 
-    def __init__(self, model: nn.Module, *, mean: Sequence[float], std: Sequence[float], device: torch.device):
+    def __init__(self, model: nn.Module, *, mean: Sequence[float], std: Sequence[float], device: torch.device,
+                 label_smoothing: float = 0.0):
         self.model, self.mean, self.std, self.device = model, mean, std, device
-        self.ce = CELoss()
+        self.ce = CELoss(label_smoothing)
 
     def __call__(self, batch: tuple) -> Result:
         views, labels = batch[:2]
@@ -51,6 +52,10 @@ class DistillStep:
                  std: Sequence[float], device: torch.device):
         self.tapped, self.criterion, self.targets = tapped, criterion, targets
         self.mean, self.std, self.device = mean, std, device
+
+    def set_epoch(self, epoch: int) -> None:
+        """Tell the loss terms the epoch (warm-up ramps, the learned temperature's schedule)."""
+        getattr(self.criterion, "module", self.criterion).set_epoch(epoch)  # through DistributedDataParallel
 
     def __call__(self, batch: tuple) -> Result:
         views, labels, index, view = batch[:4]

@@ -1,0 +1,142 @@
+"""Logit terms beyond Hinton's KD (response.py): DKD and DIST; logit standardization and CTKD's learned
+temperature, which change how kd (and dkd) read the logits.
+
+Each needs the teacher's whole logit vector (`LossSpec.full_logits`): a `topk` or `sampled` cache is refused
+before training (`check_full_logits`). Several cached teachers averaged (`--teachers mean`) give the logits of
+their mean distribution at T, `T · log p̄`, exact up to a constant per row, which none of these terms sees.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def teacher_logits(target: torch.Tensor | Mapping[str, torch.Tensor], temperature: float) -> torch.Tensor | None:
+    """The teacher's logits `[B, K]` from a KD target (`KDLoss.from_target`'s forms): stored logits, or `T · log p`
+    of an ensemble's mean at T (the same softmax at every temperature up to the constant shift, which softmax,
+    DKD, DIST and standardization ignore); None for top-K or sampled targets."""
+    if isinstance(target, torch.Tensor):
+        return target
+    if "logits" in target:
+        return target["logits"]
+    if "log_p" in target:
+        return target["log_p"] * temperature
+    return None
+
+
+def standardize(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Sun et al., "Logit Standardization in Knowledge Distillation" (CVPR 2024): `(z − mean(z)) / (std(z) + eps)`
+    per sample (std with Bessel's correction, as the reference code's `torch.std`), so the student matches the
+    teacher's logit *relations* rather than their scale."""
+    z = logits.float()
+    return (z - z.mean(1, keepdim=True)) / (z.std(1, keepdim=True) + eps)
+
+
+class DKDLoss(nn.Module):
+    """Zhao et al., "Decoupled Knowledge Distillation" (CVPR 2022).
+
+    KD split at the target class y. With p = softmax(z / T) of each network, b = (p_y, 1 − p_y) its binary
+    target / non-target split and p̂ = softmax over the non-target classes only (z_y removed):
+        TCKD = T² · KL(b_t ‖ b_s),   NCKD = T² · KL(p̂_t ‖ p̂_s)   (summed over classes, averaged over the batch)
+        loss = alpha · TCKD + beta · NCKD
+    mdistiller's CIFAR-100 settings: alpha 1, beta 8 (ResNet-32x4 → 8x4; beta 2 for ResNet-56 → 20), T 4, CE
+    weight 1, the term's weight ramped over 20 warm-up epochs. `forward(s [B, K], t [B, K], labels [B]) -> []`.
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0):
+        super().__init__()
+        self.temperature, self.alpha, self.beta = temperature, alpha, beta
+
+    @staticmethod
+    def split(logits: torch.Tensor, target: torch.Tensor, t: float | torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log b `[B, 2]`, log p̂ `[B, K]` with −inf at the target class)."""
+        log_p = F.log_softmax(logits / t, dim=1)
+        log_py = log_p.gather(1, target[:, None])
+        log_rest = torch.logsumexp(log_p.masked_fill(F.one_hot(target, logits.shape[1]).bool(), float("-inf")),
+                                   dim=1, keepdim=True)
+        hat = F.log_softmax((logits / t).masked_fill(F.one_hot(target, logits.shape[1]).bool(), float("-inf")), dim=1)
+        return torch.cat([log_py, log_rest], dim=1), hat
+
+    @staticmethod
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+        """`sum p (log p − log q)` per row, 0 where p is 0 (the removed target class)."""
+        return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p)).sum(1)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                temperature: float | torch.Tensor | None = None) -> torch.Tensor:
+        t = self.temperature if temperature is None else temperature
+        b_s, hat_s = self.split(student_logits.float(), labels, t)
+        with torch.no_grad():
+            b_t, hat_t = self.split(teacher_logits.float(), labels, t)
+        tckd, nckd = self.kl(b_t, b_s).mean(), self.kl(hat_t, hat_s).mean()
+        return (self.alpha * tckd + self.beta * nckd) * t * t
+
+
+def pearson_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """`1 − ρ(a_i, b_i)` per row `[B]`: one minus the Pearson correlation, the cosine of the mean-centred rows
+    (eps added to the product of their norms, as the reference code does)."""
+    a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
+    return 1 - (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
+
+
+class DISTLoss(nn.Module):
+    """Huang et al., "Knowledge Distillation from A Stronger Teacher" (NeurIPS 2022).
+
+    With y = softmax(z / tau) `[B, K]` of each network, Pearson distances of the predictions:
+        inter = tau² · mean_i (1 − ρ(y_s[i, :], y_t[i, :]))   (each sample's class scores)
+        intra = tau² · mean_k (1 − ρ(y_s[:, k], y_t[:, k]))   (each class's scores over the batch)
+        loss = beta · inter + gamma · intra
+    The official CIFAR-100 setting (`dist_t4`): tau 4, beta 1, gamma 1, the term weighted 2 beside CE weight 1.
+    The intra term depends on the whole batch. `forward(s [B, K], t [B, K], labels [B]) -> []` (labels unused).
+    """
+
+    def __init__(self, tau: float = 4.0, beta: float = 1.0, gamma: float = 1.0):
+        super().__init__()
+        self.tau, self.beta, self.gamma = tau, beta, gamma
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: torch.Tensor | None = None) -> torch.Tensor:
+        y_s = F.softmax(student_logits.float() / self.tau, dim=1)
+        y_t = F.softmax(teacher_logits.float() / self.tau, dim=1).detach()
+        inter, intra = pearson_distance(y_s, y_t).mean(), pearson_distance(y_s.t(), y_t.t()).mean()
+        return self.tau ** 2 * (self.beta * inter + self.gamma * intra)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -ctx.scale * grad, None
+
+
+class LearnedTemperature(nn.Module):
+    """Li et al., "Curriculum Temperature for Knowledge Distillation" (CTKD, AAAI 2023), its global temperature.
+
+    One parameter θ (initialised to 1), trained with the student (same optimizer, weight decay included, as the
+    reference) but adversarially: a gradient-reversal layer scales its gradient by −λ, so the temperature moves
+    to make distillation *harder*. λ follows the cosine curriculum from 0 to 1 over the first `ramp` epochs,
+    set once per epoch, epochs counted from 1: `λ_e = (1 − cos(π · min(e, ramp) / ramp)) / 2`.
+    `T = t_min + t_range · σ(θ)` (1 + 20 σ(θ), so T starts at 15.62 and stays in (1, 21)).
+    `forward() -> T []`; `set_epoch(epoch)` (0-based) sets λ.
+    """
+
+    def __init__(self, init: float = 1.0, t_min: float = 1.0, t_range: float = 20.0, ramp: int = 10):
+        super().__init__()
+        self.theta = nn.Parameter(torch.full((), float(init)))
+        self.t_min, self.t_range, self.ramp = t_min, t_range, ramp
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.lam = (1 - math.cos(math.pi * min(epoch + 1, self.ramp) / max(1, self.ramp))) / 2
+
+    def forward(self) -> torch.Tensor:
+        return self.t_min + self.t_range * torch.sigmoid(_ReverseGradient.apply(self.theta, self.lam))

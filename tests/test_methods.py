@@ -1,0 +1,233 @@
+"""The benchmark table's newer terms (issue 20) against their formulas written out in float64 Python, their
+schedules, and what they refuse."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from softcache.errors import SoftcacheError
+from softcache.losses import DistillLoss, KDLoss, resolve_options, resolve_weights
+from softcache.losses.logit import DISTLoss, DKDLoss, LearnedTemperature, standardize, teacher_logits
+from softcache.losses.response import CELoss
+
+
+def _softmax(row: list[float], t: float = 1.0) -> list[float]:
+    m = max(x / t for x in row)
+    e = [math.exp(x / t - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def _kl(p: list[float], q: list[float]) -> float:
+    return sum(a * math.log(a / b) for a, b in zip(p, q) if a > 0)
+
+
+@pytest.fixture
+def logits():
+    g = torch.Generator().manual_seed(11)
+    s, t = (torch.randn(6, 7, generator=g, dtype=torch.float64) * scale for scale in (2, 3))
+    return s, t, torch.tensor([0, 3, 6, 2, 2, 5])
+
+
+def _dkd_by_hand(s, t, y, temperature, alpha, beta):
+    tckd = nckd = 0.0
+    for row_s, row_t, c in zip(s.tolist(), t.tolist(), y.tolist()):
+        p_s, p_t = _softmax(row_s, temperature), _softmax(row_t, temperature)
+        tckd += _kl([p_t[c], 1 - p_t[c]], [p_s[c], 1 - p_s[c]])
+        rest_s = [p / (1 - p_s[c]) for j, p in enumerate(p_s) if j != c]  # the distribution over the other classes
+        rest_t = [p / (1 - p_t[c]) for j, p in enumerate(p_t) if j != c]
+        nckd += _kl(rest_t, rest_s)
+    return temperature ** 2 * (alpha * tckd + beta * nckd) / len(y)
+
+
+def test_dkd_matches_its_target_and_non_target_split_written_out(logits):
+    s, t, y = logits
+    for temperature, alpha, beta in ((4.0, 1.0, 8.0), (2.0, 0.5, 2.0)):
+        got = DKDLoss(temperature, alpha=alpha, beta=beta)(s.float(), t.float(), y).item()
+        assert got == pytest.approx(_dkd_by_hand(s, t, y, temperature, alpha, beta), rel=1e-5)
+    # alpha = beta = 1 is not KD (the split drops the cross terms), but with one class left over it is
+    assert DKDLoss(4.0, alpha=1.0, beta=1.0)(s[:, :2].float(), t[:, :2].float(), y % 2).item() == pytest.approx(
+        KDLoss(4.0)(s[:, :2].float(), t[:, :2].float()).item(), rel=1e-5)
+
+
+def _pearson(a: list[float], b: list[float]) -> float:
+    ma, mb = sum(a) / len(a), sum(b) / len(b)
+    num = sum((x - ma) * (z - mb) for x, z in zip(a, b))
+    return num / (math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((z - mb) ** 2 for z in b)))
+
+
+def test_dist_matches_inter_and_intra_class_pearson_written_out(logits):
+    s, t, y = logits
+    tau, beta, gamma = 4.0, 1.0, 1.0
+    y_s = [_softmax(r, tau) for r in s.tolist()]
+    y_t = [_softmax(r, tau) for r in t.tolist()]
+    inter = sum(1 - _pearson(a, b) for a, b in zip(y_s, y_t)) / len(y_s)
+    cols = range(len(y_s[0]))
+    intra = sum(1 - _pearson([r[k] for r in y_s], [r[k] for r in y_t]) for k in cols) / len(cols)
+    expected = tau ** 2 * (beta * inter + gamma * intra)
+    assert DISTLoss(tau, beta, gamma)(s.float(), t.float(), y).item() == pytest.approx(expected, rel=1e-5)
+    assert DISTLoss()(s.float(), s.float(), y).item() == pytest.approx(0.0, abs=1e-4)  # float32 rounding: 1e-5
+
+
+def test_standardized_kd_is_kd_of_the_standardized_logits_written_out(logits):
+    s, t, y = logits
+
+    def by_hand(row):
+        m = sum(row) / len(row)
+        sd = math.sqrt(sum((x - m) ** 2 for x in row) / (len(row) - 1))  # Bessel's correction, as torch.std
+        return [(x - m) / (sd + 1e-7) for x in row]
+
+    torch.testing.assert_close(standardize(s).double(), torch.tensor([by_hand(r) for r in s.tolist()],
+                                                                     dtype=torch.float64), rtol=1e-6, atol=1e-6)
+    temperature = 2.0
+    expected = temperature ** 2 * sum(_kl(_softmax(by_hand(rt), temperature), _softmax(by_hand(rs), temperature))
+                                      for rs, rt in zip(s.tolist(), t.tolist())) / len(s)
+    criterion = DistillLoss({"kd": 1.0}, temperature=temperature, standardize=True)
+    assert criterion(s.float(), y, {}, t.float(), {})["kd"].item() == pytest.approx(expected, rel=1e-5)
+    # invariant to each logit row's scale and shift, which plain KD is not
+    shifted = criterion(3 * s.float() + 1, y, {}, 0.5 * t.float() - 2, {})["kd"].item()
+    assert shifted == pytest.approx(expected, rel=1e-4)
+    assert DistillLoss({"kd": 1.0}, temperature=temperature)(3 * s.float() + 1, y, {}, t.float(), {})[
+        "kd"].item() != pytest.approx(expected, rel=1e-2)
+
+
+def test_learned_temperature_starts_at_the_reference_value_and_reverses_its_gradient():
+    module = LearnedTemperature()
+    assert module().item() == pytest.approx(1 + 20 / (1 + math.exp(-1)), rel=1e-6)  # 15.62
+    lams = []
+    for epoch in range(12):
+        module.set_epoch(epoch)
+        lams.append(module.lam)
+    assert lams[0] == pytest.approx((1 - math.cos(math.pi / 10)) / 2) and lams[4] == pytest.approx(0.5)
+    assert lams[9] == lams[11] == 1.0 and lams == sorted(lams)
+    # the gradient reaching theta is -lambda times the plain one: the temperature ascends the KD loss
+    g = torch.Generator().manual_seed(2)
+    s, t = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    module.set_epoch(2)
+    KDLoss()(s, t, temperature=module()).backward()
+    theta = torch.tensor(1.0, requires_grad=True)
+    KDLoss()(s, t, temperature=1 + 20 * torch.sigmoid(theta)).backward()
+    assert module.theta.grad.item() == pytest.approx(-module.lam * theta.grad.item(), rel=1e-5)
+    assert theta.grad.item() != 0
+
+
+def test_learned_temperature_trains_with_kd_and_dkd_in_the_criterion(logits):
+    s, t, y = logits
+    criterion = DistillLoss({"ce": 0.1, "kd": 0.9, "dkd": 1.0}, learn_temperature=True,
+                            options={"dkd": {"warmup": 0}})
+    assert [name for name, _ in criterion.named_parameters()] == ["temperature_module.theta"]
+    criterion.set_epoch(5)
+    temperature = criterion.temperature_module().item()
+    out = criterion(s.float(), y, {}, t.float(), {})
+    assert out["kd"].item() == pytest.approx(0.9 * KDLoss(temperature)(s.float(), t.float()).item(), rel=1e-5)
+    assert out["dkd"].item() == pytest.approx(DKDLoss(temperature)(s.float(), t.float(), y).item(), rel=1e-5)
+    out["loss"].backward()
+    assert torch.isfinite(criterion.temperature_module.theta.grad)
+
+
+def test_label_smoothing_matches_the_smoothed_targets_written_out(logits):
+    s, _, y = logits
+    eps, k = 0.1, s.shape[1]
+    expected = 0.0
+    for row, c in zip(s.tolist(), y.tolist()):
+        log_p = [math.log(p) for p in _softmax(row)]
+        expected -= sum(((1 - eps) * (j == c) + eps / k) * lp for j, lp in enumerate(log_p))
+    assert CELoss(eps)(s.float(), y).item() == pytest.approx(expected / len(y), rel=1e-5)
+    partner, lam = torch.roll(y, 1), torch.full((6,), 0.25)
+    mixed = CELoss(eps)(s.float(), y, (partner, lam)).item()
+    own = torch.nn.functional.cross_entropy(s.float(), y, reduction="none", label_smoothing=eps)
+    other = torch.nn.functional.cross_entropy(s.float(), partner, reduction="none", label_smoothing=eps)
+    assert mixed == pytest.approx((0.25 * own + 0.75 * other).mean().item(), rel=1e-6)
+
+
+def test_dkd_warms_up_over_its_epochs_as_mdistiller_does(logits):
+    s, t, y = logits
+    criterion = DistillLoss({"ce": 1.0, "dkd": 1.0})  # warm-up 20 epochs by default
+    full = DKDLoss()(s.float(), t.float(), y).item()
+    seen = []
+    for epoch in (0, 9, 19, 30):
+        criterion.set_epoch(epoch)
+        seen.append(criterion(s.float(), y, {}, t.float(), {})["dkd"].item())
+    assert seen == pytest.approx([full / 20, full / 2, full, full], rel=1e-6)
+    criterion = DistillLoss({"ce": 1.0, "dkd": 1.0}, options=resolve_options({"ce": 1, "dkd": 1},
+                                                                             [("dkd.warmup", 0.0), ("dkd.beta", 2.0)]))
+    assert criterion(s.float(), y, {}, t.float(), {})["dkd"].item() == pytest.approx(
+        DKDLoss(beta=2.0)(s.float(), t.float(), y).item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["dkd", "dist"])
+def test_logit_terms_have_finite_gradients_on_a_repeated_sample(name):
+    s = torch.randn(6, 10)
+    s[1] = s[0]
+    s[:, 4] = 0.5  # a class every sample scores alike: its intra-class correlation is undefined
+    s.requires_grad_(True)
+    t = torch.randn(6, 10)
+    t[:, 4] = 1.0
+    out = DistillLoss({name: 1.0}, options={name: {"warmup": 0}} if name == "dkd" else None)(
+        s, torch.tensor([0, 0, 1, 2, 3, 4]), {}, t, {})
+    out["loss"].backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+def test_an_ensembles_mean_distribution_stands_for_the_teachers_logits(logits):
+    """`--teachers mean` targets carry log p̄ at T; T log p̄ has the same softmax at every temperature up to a
+    constant, so DKD and DIST computed from it equal those from logits."""
+    s, t, y = logits
+    log_p = torch.log_softmax(t.float() / 4.0, dim=1)
+    z = teacher_logits({"log_p": log_p}, 4.0)
+    assert torch.allclose(z - z.mean(1, keepdim=True), t.float() - t.float().mean(1, keepdim=True), atol=1e-5)
+    for term in (DKDLoss(), DISTLoss()):
+        assert term(s.float(), z, y).item() == pytest.approx(term(s.float(), t.float(), y).item(), rel=1e-5)
+    assert teacher_logits({"topk_values": t}, 4.0) is None
+
+
+def test_full_logit_terms_are_refused_with_compact_caches():
+    from softcache.train import check_full_logits
+    weights = resolve_weights(["ce", "dkd"], alpha=0.9, beta=1.0, hint_weight=1.0)
+    for fmt in ("topk", "sampled"):
+        with pytest.raises(SoftcacheError, match=f"dkd needs the teacher's full logits, and this cache stores {fmt} "
+                                                 "logits .*; dump with --logits fp16"):
+            check_full_logits(weights, {}, fmt)
+    with pytest.raises(SoftcacheError, match="--kd-standardize needs the teacher's full logits"):
+        check_full_logits({"ce": 0.1, "kd": 0.9}, {"standardize": True}, "topk")
+    with pytest.raises(SoftcacheError, match="--learn-temperature needs the teacher's full logits"):
+        check_full_logits({"ce": 0.1, "kd": 0.9}, {"learn_temperature": True}, "sampled")
+    check_full_logits({"ce": 0.1, "kd": 0.9}, {}, "topk")     # KD from top-K is exact over its buckets
+    check_full_logits(weights, {"standardize": True}, "fp16")
+
+
+# --- every new term trains from one cache through the CLI, and --help lists the settings with their defaults
+
+_CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "--loss-option", "dkd.beta=2",
+                          "--loss-option", "dist.tau=1"],
+             "kd-standardized-learned-t": ["--loss", "kd,dkd", "--kd-standardize", "--learn-temperature",
+                                           "--temperature", "2"]}
+
+
+@pytest.mark.parametrize("run", list(_CLI_RUNS))
+def test_every_new_term_trains_from_one_cache_through_the_cli(tmp_path, small_cache, run):
+    import json
+
+    from helpers import invoke
+    args = _CLI_RUNS[run]
+    result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "2", "--workers", "0",
+                    "--batch-size", "8", "--out", tmp_path / run, *args)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    terms = args[args.index("--loss") + 1].split(",")
+    for record in records:
+        assert all(math.isfinite(record[f"train_{t}"]) for t in terms), record
+    config = json.loads((tmp_path / run / "config.json").read_text())
+    assert config["loss_options"] == [[a.partition("=")[0], float(a.partition("=")[2])]
+                                      for a, b in zip(args[1:], args) if b == "--loss-option"]
+    if "--learn-temperature" in args:  # the learned temperature is saved with the run's criterion
+        assert config["learn_temperature"] and config["kd_standardize"]
+
+
+def test_train_student_help_lists_every_terms_settings_with_defaults():
+    from helpers import invoke
+    text = " ".join(invoke("train-student", "--help").output.split())
+    for needle in ("dkd: alpha=1, beta=8, warmup=20", "dist: tau=4, beta=1, gamma=1", "--kd-standardize",
+                   "--learn-temperature", "--label-smoothing", "dkd", "dist"):
+        assert needle in text, needle
