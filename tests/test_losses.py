@@ -339,7 +339,7 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
         assert spec.help and "\n" not in spec.help, name
         assert spec.takes == ("logits",) or set(spec.takes) <= set(_PAIR_INPUTS), name
     assert sorted(FEATURE_LOSSES) == sorted(n for n, s in REGISTRY.items() if s.paired)
-    assert TRAINED_HEADS == ("fitnets", "crd") and "ce" not in DEFAULT_WEIGHTS  # the trained terms DistillLoss builds
+    assert TRAINED_HEADS == ("fitnets", "cc", "vid", "crd") and "ce" not in DEFAULT_WEIGHTS  # DistillLoss builds them
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
@@ -356,11 +356,15 @@ def test_each_term_takes_what_its_registry_entry_declares(name):
     labels = index % 3                                      # the training set's labels are arange(12) % 3
     for kind in [k for k in spec.takes if k != "logits"] or [None]:
         routes, s_feat, t_feat, channels = {}, {DIST_LOGITS: torch.randn(6, 10)}, {}, {}
+        pairs = [("s", "t"), ("s2", "t2")] if spec.joint else [("s", "t")]  # joint terms relate two stages or more
+        for s, t in pairs if kind is not None else ():
+            s_feat[s], t_feat[t], channels[(s, t)] = _PAIR_INPUTS[kind]
+            if spec.equal_channels:                 # a teacher map as wide as the student's
+                t_feat[t], channels[(s, t)] = torch.randn(6, 4, 2, 2), (4, 4)
         if kind is not None:
-            s_feat["s"], t_feat["t"], channels[("s", "t")] = _PAIR_INPUTS[kind]
-            routes = route_pairs([name], [("s", "t")], {("s", "t"): kind})
+            routes = route_pairs([name], pairs, dict.fromkeys(pairs, kind))
         criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist(),
-                                kinds={("s", "t"): kind})
+                                kinds=dict.fromkeys(pairs, kind))
         out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index)
         assert set(out) == {name, "loss"} and out[name].dim() == 0 and torch.isfinite(out[name]), (name, kind)
         assert any(True for _ in criterion.parameters()) == spec.trained, (name, kind)

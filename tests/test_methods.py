@@ -202,16 +202,32 @@ def test_full_logit_terms_are_refused_with_compact_caches():
 _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "--loss-option", "dkd.beta=2",
                           "--loss-option", "dist.tau=1"],
              "kd-standardized-learned-t": ["--loss", "kd,dkd", "--kd-standardize", "--learn-temperature",
-                                           "--temperature", "2"]}
+                                           "--temperature", "2"],
+             "features": ["--loss", "ce,vid,gram,fsp,kdsvd,cc", "--pair", "layer2=layer2", "--pair", "layer3=layer3",
+                          "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3"]}
+
+
+@pytest.fixture(scope="module")
+def stages_cache(tmp_path_factory, teacher_weights):
+    """synthetic:20, 3 views: logits, layer2, layer3 and the embedding, from one dump."""
+    from conftest import load_teacher
+    from softcache.data import load_source
+    from softcache.dump import dump_teacher
+    from softcache.views import Augment
+    out = tmp_path_factory.mktemp("stages") / "cache"
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
+                 augment=Augment("cifar", image_size=32), views=3, layers=["layer2", "layer3", "embedding"], seed=1,
+                 batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
+    return out
 
 
 @pytest.mark.parametrize("run", list(_CLI_RUNS))
-def test_every_new_term_trains_from_one_cache_through_the_cli(tmp_path, small_cache, run):
+def test_every_new_term_trains_from_one_cache_through_the_cli(tmp_path, stages_cache, run):
     import json
 
     from helpers import invoke
     args = _CLI_RUNS[run]
-    result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "2", "--workers", "0",
+    result = invoke("train-student", "--cache", stages_cache, "--student", "resnet8", "--epochs", "2", "--workers", "0",
                     "--batch-size", "8", "--out", tmp_path / run, *args)
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
@@ -231,3 +247,142 @@ def test_train_student_help_lists_every_terms_settings_with_defaults():
     for needle in ("dkd: alpha=1, beta=8, warmup=20", "dist: tau=4, beta=1, gamma=1", "--kd-standardize",
                    "--learn-temperature", "--label-smoothing", "dkd", "dist"):
         assert needle in text, needle
+
+
+# --- feature terms: each against its formula in float64 NumPy, written independently of the module
+
+def _np(x):
+    return x.detach().double().numpy()
+
+
+@pytest.fixture
+def maps():
+    g = torch.Generator().manual_seed(5)
+    return (torch.randn(4, 3, 4, 4, generator=g), torch.randn(4, 3, 2, 2, generator=g),
+            torch.randn(4, 5, 4, 4, generator=g))
+
+
+def test_gram_matches_channel_gram_matrices_written_out(maps):
+    import numpy as np
+
+    from softcache.losses.features import GramLoss
+    s, t, _ = maps
+    expected = 0.0
+    for fs, ft in zip(_np(s), _np(t)):
+        gs = np.array([[np.sum(fs[i] * fs[j]) / 16 for j in range(3)] for i in range(3)])
+        gt = np.array([[np.sum(ft[i] * ft[j]) / 4 for j in range(3)] for i in range(3)])
+        expected += np.sum((gs - gt) ** 2)
+    assert GramLoss()(s, t).item() == pytest.approx(expected / 4 / 9, rel=1e-5)  # mean over B and the C^2 entries
+
+
+def test_vid_matches_the_gaussian_likelihood_written_out(maps):
+    import numpy as np
+
+    from softcache.losses.features import VIDLoss
+    s, _, t = maps
+    vid = VIDLoss(3, 5)
+    w1, w2, w3 = (_np(vid.regressor[i].weight)[:, :, 0, 0] for i in (0, 2, 4))
+    var = np.log1p(np.exp(_np(vid.log_scale))) + 1e-5
+    assert var == pytest.approx(np.full(5, 5.0))          # sigma^2 starts at 5
+    x = _np(s).transpose(0, 2, 3, 1)                       # [B, H, W, C]
+    mu = np.maximum(np.maximum(x @ w1.T, 0) @ w2.T, 0) @ w3.T
+    target = _np(t).transpose(0, 2, 3, 1)
+    expected = np.mean(0.5 * ((mu - target) ** 2 / var + np.log(var)))
+    assert vid(s, t).item() == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        vid.log_scale += 1.0
+    vid(s, t).backward()
+    assert vid.log_scale.grad.abs().sum() > 0              # the variances train
+
+
+def test_cc_matches_consecutive_gap_products_written_out():
+    import numpy as np
+
+    from softcache.losses.relations import CCLoss
+    g = torch.Generator().manual_seed(8)
+    s, t = torch.randn(5, 6, generator=g), torch.randn(5, 9, generator=g)
+    cc = CCLoss(6, 9)
+    es = _np(s) @ _np(cc.embed_s.weight).T + _np(cc.embed_s.bias)
+    et = _np(t) @ _np(cc.embed_t.weight).T + _np(cc.embed_t.bias)
+    delta = np.abs(es - et)
+    expected = np.mean([np.sum(delta[i - 1] * delta[i]) for i in range(1, 5)])
+    assert cc(s, t).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_fsp_matches_flow_matrices_written_out():
+    import numpy as np
+
+    from softcache.losses.stages import FSPLoss
+    g = torch.Generator().manual_seed(9)
+    student = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+    teacher = [torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 5, 2, 2, generator=g)]
+
+    def flow(bottom, top):  # bottom pooled 2x2 to top's size; G[i, j] = mean_pos top_i * bottom_j
+        b = bottom.reshape(2, 3, 2, 2, 2, 2).mean((3, 5))
+        return np.einsum("bjhw,bihw->bij", b, top) / 4
+
+    g_s, g_t = flow(*map(_np, student)), flow(*map(_np, teacher))
+    assert FSPLoss()(student, teacher).item() == pytest.approx(np.mean((g_s - g_t) ** 2), rel=1e-5)
+
+
+def test_kdsvd_matches_singular_vector_relations_computed_in_float64():
+    import numpy as np
+
+    from softcache.losses.stages import KDSVDLoss
+    g = torch.Generator().manual_seed(10)
+    shapes = [(3, 4, 5, 5), (3, 6, 3, 3)]
+    student = [torch.randn(*sh, generator=g) for sh in shapes]
+    teacher = [torch.randn(*sh, generator=g) for sh in shapes]
+
+    def vectors(f, n):
+        b, c, h, w = f.shape
+        _, sv, vh = np.linalg.svd(f.reshape(b, c, h * w).transpose(0, 2, 1), full_matrices=False)
+        v = vh.transpose(0, 2, 1)[:, :, :n]
+        sv = sv[:, :n]
+        return sv / np.linalg.norm(sv, axis=1, keepdims=True), v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    expected, previous = 0.0, None
+    for f_s, f_t in zip(map(_np, student), map(_np, teacher)):
+        s_t, v_t = vectors(f_t, 1)
+        _, v_s = vectors(f_s, 4)
+        aligned = np.zeros_like(v_t)
+        for b in range(3):                                 # the student vector of largest |cos|, signed
+            cos = v_s[b].T @ v_t[b, :, 0]
+            best = np.argmax(np.abs(cos))
+            aligned[b, :, 0] = v_s[b, :, best] * np.sign(cos[best])
+        v_t, v_s = v_t * s_t[:, None], aligned * s_t[:, None]
+        if previous is not None:
+            r_s = np.exp(-(v_s[:, :, None] - previous[0][:, None]) ** 2 / 8)
+            r_t = np.exp(-(v_t[:, :, None] - previous[1][:, None]) ** 2 / 8)
+            expected += np.sum((r_s - r_t) ** 2) / 3
+        previous = (v_s, v_t)
+    assert KDSVDLoss()(student, teacher).item() == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["gram", "vid", "cc", "fsp", "kdsvd"])
+def test_feature_terms_have_finite_gradients_on_a_repeated_sample(name):
+    torch.manual_seed(0)
+    vector = name == "cc"
+    shapes = [(6, 5)] if vector else [(6, 4, 4, 4), (6, 8, 2, 2)]
+    student = [torch.randn(sh) for sh in shapes]
+    for f in student:
+        f[1] = f[0]
+        f.requires_grad_(True)
+    teacher = [torch.randn(6, 7)] if vector else [torch.randn(sh) for sh in shapes]
+    routes = {name: [(f"s{i}", f"t{i}") for i in range(len(shapes) if name in ("fsp", "kdsvd") else 1)]}
+    channels = {(f"s{i}", f"t{i}"): (student[i].shape[1], teacher[i].shape[1]) for i in range(len(shapes))}
+    criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels)
+    out = criterion(torch.randn(6, 10), torch.arange(6) % 3, {f"s{i}": f for i, f in enumerate(student)},
+                    torch.randn(6, 10), {f"t{i}": f for i, f in enumerate(teacher)})
+    out["loss"].backward()
+    assert torch.isfinite(student[0].grad).all() and student[0].grad.abs().sum() > 0
+
+
+def test_equal_width_terms_and_joint_terms_refuse_what_they_cannot_relate():
+    from softcache.losses import route_pairs
+    with pytest.raises(SoftcacheError, match="gram compares channel by channel, and --pair a=b pairs 4 student "
+                                             "channels with 6 teacher channels; pair layers of equal width"):
+        DistillLoss({"gram": 1.0}, routes={"gram": [("a", "b")]}, channels={("a", "b"): (4, 6)})
+    with pytest.raises(SoftcacheError, match=r"fsp relates consecutive stages, and has one --pair \(layer3=layer3\); "
+                                             "give it two or more"):
+        route_pairs(["ce", "fsp"], [("layer3", "layer3")], {("layer3", "layer3"): "map"})

@@ -106,7 +106,8 @@ def embedding_cache(tmp_path_factory, teacher_weights):
 
 
 # Every term, and the settings that change terms: (losses, DistillLoss settings)
-_REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt", "sp", "nst", "crd"), {}),
+_REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt", "sp", "nst", "crd", "cc"), {}),
+             (("ce", "vid", "gram", "fsp", "kdsvd"), {}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -116,7 +117,7 @@ _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt",
 def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cache, embedding_cache, teacher_weights,
                                                                         tmp_path, losses, settings):
     source, test_source = load_source("synthetic:20", "train"), load_source("synthetic:20", "test")
-    pairs = {"layer3": "layer3", "layer2": "layer2"} if any(t in FEATURE_LOSSES for t in losses) else {}
+    pairs = {"layer2": "layer2", "layer3": "layer3"} if any(t in FEATURE_LOSSES for t in losses) else {}
     cache = small_cache
     if "rkd" in losses:  # relation terms: sp and nst on layer3, rkd and pkt on the embedding
         cache, pairs = embedding_cache, {"layer3": "layer3", "embedding": "embedding"}

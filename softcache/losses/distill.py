@@ -17,6 +17,7 @@ from softcache.losses.response import CELoss, KDLoss
 from softcache.losses.routing import PAIR_REDUCTIONS
 
 LOSSES: dict[str, type[nn.Module]] = {name: spec.load() for name, spec in REGISTRY.items()}
+SCHEDULE_KEYS = ("warmup", "init_epochs")  # options the schedule reads, not the term's module
 
 
 def _key(layer: str) -> str:
@@ -56,7 +57,17 @@ class DistillLoss(nn.Module):
         self.temperature_module = LearnedTemperature() if learn_temperature else None
         self.logit_terms = nn.ModuleDict({t: self._build(t) for t in self.weights
                                           if REGISTRY[t].takes == ("logits",) and t not in ("ce", "kd")})
-        self.terms = nn.ModuleDict({t: LOSSES[t]() for t in self.routes if not REGISTRY[t].trained})
+        for term, pairs in self.routes.items():
+            if REGISTRY[term].equal_channels:
+                for s, t in pairs:
+                    if channels[(s, t)][0] != channels[(s, t)][1]:
+                        raise SoftcacheError(
+                            f"{term} compares channel by channel, and --pair {s}={t} pairs {channels[(s, t)][0]} "
+                            f"student channels with {channels[(s, t)][1]} teacher channels; pair layers of equal width")
+        # the untrained pair terms and the joint ones (one module each); per-pair trained heads below
+        self.terms = nn.ModuleDict({t: self._build_pair_term(t, [channels[p] for p in pairs] if channels else [])
+                                    for t, pairs in self.routes.items()
+                                    if REGISTRY[t].joint or not REGISTRY[t].trained})
         self.epoch = 0
         # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
         self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
@@ -68,14 +79,27 @@ class DistillLoss(nn.Module):
         self.contrast = nn.ModuleDict()  # crd: heads and memories per pair (the training set's labels draw negatives)
         for k, (s, t) in enumerate(self.routes.get("crd", [])):
             self.contrast[_key(s)] = CRDLoss(*channels[(s, t)], labels, seed=seed + k)
+        self.heads = nn.ModuleDict()     # the other trained terms (vid, cc, ...): one module per pair
+        for term, pairs in self.routes.items():
+            if REGISTRY[term].trained and not REGISTRY[term].joint and term not in ("fitnets", "crd"):
+                self.heads[term] = nn.ModuleDict({_key(s): self._build_pair_term(term, [channels[(s, t)]])
+                                                  for s, t in pairs})
 
     def _build(self, term: str) -> nn.Module:
         """A logit term's module: its options (but the schedule's), and the KD temperature where it takes one."""
         cls = LOSSES[term]
-        kwargs = {k: v for k, v in self.options[term].items() if k != "warmup"}
+        kwargs = {k: v for k, v in self.options[term].items() if k not in SCHEDULE_KEYS}
         if "temperature" in inspect.signature(cls).parameters:
             kwargs["temperature"] = self.temperature
         return cls(**kwargs)
+
+    def _build_pair_term(self, term: str, channels: list[tuple[int, int]]) -> nn.Module:
+        """A pair term's module with its options: a trained one from its pair's `(student C, teacher C)` (a joint
+        trained one from every pair's), an untrained one from its options alone."""
+        spec, kwargs = REGISTRY[term], {k: v for k, v in self.options[term].items() if k not in SCHEDULE_KEYS}
+        if not spec.trained:
+            return LOSSES[term](**kwargs)
+        return LOSSES[term](channels, **kwargs) if spec.joint else LOSSES[term](*channels[0], **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch (0-based) the next steps belong to: the warm-up ramps, the learned temperature's λ."""
@@ -121,6 +145,8 @@ class DistillLoss(nn.Module):
             return self.hints[_key(s_layer)](student, teacher)
         if term == "crd":
             return self.contrast[_key(s_layer)](student, teacher, index, labels)
+        if term in self.heads:
+            return self.heads[term][_key(s_layer)](student, teacher)
         return self.terms[term](student, teacher)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
@@ -134,6 +160,10 @@ class DistillLoss(nn.Module):
             terms["ce"] = self.ce(logits, labels, mixed)
         terms.update(self._logit_terms(logits, labels, student_features, teacher))
         for term, pairs in self.routes.items():
+            if REGISTRY[term].joint:  # consecutive stages, shallow to deep
+                terms[term] = self.terms[term]([student_features[s] for s, _ in pairs],
+                                               [teacher_features[t] for _, t in pairs])
+                continue
             values = [self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels)
                       for s, t in pairs]
             terms[term] = sum(values) / (len(values) if self.reduce == "mean" else 1)

@@ -123,3 +123,48 @@ class NSTLoss(nn.Module):
         s, t = match_spatial(student.float(), teacher.float())
         s, t = F.normalize(s.flatten(2), dim=2), F.normalize(t.flatten(2), dim=2).detach()
         return self.kernel(t, t).mean() + self.kernel(s, s).mean() - 2 * self.kernel(s, t).mean()
+
+
+class GramLoss(nn.Module):
+    """The seed article's channel Gram-matrix feature loss (the style statistic of Gatys et al., 2016).
+
+    Per sample, `G = F Fᵀ / (H W)` `[C, C]` of the map F `[C, H·W]`: which channels fire together, wherever they
+    fire. The loss is the seed's `‖G_s − G_t‖²_F`, divided by C² (the mean over the entries, so one weight serves
+    layers of any width), averaged over the batch. The spatial sizes may differ (G has none); the channel counts
+    must be equal, checked when the pair is planned. `forward(s [B, C, Hs, Ws], t [B, C, Ht, Wt]) -> []`.
+    """
+
+    @staticmethod
+    def gram(f: torch.Tensor) -> torch.Tensor:
+        f = f.float().flatten(2)
+        return torch.bmm(f, f.transpose(1, 2)) / f.shape[-1]
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return (self.gram(student) - self.gram(teacher).detach()).pow(2).mean()
+
+
+class VIDLoss(nn.Module):
+    """Ahn et al., "Variational Information Distillation for Knowledge Transfer" (CVPR 2019).
+
+    The teacher's map t is modelled as Gaussian given the student's s: mean μ = r(s), r three 1x1 convs (Cs → Ct
+    → Ct → Ct, ReLU between, no biases: RepDistiller's, mid width = the teacher's), and a per-channel variance
+    σ² = softplus(α_c) + 1e-5, α initialised so that σ² starts at 5. The loss is the negative log-likelihood
+    without its constant, `mean over (B, C, H, W) of ½ ((μ − t)² / σ² + log σ²)`; the larger map is average-pooled
+    to the smaller first. Both r and α train with the student (RepDistiller trains α; mdistiller's copy leaves it
+    unregistered). Weight 1 (RepDistiller `-b 1`). `forward(s [B, Cs, H, W], t [B, Ct, H', W']) -> []`.
+    """
+
+    def __init__(self, student_channels: int, teacher_channels: int, init_var: float = 5.0, eps: float = 1e-5):
+        super().__init__()
+        mid = teacher_channels
+        self.regressor = nn.Sequential(nn.Conv2d(student_channels, mid, 1, bias=False), nn.ReLU(),
+                                       nn.Conv2d(mid, mid, 1, bias=False), nn.ReLU(),
+                                       nn.Conv2d(mid, teacher_channels, 1, bias=False))
+        self.log_scale = nn.Parameter(torch.full((teacher_channels,), math.log(math.expm1(init_var - eps))))
+        self.eps = eps
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(student, teacher.to(student.dtype))
+        mu = self.regressor(s).float()
+        var = (F.softplus(self.log_scale) + self.eps)[None, :, None, None]
+        return (0.5 * ((mu - t.float()).pow(2) / var + torch.log(var))).mean()

@@ -31,6 +31,8 @@ class LossSpec:
                                       # reference code's CIFAR-100 values), set by --loss-option TERM.KEY=VALUE;
                                       # `warmup` (epochs) ramps its weight by min((epoch + 1) / warmup, 1)
     full_logits: bool = False         # reads the teacher's whole logit vector: refused with a topk or sampled cache
+    joint: bool = False               # takes all its pairs at once, shallow to deep, relating consecutive stages
+    equal_channels: bool = False      # its student and teacher maps must have the same channel counts
 
     @property
     def paired(self) -> bool:
@@ -72,6 +74,21 @@ REGISTRY: dict[str, LossSpec] = {
                    "similarity-preserving KD: distance of the batch's normalised Gram matrices"),
     "nst": LossSpec(f"{_PKG}.features:NSTLoss", ("map",), 50.0,
                     "neuron selectivity transfer: polynomial-kernel MMD of channel maps"),
+    "cc": LossSpec(f"{_PKG}.relations:CCLoss", ("vector", "tokens"), 0.02,
+                   "correlation congruence (RepDistiller's): products of consecutive samples' embedding gaps",
+                   trained=True),
+    "vid": LossSpec(f"{_PKG}.features:VIDLoss", ("map",), 1.0,
+                    "variational information distillation: Gaussian likelihood of the teacher map given the student's",
+                    trained=True, options={"init_var": 5.0}),
+    "gram": LossSpec(f"{_PKG}.features:GramLoss", ("map",), 1.0,
+                     "channel Gram matrices G = F F^T / HW per sample, squared distance (the seed's variant)",
+                     equal_channels=True),
+    "fsp": LossSpec(f"{_PKG}.stages:FSPLoss", ("map",), 1.0,
+                    "flow of solution procedure: Gram matrices between consecutive stages (two or more pairs)",
+                    joint=True, equal_channels=True),
+    "kdsvd": LossSpec(f"{_PKG}.stages:KDSVDLoss", ("map",), 1.0,
+                      "KD with SVD: RBF relations of consecutive stages' singular vectors (two or more pairs)",
+                      joint=True, equal_channels=True, options={"k": 1}),
     "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }
@@ -86,4 +103,5 @@ TRAINED_HEADS = tuple(n for n, s in REGISTRY.items() if s.trained)           # m
 DEFAULT_WEIGHTS = {n: s.weight for n, s in REGISTRY.items() if s.paired and isinstance(s.weight, float)}
 DISTILL_HEAD_LOSSES = ("deit", "deit-soft")  # on a DeiT student's distillation head (models.DIST_LOGITS)
 FULL_LOGIT_LOSSES = tuple(n for n, s in REGISTRY.items() if s.full_logits)
+JOINT_LOSSES = tuple(n for n, s in REGISTRY.items() if s.joint)                # all their pairs at once
 STANDARDIZED = ("kd", "dkd")   # the terms --kd-standardize and --learn-temperature change

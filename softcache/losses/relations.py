@@ -89,3 +89,21 @@ class SPLoss(nn.Module):
     def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
         diff = self.gram(student) - self.gram(teacher).detach()
         return diff.pow(2).sum() / len(student) ** 2
+
+
+class CCLoss(nn.Module):
+    """Peng et al., "Correlation Congruence for Knowledge Distillation" (ICCV 2019), as RepDistiller runs it (the
+    authors' code, "restructured"): the student's and the teacher's embeddings each pass a trained linear map to
+    128 dimensions (no normalisation); with δ_i = |e_s(i) − e_t(i)|, the loss is
+        mean over i = 1 .. B − 1 of sum_d δ_{i−1, d} · δ_{i, d}
+    (consecutive samples of the batch, not the paper's full kernel matrix). Weight 0.02 (RepDistiller `-b 0.02`);
+    it depends on the batch's order. `forward(s [B, Ds], t [B, Dt]) -> []`.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, dim: int = 128):
+        super().__init__()
+        self.embed_s, self.embed_t = nn.Linear(student_dim, dim), nn.Linear(teacher_dim, dim)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        delta = (self.embed_s(_flat(student)) - self.embed_t(_flat(teacher).to(student.dtype))).abs()
+        return (delta[:-1] * delta[1:]).sum(1).mean()

@@ -1,0 +1,88 @@
+"""Terms over a network's consecutive stages (`LossSpec.joint`): each takes all of its `--pair`s at once, in the
+order given, shallow to deep, and relates stage k to stage k + 1 in each network: FSP, KDSVD.
+`forward(student_features [s_1, ..., s_n], teacher_features [t_1, ..., t_n]) -> []`.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from softcache.losses.features import match_spatial
+
+
+class FSPLoss(nn.Module):
+    """Yim et al., "A Gift from Knowledge Distillation: Fast Optimization, Network Minimization and Transfer
+    Learning" (CVPR 2017).
+
+    The "flow of solution procedure" between stages k and k + 1 of each network: `G_k[i, j] = mean over positions
+    of f_{k+1}[i] · f_k[j]` `[C_{k+1}, C_k]` (the larger map average-pooled to the smaller), and the loss is
+    `sum_k mean((G_k^s − G_k^t)²)`. Student and teacher stages must have equal channel counts (RepDistiller
+    refuses others too). RepDistiller trains it alone for 30 initialisation epochs, then the student trains on
+    the task loss only (`init_epochs`, softcache.train).
+    """
+
+    @staticmethod
+    def flows(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        out = []
+        for bottom, top in zip(features[:-1], features[1:]):
+            bottom, top = match_spatial(bottom.float(), top.float())
+            out.append(torch.einsum("bjhw,bihw->bij", bottom, top) / (bottom.shape[-1] * bottom.shape[-2]))
+        return out
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        return sum((s - t.detach()).pow(2).mean() for s, t in zip(self.flows(student), self.flows(teacher)))
+
+
+class KDSVDLoss(nn.Module):
+    """Lee et al., "Self-supervised Knowledge Distillation Using Singular Value Decomposition" (ECCV 2018), as
+    RepDistiller computes it.
+
+    Each stage's map `[B, C, H, W]`, viewed as `[B, HW, C]`, is decomposed; its first right singular vectors
+    (over channels; the teacher's first k, the student's first k + 3, each L2-normalised, non-finite values set
+    to 0) are kept, each student set aligned to the teacher's (for each teacher vector, the student vector of
+    largest |cosine|, sign-corrected) and both scaled by the teacher's normalised singular values. Between
+    consecutive stages, `R_k = exp(−(v_{k+1}[:, :, None] − v_k[:, None, :])² / 8)` `[B, C_{k+1}, C_k, k]`, and
+    the loss is `sum_k ‖R_k^s − R_k^t‖² / B` (non-finite entries set to 0). Student and teacher stages must have
+    equal channel counts. Weight 1 (mdistiller).
+    """
+
+    def __init__(self, k: int = 1):
+        super().__init__()
+        self.k = int(k)
+
+    @staticmethod
+    def vectors(feature: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(singular values `[B, n]`, right singular vectors `[B, C, n]`), both normalised."""
+        b, c, h, w = feature.shape
+        x = feature.float().reshape(b, c, h * w).transpose(1, 2)
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))  # as the reference zeroes non-finite vectors
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)
+        v = vh.transpose(1, 2)
+        s, v = (torch.where(torch.isfinite(a), a, torch.zeros_like(a)) for a in (s, v))
+        return F.normalize(s[:, :n], dim=1), F.normalize(v[:, :, :n], dim=1)
+
+    @staticmethod
+    def align(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The student's vectors `[B, C, m]` picked and signed to match each teacher vector `[B, C, k]`."""
+        cosine = student.transpose(1, 2) @ teacher                        # [B, m, k]
+        best = cosine.abs().amax(1, keepdim=True)
+        pick = torch.where(cosine.abs() == best, torch.sign(cosine), torch.zeros_like(cosine))
+        return student @ pick                                              # [B, C, k]
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        total, previous = 0.0, None
+        for f_s, f_t in zip(student, teacher):
+            s_t, v_t = self.vectors(f_t.detach(), self.k)
+            _, v_s = self.vectors(f_s, self.k + 3)
+            v_s = self.align(v_s, v_t)
+            v_t, v_s = v_t * s_t[:, None], v_s * s_t[:, None]
+            if previous is not None:
+                r_s = torch.exp(-(v_s[:, :, None] - previous[0][:, None]).pow(2) / 8)
+                r_t = torch.exp(-(v_t[:, :, None] - previous[1][:, None]).pow(2) / 8)
+                d = (r_s - r_t.detach()).pow(2)
+                total = total + torch.where(torch.isfinite(d), d, torch.zeros_like(d)).sum() / len(f_s)
+            previous = (v_s, v_t)
+        return total
