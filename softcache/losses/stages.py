@@ -5,6 +5,7 @@ order given, shallow to deep, and relates stage k to stage k + 1 in each network
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +28,7 @@ class FSPLoss(nn.Module):
     @staticmethod
     def flows(features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         out = []
-        for bottom, top in zip(features[:-1], features[1:]):
+        for bottom, top in pairwise(features):
             bottom, top = match_spatial(bottom.float(), top.float())
             out.append(torch.einsum("bjhw,bihw->bij", bottom, top) / (bottom.shape[-1] * bottom.shape[-2]))
         return out
