@@ -3,7 +3,8 @@ used in the RepDistiller benchmarks (Tian et al., "Contrastive Representation Di
 
 A 3x3 stem, three stages of `n` basic blocks (depth = 6n + 2) at strides 1, 2, 2, global average pooling and
 a linear classifier. Shortcuts that change shape use a 1x1 convolution + BN (option B). Module names are the
-feature layers students and teachers tap: `conv1`, `layer1`, `layer2`, `layer3`, `fc`.
+feature layers students and teachers tap: `conv1`, `layer1`, `layer2`, `layer3`, `fc`; `layer3.pre_relu` is a
+stage's output before its last block's final ReLU (softcache.models.PRE_RELU).
 """
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ class BasicBlock(nn.Module):
         self.shortcut = nn.Sequential()
         if stride != 1 or cin != cout:
             self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU()  # the block's last activation, a module so that `LAYER.pre_relu` can tap its input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        return self.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):

@@ -304,6 +304,22 @@ def classifier_name(model: nn.Module) -> str | None:
     return next((name for name, m in reversed(list(modules.items())) if isinstance(m, nn.Linear)), None)
 
 
+PRE_RELU = ".pre_relu"  # LAYER.pre_relu: LAYER's output before its final ReLU (OFD, ReviewKD, AB use these)
+
+
+def pre_relu_module(model: nn.Module, layer: str) -> str:
+    """The module whose input `LAYER.pre_relu` is: the last `nn.ReLU` registered inside LAYER (in a ResNet stage,
+    its last block's final activation, whose input is the block's sum before the ReLU; the last call wins where
+    one ReLU module serves a block twice, as torchvision's does). Refused when LAYER has no ReLU module."""
+    base = layer[:-len(PRE_RELU)]
+    module = dict(model.named_modules())[base]
+    relus = [name for name, m in module.named_modules() if isinstance(m, nn.ReLU)]
+    if not relus:
+        raise SoftcacheError(f"'{layer}': {base} ({type(module).__name__}) has no nn.ReLU module, so its output before "
+                             f"the final ReLU cannot be tapped (a functional relu leaves no hook); tap '{base}'")
+    return f"{base}.{relus[-1]}" if relus[-1] else base
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Every tappable name: the module names, and `embedding` (the classifier's input) when there is one."""
     names = [name for name, _ in model.named_modules() if name]
@@ -316,7 +332,8 @@ def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -
         raise SoftcacheError(f"{type(model).__name__} has no final nn.Linear classifier, so it has no '{EMBEDDING}' "
                              "(the classifier's input); tap a named layer instead")
     names = layer_names(model)
-    unknown = [layer for layer in layers if layer not in names]
+    unknown = [layer for layer in layers
+               if (layer[:-len(PRE_RELU)] if layer.endswith(PRE_RELU) else layer) not in names]
     if unknown:
         top = [n for n in names if "." not in n]
         close = [n for n in difflib.get_close_matches(unknown[0], names, n=4, cutoff=0.6) if n not in top]
@@ -324,6 +341,9 @@ def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -
         hint = (f"; nearest: {', '.join(close)}" if close else
                 f" (and {nested} nested names such as {next(n for n in names if '.' in n)})" if nested else "")
         raise SoftcacheError(f"unknown {what} '{unknown[0]}'; valid: {', '.join(top)}{hint}")
+    for layer in layers:
+        if layer.endswith(PRE_RELU):
+            pre_relu_module(model, layer)  # refuses a layer without a ReLU module
 
 
 def prefix_tokens(count: int) -> int:
@@ -343,7 +363,8 @@ class Tapped(nn.Module):
     """`model` with forward hooks on named layers: `forward(x) -> (logits [B, K], {layer: feature})`.
 
     Features are what the module outputs: maps `[B, C, H, W]` of CNNs, tokens `[B, N, D]` of ViT blocks (the
-    first tensor of a block that returns a tuple). The layer `embedding` is the input of the final classifier
+    first tensor of a block that returns a tuple); `LAYER.pre_relu` is LAYER's output before its final ReLU (the
+    input of its last `nn.ReLU`, `pre_relu_module`). The layer `embedding` is the input of the final classifier
     (`classifier_name`), flattened: `[B, D]`, e.g. the 64 pooled channels of a CIFAR ResNet-56, the 512 of a
     torchvision ResNet-18, timm's `forward_head(pre_logits=True)`. A DeiT student training its distillation head
     (timm's `set_distilled_training`) returns two logits: the class head's are `logits`, the distillation
@@ -357,8 +378,15 @@ class Tapped(nn.Module):
         self._features: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         self._hooks = [modules[classifier_name(model)].register_forward_pre_hook(self._embedding_hook())
-                       if name == EMBEDDING else modules[name].register_forward_hook(self._hook(name))
+                       if name == EMBEDDING else
+                       modules[pre_relu_module(model, name)].register_forward_pre_hook(self._pre_relu_hook(name))
+                       if name.endswith(PRE_RELU) else modules[name].register_forward_hook(self._hook(name))
                        for name in self.layers]
+
+    def _pre_relu_hook(self, name: str):
+        def store(_module: nn.Module, inputs: tuple) -> None:
+            self._features[name] = inputs[0].clone()  # an in-place ReLU would overwrite it
+        return store
 
     def _hook(self, name: str):
         def store(_module: nn.Module, _inputs, output) -> None:

@@ -204,19 +204,23 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
              "kd-standardized-learned-t": ["--loss", "kd,dkd", "--kd-standardize", "--learn-temperature",
                                            "--temperature", "2"],
              "features": ["--loss", "ce,vid,gram,fsp,kdsvd,cc", "--pair", "layer2=layer2", "--pair", "layer3=layer3",
-                          "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3"]}
+                          "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3"],
+             "reviewkd": ["--loss", "ce,reviewkd", "--pair", "layer2=layer2.pre_relu", "--pair",
+                          "layer3=layer3.pre_relu", "--pair", "embedding=embedding",
+                          "--loss-option", "reviewkd.warmup=1"]}
 
 
 @pytest.fixture(scope="module")
 def stages_cache(tmp_path_factory, teacher_weights):
-    """synthetic:20, 3 views: logits, layer2, layer3 and the embedding, from one dump."""
+    """synthetic:20, 3 views: logits, layer2 and layer3 (after and before their ReLU), the embedding."""
     from conftest import load_teacher
     from softcache.data import load_source
     from softcache.dump import dump_teacher
     from softcache.views import Augment
     out = tmp_path_factory.mktemp("stages") / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
-                 augment=Augment("cifar", image_size=32), views=3, layers=["layer2", "layer3", "embedding"], seed=1,
+                 augment=Augment("cifar", image_size=32), views=3,
+                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=1,
                  batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
     return out
 
@@ -386,3 +390,68 @@ def test_equal_width_terms_and_joint_terms_refuse_what_they_cannot_relate():
     with pytest.raises(SoftcacheError, match=r"fsp relates consecutive stages, and has one --pair \(layer3=layer3\); "
                                              "give it two or more"):
         route_pairs(["ce", "fsp"], [("layer3", "layer3")], {("layer3", "layer3"): "map"})
+
+
+# --- pre-ReLU taps and ReviewKD
+
+@pytest.mark.parametrize("name, layer", [("resnet8", "layer3"), ("resnet18", "layer4"),
+                                         ("timm:resnet18,zero_init_last=false", "layer3")])  # timm: no zeroed BN
+def test_a_pre_relu_tap_is_the_stage_output_before_its_final_relu(name, layer):
+    from softcache.models import Tapped, build_model, pre_relu_module
+    torch.manual_seed(0)
+    model = build_model(name, 10).eval()
+    tapped = Tapped(model, [layer, f"{layer}.pre_relu"])
+    with torch.no_grad():
+        _, features = tapped(torch.randn(2, 3, 64, 64))
+    pre, post = features[f"{layer}.pre_relu"], features[layer]
+    assert pre.shape == post.shape and torch.equal(torch.relu(pre), post)
+    assert (pre < 0).any()                       # what the ReLU removed is there
+    assert pre_relu_module(model, f"{layer}.pre_relu").startswith(f"{layer}.")
+
+
+def test_a_layer_without_a_relu_module_or_an_unknown_one_is_refused():
+    from softcache.models import check_layers, build_model
+    model = build_model("resnet8", 10)
+    with pytest.raises(SoftcacheError, match=r"'fc.pre_relu': fc \(Linear\) has no nn.ReLU module, so its output "
+                                             "before the final ReLU cannot be tapped"):
+        check_layers(model, ["fc.pre_relu"])
+    with pytest.raises(SoftcacheError, match=r"unknown layer 'layer9\.pre_relu'"):
+        check_layers(model, ["layer9.pre_relu"])
+
+
+def test_hierarchical_context_loss_matches_pooled_mses_written_out():
+    import numpy as np
+
+    from softcache.losses.stages import hierarchical_context_loss
+    g = torch.Generator().manual_seed(12)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 3, 8, 8, generator=g)
+    a, b = _np(s), _np(t)
+
+    def pool(x, k):  # average pooling of an 8x8 map to k x k
+        return x.reshape(2, 3, k, 8 // k, k, 8 // k).mean((3, 5))
+
+    levels = [np.mean((a - b) ** 2)] + [np.mean((pool(a, k) - pool(b, k)) ** 2) for k in (4, 2, 1)]
+    weights = [1, 0.5, 0.25, 0.125]
+    expected = sum(w * v for w, v in zip(weights, levels)) / sum(weights)
+    assert hierarchical_context_loss(s, t).item() == pytest.approx(expected, rel=1e-5)
+    small = hierarchical_context_loss(s[:, :, :1, :1], t[:, :, :1, :1]).item()   # a 1x1 level: the MSE alone
+    assert small == pytest.approx(np.mean((a[:, :, :1, :1] - b[:, :, :1, :1]) ** 2), rel=1e-5)
+
+
+def test_reviewkd_fuses_deep_to_shallow_into_the_teachers_shapes():
+    from softcache.losses.stages import ReviewKDLoss
+    torch.manual_seed(0)
+    review = ReviewKDLoss([(16, 32), (32, 64), (32, 64)])
+    assert [f.att_conv is None for f in review.fusions] == [False, False, True]   # the deepest does not fuse
+    assert review.fusions[0].conv1[0].out_channels == 32                          # min(512, deepest width)
+    student = [torch.randn(4, 16, 8, 8, requires_grad=True), torch.randn(4, 32, 4, 4), torch.randn(4, 32)]
+    teacher = [torch.randn(4, 32, 16, 16), torch.randn(4, 64, 8, 8), torch.randn(4, 64)]
+    loss = review(student, teacher)
+    loss.backward()
+    assert torch.isfinite(loss) and student[0].grad.abs().sum() > 0
+    outputs, deeper = [], None       # the same loss from the levels' outputs, deepest first
+    maps = [student[0], student[1], student[2][:, :, None, None]]
+    for k in (2, 1, 0):
+        out, deeper = review.fusions[k](maps[k], deeper, teacher[k].shape[-2:] if k < 2 else (1, 1))
+        outputs.insert(0, out)
+    assert [o.shape for o in outputs] == [(4, 32, 16, 16), (4, 64, 8, 8), (4, 64, 1, 1)]

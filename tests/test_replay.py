@@ -97,10 +97,12 @@ def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, 
 
 @pytest.fixture(scope="module")
 def embedding_cache(tmp_path_factory, teacher_weights):
-    """synthetic:20, 5 views, layer3 features and the embedding (the classifier's input)."""
+    """synthetic:20, 5 views, layer2 and layer3 features, before their ReLU too, and the embedding (the classifier's
+    input)."""
     out = tmp_path_factory.mktemp("emb") / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
-                 augment=Augment("cifar", image_size=32), views=5, layers=["layer3", "embedding"], seed=7,
+                 augment=Augment("cifar", image_size=32), views=5,
+                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=7,
                  batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
     return out
 
@@ -108,6 +110,7 @@ def embedding_cache(tmp_path_factory, teacher_weights):
 # Every term, and the settings that change terms: (losses, DistillLoss settings)
 _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt", "sp", "nst", "crd", "cc"), {}),
              (("ce", "vid", "gram", "fsp", "kdsvd"), {}),
+             (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -122,6 +125,9 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
     if "rkd" in losses:  # relation terms: sp and nst on layer3, rkd and pkt on the embedding
         cache, pairs = embedding_cache, {"layer3": "layer3", "embedding": "embedding"}
         assert open_cache(cache).shape("features/embedding") == (20, 5, 64)
+    if "reviewkd" in losses:  # the student's stages against the teacher's before their ReLU, then the embedding
+        cache, pairs = embedding_cache, {"layer2": "layer2.pre_relu", "layer3": "layer3.pre_relu",
+                                         "embedding": "embedding"}
     cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses, settings=settings)
     live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights),
                   settings=settings)

@@ -89,6 +89,10 @@ REGISTRY: dict[str, LossSpec] = {
     "kdsvd": LossSpec(f"{_PKG}.stages:KDSVDLoss", ("map",), 1.0,
                       "KD with SVD: RBF relations of consecutive stages' singular vectors (two or more pairs)",
                       joint=True, equal_channels=True, options={"k": 1}),
+    "reviewkd": LossSpec(f"{_PKG}.stages:ReviewKDLoss", ("map", "vector"), 1.0,
+                         "knowledge review: fused student stages, deep to shallow, against the teacher's pre-ReLU "
+                         "stages and embedding (pairs shallow to deep, the embedding last)",
+                         trained=True, joint=True, options={"warmup": 20, "max_mid": 512}),
     "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }

@@ -87,3 +87,77 @@ class KDSVDLoss(nn.Module):
                 total = total + torch.where(torch.isfinite(d), d, torch.zeros_like(d)).sum() / len(f_s)
             previous = (v_s, v_t)
         return total
+
+
+def _as_map(feature: torch.Tensor) -> torch.Tensor:
+    """An embedding `[B, D]` as a `[B, D, 1, 1]` map; maps unchanged."""
+    return feature[:, :, None, None] if feature.dim() == 2 else feature
+
+
+class AttentionFusion(nn.Module):
+    """ReviewKD's ABF: a 1x1 conv + BN of this stage's student map, fused with the deeper stage's result by two
+    attention maps (a 1x1 conv of both to 2 channels, sigmoid) unless it is the deepest, resized (nearest) to the
+    teacher's size, then a 3x3 conv + BN to the teacher's width. `forward(x, deeper or None, out_size) ->
+    (output [B, Ct, Ht, Wt], the fused map passed on)`."""
+
+    def __init__(self, student_channels: int, mid: int, teacher_channels: int, fuse: bool):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(student_channels, mid, 1, bias=False), nn.BatchNorm2d(mid))
+        self.conv2 = nn.Sequential(nn.Conv2d(mid, teacher_channels, 3, 1, 1, bias=False),
+                                   nn.BatchNorm2d(teacher_channels))
+        self.att_conv = nn.Sequential(nn.Conv2d(2 * mid, 2, 1), nn.Sigmoid()) if fuse else None
+        nn.init.kaiming_uniform_(self.conv1[0].weight, a=1)
+        nn.init.kaiming_uniform_(self.conv2[0].weight, a=1)
+
+    def forward(self, x: torch.Tensor, deeper: torch.Tensor | None,
+                out_size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        size = x.shape[-2:]
+        x = self.conv1(x)
+        if self.att_conv is not None:
+            deeper = F.interpolate(deeper, size, mode="nearest")
+            z = self.att_conv(torch.cat([x, deeper], dim=1))
+            x = x * z[:, :1] + deeper * z[:, 1:]
+        if tuple(x.shape[-2:]) != tuple(out_size):
+            x = F.interpolate(x, out_size, mode="nearest")
+        return self.conv2(x), x
+
+
+def hierarchical_context_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """ReviewKD's HCL on one level: the MSE, plus the MSEs of both maps average-pooled to 4x4, 2x2 and 1x1 (the
+    sizes smaller than the map) weighted 1/2, 1/4, 1/8, the sum divided by the weights' sum."""
+    loss, weight, total = F.mse_loss(student, teacher), 1.0, 1.0
+    for size in (4, 2, 1):
+        if size >= student.shape[-1]:
+            continue
+        weight /= 2
+        loss = loss + weight * F.mse_loss(F.adaptive_avg_pool2d(student, size), F.adaptive_avg_pool2d(teacher, size))
+        total += weight
+    return loss / total
+
+
+class ReviewKDLoss(nn.Module):
+    """Chen et al., "Distilling Knowledge via Knowledge Review" (CVPR 2021), as mdistiller runs it.
+
+    The pairs, shallow to deep, end with the embedding (e.g. layer1..3 = layer1..3.pre_relu, embedding =
+    embedding): the student's stage outputs (after their ReLU) and pooled embedding; the teacher's stages before
+    their final ReLU and its embedding (embeddings as 1x1 maps). Deepest first, each student level passes an
+    `AttentionFusion` that fuses it with the deeper levels' result (the review), giving a map of the teacher's
+    shape at that level; the loss is `sum over levels of hierarchical_context_loss(output, teacher)`. The fusion
+    width is `min(512, the deepest student width)`. mdistiller's CIFAR-100 settings: CE weight 1, the term
+    weighted 5 for ResNet-32x4 → 8x4 (ReviewKD's own 0.6 for ResNet-56 → 20; cfg default 1), ramped over 20
+    warm-up epochs. The fusion modules train with the student. `forward([s_1..s_n], [t_1..t_n]) -> []`.
+    """
+
+    def __init__(self, channels: Sequence[tuple[int, int]], max_mid: float = 512):
+        super().__init__()
+        mid = min(int(max_mid), channels[-1][0])
+        self.fusions = nn.ModuleList(AttentionFusion(cs, mid, ct, fuse=k < len(channels) - 1)
+                                     for k, (cs, ct) in enumerate(channels))
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        student, teacher = [_as_map(f) for f in student], [_as_map(f).float() for f in teacher]
+        deeper, total = None, 0.0
+        for k in reversed(range(len(student))):
+            out, deeper = self.fusions[k](student[k], deeper, teacher[k].shape[-2:])
+            total = total + hierarchical_context_loss(out.float(), teacher[k])
+        return total
