@@ -387,3 +387,19 @@ def test_the_registry_and_the_package_import_without_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+def test_crd_negatives_are_distinct_as_repdistiller_draws_them_unless_there_are_too_few():
+    labels = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
+    crd = CRDLoss(2, 2, labels.tolist(), dim=2, negatives=40)       # 40 <= 100 - 60: distinct for every class
+    assert crd.distinct()
+    anchors = torch.tensor([0, 1, 2, 2, 1])
+    drawn = crd.draw(anchors)
+    for row, c in zip(drawn, anchors.tolist()):
+        assert len(set(row.tolist())) == 40 and (labels[row] != c).all()
+    hits = torch.zeros(100)                                          # uniform over the other classes' samples
+    for _ in range(200):
+        crd._step += 1
+        hits += torch.bincount(crd.draw(torch.tensor([2]))[0], minlength=100)
+    assert hits[60:].sum() == 0 and hits[:40].min() > 0 and (hits[:40] / hits[:40].mean() - 1).abs().max() < 0.25
+    assert not CRDLoss(2, 2, labels.tolist(), dim=2, negatives=41).distinct()  # more than class 2's 40 others

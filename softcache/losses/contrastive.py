@@ -18,7 +18,8 @@ class CRDLoss(nn.Module):
     Heads: `g_s`, `g_t` = Linear(D -> 128) then L2 normalisation, for the student's and the teacher's embedding
     (both heads train with the student). Memories `M_s`, `M_t` `[N, 128]` hold one unit vector per training
     sample (initialised uniform in +-1/sqrt(128/3)). For anchor i with positive index i and K = 16384 negatives
-    j_1..j_K drawn uniformly, with replacement, from the samples of other classes (CRD's 'exact' mode):
+    j_1..j_K drawn uniformly from the samples of other classes (CRD's 'exact' mode), all distinct as RepDistiller
+    draws them when K <= N - n_c (`draw`):
         h_t(i, j) = exp(<M_s[j], g_t(t_i)> / tau) / Z_t,   h_s(i, j) = exp(<M_t[j], g_s(s_i)> / tau) / Z_s
     tau = 0.07; each Z is fixed on the first batch to N times the mean of its exp terms; then, with P_n = 1/N,
         NCE(h) = -1/B sum_i [ log(h(i, i) / (h(i, i) + K P_n)) + sum_k log(K P_n / (h(i, j_k) + K P_n)) ]
@@ -29,8 +30,9 @@ class CRDLoss(nn.Module):
     From a cache: the teacher's side is its cached embedding of the replayed view, the input the teacher head
     sees online (stored as float16: ~1e-3 relative rounding). Heads, memories and Z train and update exactly
     as online, in the same batch order. Where it differs from RepDistiller: the negatives are drawn by a
-    generator seeded with (seed, step) instead of NumPy's global state in DataLoader workers (same
-    distribution, and reproducible across resumes); the memories, Z and the step count live in this module's
+    generator seeded with (seed, step) instead of NumPy's global state in DataLoader workers (the same
+    distribution, a uniform K-subset of the other classes, and reproducible across resumes; with replacement
+    beyond the dense bound, see `distinct`); the memories, Z and the step count live in this module's
     state (saved with the run's checkpoint). `forward(s [B, Ds], t [B, Dt], index [B], labels [B]) -> []`.
     """
 
@@ -46,6 +48,8 @@ class CRDLoss(nn.Module):
         self.register_buffer("by_class", order, persistent=False)
         self.register_buffer("class_start", torch.cumsum(counts, 0) - counts, persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
+        self.register_buffer("sample_labels", labels, persistent=False)
+        self._distinct: bool | None = None
         bound = 1.0 / math.sqrt(dim / 3)
         g = torch.Generator().manual_seed(seed)
         self.register_buffer("memory_s", (torch.rand(n, dim, generator=g) * 2 - 1) * bound)
@@ -55,12 +59,32 @@ class CRDLoss(nn.Module):
         self._step: int | None = None        # the step count as a Python int (no device sync per step)
         self._z_set = False
 
+    def distinct(self) -> bool:
+        """Whether the K negatives of an anchor are distinct: RepDistiller's rule (without replacement when K is at
+        most the other classes' N − n_c, for every class), where the memory is small enough for the [B, N] draw
+        (`DISTINCT_FACTOR`; beyond it, e.g. ImageNet, with replacement: K = 16,384 of 1.28M repeats 0.6% of its
+        draws)."""
+        n = len(self.by_class)
+        return (self.negatives <= n - int(self.class_count.max())
+                and n <= self.DISTINCT_FACTOR * (1 + self.negatives))
+
+    # Distinct draws key every sample ([B, N] uniform numbers and a top-K), against B x K numbers with
+    # replacement: 29.5 ms against 8.9 ms per CIFAR-10 batch of 64 on the 2-core CPU (BENCHMARKS.md, "CRD").
+    DISTINCT_FACTOR = 16
+
     def draw(self, labels: torch.Tensor) -> torch.Tensor:
-        """K negatives per anchor `[B, K]`, uniform over the samples of the other classes (u in [0, N - n_c)
-        skips class c's block of the class-sorted order), drawn on the labels' device from (seed, step)."""
+        """K negatives per anchor `[B, K]`, uniform over the samples of the other classes, drawn on the labels'
+        device from (seed, step): distinct (the K smallest of N uniform keys, the anchor's class keyed last) where
+        `distinct()`, else with replacement (u in [0, N - n_c) skips class c's block of the class-sorted order)."""
         if self._step is None:  # once per process: the buffer carries the count across a resume
             self._step = int(self.step)
         g = torch.Generator(device=labels.device).manual_seed(self.seed * 1_000_003 + self._step)
+        if self._distinct is None:
+            self._distinct = self.distinct()
+        if self._distinct:
+            keys = torch.rand(len(labels), len(self.by_class), generator=g, device=labels.device)
+            keys.masked_fill_(self.sample_labels[None, :] == labels[:, None], 2.0)
+            return keys.topk(self.negatives, dim=1, largest=False, sorted=False).indices
         count, start = self.class_count[labels][:, None], self.class_start[labels][:, None]
         u = (torch.rand(len(labels), self.negatives, generator=g, device=labels.device)
              * (len(self.by_class) - count)).long()
