@@ -237,10 +237,16 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
                                                 workers=optim.workers, device=dev,
                                                 data_path="loader" if data_path == "loader" else "auto")
                        if world.main else None,
-                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since)
+                       optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since,
+                       init_epochs=criterion_init_epochs(criterion))
         finally:
             if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
                 targets.close()
+
+
+def criterion_init_epochs(criterion: nn.Module) -> int:
+    """The initialisation epochs of a (possibly wrapped) DistillLoss."""
+    return getattr(criterion, "module", criterion).init_epochs
 
 
 def plan_pairs(tapped: Tapped, teacher: CacheReader | Mapping[str, tuple[int, ...]], weights: Mapping[str, float],

@@ -339,7 +339,7 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
         assert spec.help and "\n" not in spec.help, name
         assert spec.takes == ("logits",) or set(spec.takes) <= set(_PAIR_INPUTS), name
     assert sorted(FEATURE_LOSSES) == sorted(n for n, s in REGISTRY.items() if s.paired)
-    assert TRAINED_HEADS == ("fitnets", "cc", "vid", "crd") and "ce" not in DEFAULT_WEIGHTS  # DistillLoss builds them
+    assert TRAINED_HEADS == ("fitnets", "cc", "vid", "reviewkd", "ab", "ft", "crd") and "ce" not in DEFAULT_WEIGHTS
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,

@@ -204,7 +204,11 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
              "kd-standardized-learned-t": ["--loss", "kd,dkd", "--kd-standardize", "--learn-temperature",
                                            "--temperature", "2"],
              "features": ["--loss", "ce,vid,gram,fsp,kdsvd,cc", "--pair", "layer2=layer2", "--pair", "layer3=layer3",
-                          "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3"],
+                          "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3",
+                          "--loss-option", "fsp.init_epochs=0"],
+             "staged": ["--loss", "ce,ab,ft", "--pair", "ab:layer2.pre_relu=layer2.pre_relu", "--pair",
+                        "ab:layer3.pre_relu=layer3.pre_relu", "--pair", "ft:layer3=layer3",
+                        "--loss-option", "ab.init_epochs=1", "--loss-option", "ft.init_epochs=1"],
              "reviewkd": ["--loss", "ce,reviewkd", "--pair", "layer2=layer2.pre_relu", "--pair",
                           "layer3=layer3.pre_relu", "--pair", "embedding=embedding",
                           "--loss-option", "reviewkd.warmup=1"]}
@@ -236,8 +240,8 @@ def test_every_new_term_trains_from_one_cache_through_the_cli(tmp_path, stages_c
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     terms = args[args.index("--loss") + 1].split(",")
-    for record in records:
-        assert all(math.isfinite(record[f"train_{t}"]) for t in terms), record
+    assert {f"train_{t}" for t in terms} <= {key for r in records for key in r}  # init terms in the init epochs
+    assert all(math.isfinite(v) for r in records for k, v in r.items() if k.startswith("train_")), records
     config = json.loads((tmp_path / run / "config.json").read_text())
     assert config["loss_options"] == [[a.partition("=")[0], float(a.partition("=")[2])]
                                       for a, b in zip(args[1:], args) if b == "--loss-option"]
@@ -455,3 +459,89 @@ def test_reviewkd_fuses_deep_to_shallow_into_the_teachers_shapes():
         out, deeper = review.fusions[k](maps[k], deeper, teacher[k].shape[-2:] if k < 2 else (1, 1))
         outputs.insert(0, out)
     assert [o.shape for o in outputs] == [(4, 32, 16, 16), (4, 64, 8, 8), (4, 64, 1, 1)]
+
+
+# --- the initialisation stage: ab, fsp, ft (RepDistiller's init()) and two-stage FitNets (the seed's)
+
+def _staged_run(cache, out, losses, pairs, options, epochs=1):
+    """A train-student run recording, after every step, its terms and copies of the student's fc and conv1."""
+    from softcache.config import OptimConfig
+    from softcache.data import load_source
+    from softcache.models import build_model
+    from softcache.train import train_student
+    torch.manual_seed(0)
+    student = build_model("resnet8", 10)
+    steps = []
+    weights = resolve_weights(losses, alpha=0.9, beta=1000.0, hint_weight=100.0)
+    train_student(student, cache, load_source("synthetic:20", "train"), load_source("synthetic:20", "test"), out,
+                  weights=weights, pairs=pairs, optim=OptimConfig(epochs=epochs, batch_size=10, workers=0),
+                  settings={"options": resolve_options(weights, options)},
+                  on_step=lambda step, terms: steps.append((terms, student.fc.weight.detach().clone(),
+                                                            student.conv1[0].weight.detach().clone())))
+    return steps
+
+
+def test_two_stage_fitnets_trains_the_hint_alone_then_the_task_alone(tmp_path, stages_cache):
+    import json
+    initial = _staged_run(stages_cache, tmp_path / "x", ["kd", "fitnets"], [("layer2", "layer2")], [])[0]
+    steps = _staged_run(stages_cache, tmp_path / "two", ["kd", "fitnets"], [("layer2", "layer2")],
+                        [("fitnets.init_epochs", 1.0)])
+    assert len(steps) == 4                                              # 1 init + 1 main epoch of 2 steps
+    (first, fc0, conv0), (_, fc1, conv1) = steps[:2]
+    assert set(first) == {"fitnets", "loss"} and first["loss"] == first["fitnets"]   # the hint alone, unweighted
+    assert torch.equal(fc0, fc1) and not torch.equal(conv0, conv1)     # layers up to the hint train, fc does not
+    assert set(steps[2][0]) == {"ce", "kd", "loss"}                    # then the task loss, without the hint
+    assert first["fitnets"] * 100 == pytest.approx(initial[0]["fitnets"], rel=1e-5)  # same first step, weight 1
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("stage", "main") for r in records] == ["init", "main"]
+    assert records[0]["lr"] == records[1]["lr"] == 0.1                   # the peak rate, then the cosine from it
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["epochs"] == 2
+
+
+def test_ft_pretrains_its_paraphraser_then_transfers_factors(tmp_path, stages_cache):
+    steps = _staged_run(stages_cache, tmp_path / "ft", ["ce", "ft"], [("layer3", "layer3")], [("ft.init_epochs", 1.0)])
+    (first, fc0, conv0), (second, fc1, conv1) = steps[:2]  # the init epoch's two steps
+    assert set(first) == {"ft", "loss"}
+    assert torch.equal(fc0, fc1) and torch.equal(conv0, conv1)         # the student plays no part in it
+    assert second["ft"] < first["ft"]                                   # the reconstruction improves
+    assert set(steps[2][0]) == {"ce", "ft", "loss"}                     # then FT itself beside ce
+
+
+@pytest.mark.parametrize("term", ["ab", "fsp"])
+def test_ab_and_fsp_train_alone_first_then_leave_the_task_loss_alone(tmp_path, stages_cache, term):
+    pairs = [("layer2.pre_relu", "layer2.pre_relu"), ("layer3.pre_relu", "layer3.pre_relu")] if term == "ab" else \
+        [("layer2", "layer2"), ("layer3", "layer3")]
+    steps = _staged_run(stages_cache, tmp_path / term, ["ce", term], pairs, [(f"{term}.init_epochs", 1.0)])
+    assert [set(t) for t, _, _ in steps] == [{term, "loss"}] * 2 + [{"ce", "loss"}] * 2
+    assert torch.equal(steps[0][1], steps[1][1]) and not torch.equal(steps[0][2], steps[1][2])
+
+
+def test_ab_matches_the_boundary_loss_written_out():
+    from softcache.losses.stages import ABLoss
+    g = torch.Generator().manual_seed(13)
+    student = [torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 2, 2, generator=g)]
+    teacher = [torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 2, 2, generator=g)]
+    expected = 0.0
+    for k, (s, t) in enumerate(zip(map(_np, student), map(_np, teacher))):
+        d = ((s + 1) ** 2 * ((s > -1) & (t <= 0)) + (s - 1) ** 2 * ((s <= 1) & (t > 0))).sum()
+        expected += 2.0 ** (k - 1) * d / 3 * 3 / 1000
+    assert ABLoss([(4, 4), (4, 4)])(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_ft_matches_the_factor_l1_written_out():
+    import numpy as np
+
+    from softcache.losses.features import FTLoss
+    torch.manual_seed(0)
+    ft = FTLoss(3, 4).eval()            # BN of the translator at its running statistics: a fixed map
+    s, t = torch.randn(2, 3, 4, 4), torch.randn(2, 4, 4, 4)
+    with torch.no_grad():
+        f_s, f_t = _np(ft.translator(s)), _np(ft.encoder(t))
+
+    def factor(f):
+        a = (f ** 2).mean(1).reshape(len(f), -1)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    assert ft(s, t).item() == pytest.approx(np.mean(np.abs(factor(f_s) - factor(f_t))), rel=1e-5)
+    rec = _np(ft.decoder(ft.encoder(t)))
+    assert ft.init_loss(s, t).item() == pytest.approx(np.mean((rec - _np(t)) ** 2), rel=1e-5)

@@ -109,8 +109,9 @@ def embedding_cache(tmp_path_factory, teacher_weights):
 
 # Every term, and the settings that change terms: (losses, DistillLoss settings)
 _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt", "sp", "nst", "crd", "cc"), {}),
-             (("ce", "vid", "gram", "fsp", "kdsvd"), {}),
+             (("ce", "vid", "gram", "fsp", "kdsvd"), {"options": {"fsp": {"init_epochs": 0}}}),
              (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
+             (("ce", "ab", "ft"), {"options": {"ab": {"init_epochs": 1}, "ft": {"init_epochs": 1}}}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -128,12 +129,17 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
     if "reviewkd" in losses:  # the student's stages against the teacher's before their ReLU, then the embedding
         cache, pairs = embedding_cache, {"layer2": "layer2.pre_relu", "layer3": "layer3.pre_relu",
                                          "embedding": "embedding"}
+    if "ab" in losses:  # pre-ReLU stages for ab, the last stage for ft; one initialisation epoch first
+        cache, pairs = embedding_cache, {"ab:layer2.pre_relu": "layer2.pre_relu",
+                                         "ab:layer3.pre_relu": "layer3.pre_relu", "ft:layer3": "layer3"}
     cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses, settings=settings)
     live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights),
                   settings=settings)
-    assert len(cached) == len(live) == 4  # 2 epochs x (20 // 8) steps
+    init = max((o.get("init_epochs", 0) for o in (settings or {}).get("options", {}).values()), default=0)
+    assert len(cached) == len(live) == 2 * (2 + init)  # (init +) 2 epochs x (20 // 8) steps
+    assert set(losses) <= {term for a in cached for term in a}
     for a, b in zip(cached, live):
-        assert a.keys() == b.keys() and set(losses) <= set(a)
+        assert a.keys() == b.keys()
         for term in a:
             assert a[term] == pytest.approx(b[term], rel=2e-3, abs=1e-5), term
 

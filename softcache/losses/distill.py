@@ -68,7 +68,10 @@ class DistillLoss(nn.Module):
         self.terms = nn.ModuleDict({t: self._build_pair_term(t, [channels[p] for p in pairs] if channels else [])
                                     for t, pairs in self.routes.items()
                                     if REGISTRY[t].joint or not REGISTRY[t].trained})
-        self.epoch = 0
+        # the initialisation stage: the terms that train alone first (RepDistiller's init(), FitNets' stage 1)
+        self.init_terms = [t for t in self.routes if self.options[t].get("init_epochs", 0) > 0]
+        self.init_epochs = int(max((self.options[t]["init_epochs"] for t in self.init_terms), default=0))
+        self.set_epoch(0)
         # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
         self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
         for s, t in self.routes.get("fitnets", []):
@@ -102,10 +105,41 @@ class DistillLoss(nn.Module):
         return LOSSES[term](channels, **kwargs) if spec.joint else LOSSES[term](*channels[0], **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch (0-based) the next steps belong to: the warm-up ramps, the learned temperature's λ."""
-        self.epoch = epoch
+        """The epoch (0-based, initialisation epochs first) the next steps belong to: the stage, the warm-up
+        ramps and the learned temperature's λ (both counted from the first main epoch)."""
+        self.stage = "init" if epoch < self.init_epochs else "main"
+        self.epoch = max(0, epoch - self.init_epochs)
         if self.temperature_module is not None:
-            self.temperature_module.set_epoch(epoch)
+            self.temperature_module.set_epoch(self.epoch)
+
+    def stops_after_init(self, term: str) -> bool:
+        """A term of the initialisation stage that the main stage leaves out (ab, fsp, two-stage FitNets), as
+        RepDistiller's and the seed's stage 2 train on the task loss; ft goes on with its paraphraser frozen."""
+        module = dict(self.heads.items()).get(term) or dict(self.terms.items()).get(term)  # ModuleDict has no get
+        first = next(iter(module.values())) if isinstance(module, nn.ModuleDict) else module
+        return term in self.init_terms and not getattr(first, "continues_after_init", False)
+
+    def _init_stage(self, student_features: Mapping[str, torch.Tensor],
+                    teacher_features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The initialisation stage's terms, each unweighted (RepDistiller's init() sums them as they are): a
+        term's `init_loss` where it has one (ft: the paraphraser's reconstruction), else the term itself."""
+        terms: dict[str, torch.Tensor] = {}
+        for term in self.init_terms:
+            pairs = self.routes[term]
+            if REGISTRY[term].joint:
+                terms[term] = self.terms[term]([student_features[s] for s, _ in pairs],
+                                               [teacher_features[t] for _, t in pairs])
+                continue
+            values = []
+            for s, t in pairs:
+                module = self.heads[term][_key(s)] if term in self.heads else None
+                if module is not None and hasattr(module, "init_loss"):
+                    values.append(module.init_loss(student_features[s], teacher_features[t]))
+                else:
+                    values.append(self._pair_loss(term, student_features[s], teacher_features[t], s, None, None))
+            terms[term] = sum(values)
+        terms["loss"] = sum(terms.values())
+        return terms
 
     def ramp(self, term: str) -> float:
         """A term's warm-up factor `min((epoch + 1) / warmup, 1)` (mdistiller's, its epochs counted from 1)."""
@@ -155,11 +189,15 @@ class DistillLoss(nn.Module):
                 mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """`index [B]`: the batch's sample indices (crd's positives and memory rows); `mixed`: the partner labels
         and λ of mixed views, for the ce term (`CELoss`)."""
+        if self.stage == "init":
+            return self._init_stage(student_features, teacher_features)
         terms: dict[str, torch.Tensor] = {}
         if "ce" in self.weights:
             terms["ce"] = self.ce(logits, labels, mixed)
         terms.update(self._logit_terms(logits, labels, student_features, teacher))
         for term, pairs in self.routes.items():
+            if self.stops_after_init(term):
+                continue
             if REGISTRY[term].joint:  # consecutive stages, shallow to deep
                 terms[term] = self.terms[term]([student_features[s] for s, _ in pairs],
                                                [teacher_features[t] for _, t in pairs])

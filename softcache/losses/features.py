@@ -168,3 +168,50 @@ class VIDLoss(nn.Module):
         mu = self.regressor(s).float()
         var = (F.softplus(self.log_scale) + self.eps)[None, :, None, None]
         return (0.5 * ((mu - t.float()).pow(2) / var + torch.log(var))).mean()
+
+
+def _encoder(cin: int, mid: int, out: int, bn: bool, transposed: bool = False) -> nn.Sequential:
+    """Three 3x3 convs (cin → mid → out → out, or transposed ones), each followed by BN (if `bn`) and
+    LeakyReLU(0.1): FT's paraphraser (no BN) and translator (BN) blocks."""
+    conv = nn.ConvTranspose2d if transposed else nn.Conv2d
+    layers: list[nn.Module] = []
+    for a, b in ((cin, mid), (mid, out), (out, out)):
+        layers += [conv(a, b, 3, 1, 1), *([nn.BatchNorm2d(b)] if bn else []), nn.LeakyReLU(0.1)]
+    return nn.Sequential(*layers)
+
+
+class FTLoss(nn.Module):
+    """Kim et al., "Paraphrasing Complex Network: Network Compression via Factor Transfer" (NeurIPS 2018), as
+    RepDistiller runs it (on the last stage's map).
+
+    A paraphraser (an autoencoder of the teacher's map: encoder Ct → Ct → k·Ct → k·Ct, decoder back, 3x3 convs
+    and LeakyReLU, rate k = 0.5) is trained first, on the cached teacher maps alone, to reconstruct them (MSE;
+    `init_loss`, the `init_epochs` stage). Then it is frozen, and a translator (the same encoder shape, with BN)
+    maps the student's map to factors; with `factor(f) = normalize(mean_c(f²))` over positions, the loss is
+    `mean |factor(translator(s)) − factor(encoder(t))|` (the larger map average-pooled to the smaller).
+    Weight 200 (RepDistiller `-b 200`). `forward(s [B, Cs, H, W], t [B, Ct, H', W']) -> []`.
+    """
+
+    continues_after_init = True   # the main stage uses it, its paraphraser frozen
+
+    def __init__(self, student_channels: int, teacher_channels: int, rate: float = 0.5):
+        super().__init__()
+        factor = int(teacher_channels * rate)
+        self.encoder = _encoder(teacher_channels, teacher_channels, factor, bn=False)
+        self.decoder = _encoder(factor, factor, teacher_channels, bn=False, transposed=True)
+        self.translator = _encoder(student_channels, student_channels, factor, bn=True)
+
+    def init_loss(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        """The paraphraser's reconstruction error of the teacher's map (the student plays no part)."""
+        t = teacher.float()
+        return F.mse_loss(self.decoder(self.encoder(t)).float(), t)
+
+    @staticmethod
+    def factor(f: torch.Tensor) -> torch.Tensor:
+        return F.normalize(f.float().pow(2).mean(1).flatten(1), dim=1)
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            f_t = self.encoder(teacher.to(student.dtype))
+        f_s, f_t = match_spatial(self.translator(student), f_t)
+        return (self.factor(f_s) - self.factor(f_t)).abs().mean()

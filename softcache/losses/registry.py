@@ -29,7 +29,8 @@ class LossSpec:
     trained: bool = False             # owns parameters that train with the student, one module per pair
     options: Mapping[str, float] = field(default_factory=dict)  # its own settings and their defaults (the
                                       # reference code's CIFAR-100 values), set by --loss-option TERM.KEY=VALUE;
-                                      # `warmup` (epochs) ramps its weight by min((epoch + 1) / warmup, 1)
+                                      # `warmup` (epochs) ramps its weight by min((epoch + 1) / warmup, 1);
+                                      # `init_epochs`: epochs it trains alone before the main ones (softcache.train)
     full_logits: bool = False         # reads the teacher's whole logit vector: refused with a topk or sampled cache
     joint: bool = False               # takes all its pairs at once, shallow to deep, relating consecutive stages
     equal_channels: bool = False      # its student and teacher maps must have the same channel counts
@@ -63,7 +64,7 @@ REGISTRY: dict[str, LossSpec] = {
                      options={"tau": 4.0, "beta": 1.0, "gamma": 1.0}, full_logits=True),
     "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map", "tokens"), "hint_weight",
                         "FitNets hints: MSE after a trained regressor (1x1 conv + BN; linear + LayerNorm on tokens)",
-                        trained=True),
+                        trained=True, options={"init_epochs": 0}),
     "at": LossSpec(f"{_PKG}.features:ATLoss", ("map", "attention"), "beta",
                    "attention transfer: squared distance of normalised spatial attention maps"),
     "rkd": LossSpec(f"{_PKG}.relations:RKDLoss", ("vector", "tokens"), 1.0,
@@ -85,7 +86,7 @@ REGISTRY: dict[str, LossSpec] = {
                      equal_channels=True),
     "fsp": LossSpec(f"{_PKG}.stages:FSPLoss", ("map",), 1.0,
                     "flow of solution procedure: Gram matrices between consecutive stages (two or more pairs)",
-                    joint=True, equal_channels=True),
+                    joint=True, equal_channels=True, options={"init_epochs": 30}),
     "kdsvd": LossSpec(f"{_PKG}.stages:KDSVDLoss", ("map",), 1.0,
                       "KD with SVD: RBF relations of consecutive stages' singular vectors (two or more pairs)",
                       joint=True, equal_channels=True, options={"k": 1}),
@@ -93,6 +94,12 @@ REGISTRY: dict[str, LossSpec] = {
                          "knowledge review: fused student stages, deep to shallow, against the teacher's pre-ReLU "
                          "stages and embedding (pairs shallow to deep, the embedding last)",
                          trained=True, joint=True, options={"warmup": 20, "max_mid": 512}),
+    "ab": LossSpec(f"{_PKG}.stages:ABLoss", ("map",), 1.0,
+                   "activation boundaries: margin L2 on pre-ReLU stages, deepest weighted most (two or more pairs)",
+                   trained=True, joint=True, options={"margin": 1.0, "init_epochs": 30}),
+    "ft": LossSpec(f"{_PKG}.features:FTLoss", ("map",), 200.0,
+                   "factor transfer: L1 of translated student and paraphrased teacher factors",
+                   trained=True, options={"rate": 0.5, "init_epochs": 30}),
     "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }
@@ -101,7 +108,7 @@ LOSS_NAMES = tuple(REGISTRY)
 MAP_LOSSES = tuple(n for n, s in REGISTRY.items() if "map" in s.takes)        # pair feature maps (at: attention too)
 TOKEN_LOSSES = tuple(n for n, s in REGISTRY.items() if "tokens" in s.takes)   # pair ViT tokens [B, N, D]
 VECTOR_LOSSES = tuple(n for n, s in REGISTRY.items() if "vector" in s.takes)  # pair embeddings [B, D]
-FEATURE_LOSSES = MAP_LOSSES + VECTOR_LOSSES                                   # every term that needs --pair
+FEATURE_LOSSES = tuple(dict.fromkeys(MAP_LOSSES + VECTOR_LOSSES))           # every term that needs --pair
 TRAINED_HEADS = tuple(n for n, s in REGISTRY.items() if s.trained)           # modules of their own, one per pair
 # The pair terms' fixed weights (the CRD benchmark's); kd, at and fitnets take theirs from options.
 DEFAULT_WEIGHTS = {n: s.weight for n, s in REGISTRY.items() if s.paired and isinstance(s.weight, float)}

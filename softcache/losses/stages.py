@@ -161,3 +161,36 @@ class ReviewKDLoss(nn.Module):
             out, deeper = self.fusions[k](student[k], deeper, teacher[k].shape[-2:])
             total = total + hierarchical_context_loss(out.float(), teacher[k])
         return total
+
+
+class ABLoss(nn.Module):
+    """Heo et al., "Knowledge Transfer via Distillation of Activation Boundaries Formed by Hidden Neurons" (AAAI
+    2019), as RepDistiller runs it.
+
+    On pre-ReLU maps (`LAYER.pre_relu` on both sides), a connector per stage (identity where the widths match,
+    else a 1x1 conv + BN to the teacher's; RepDistiller's strided convs for other sizes are average pooling
+    here) and the alternative L2 of the activation boundaries, margin m = 1:
+        d = (s + m)² · [s > −m and t ≤ 0] + (s − m)² · [s ≤ m and t > 0]
+    summed over elements, divided by B, scaled by 3 / 1000 and by 2^(k − n + 1) for stage k of n (the deepest
+    counts most). RepDistiller trains it alone for 30 initialisation epochs (the connectors and the student's
+    layers), after which the student trains on the task loss only (`init_epochs`).
+    """
+
+    def __init__(self, channels: Sequence[tuple[int, int]], margin: float = 1.0):
+        super().__init__()
+        self.margin = margin
+        self.connectors = nn.ModuleList(nn.Identity() if cs == ct else
+                                        nn.Sequential(nn.Conv2d(cs, ct, 1, bias=False), nn.BatchNorm2d(ct))
+                                        for cs, ct in channels)
+
+    def boundary(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        m = self.margin
+        return ((source + m).pow(2) * ((source > -m) & (target <= 0)) +
+                (source - m).pow(2) * ((source <= m) & (target > 0))).sum()
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        n, total = len(student), 0.0
+        for k, (connector, s, t) in enumerate(zip(self.connectors, student, teacher)):
+            s, t = match_spatial(connector(s).float(), t.float())
+            total = total + 2.0 ** (k - n + 1) * self.boundary(s, t) / len(s) * 3 / 1000
+        return total

@@ -126,8 +126,10 @@ class BatchTrace:
 
 def train_epoch(step: Step, loader: Iterable, opt: torch.optim.Optimizer, sched: Any, state: Checkpoint, *,
                 epoch: int, what: str, device: torch.device, world: distributed.World, trace: BatchTrace,
-                on_step: Callable[[int, dict[str, float]], None] | None = None) -> dict[str, Any]:
-    """One pass of `step` over `loader`, stepping the optimizer and schedule; `state.step` counts the steps.
+                on_step: Callable[[int, dict[str, float]], None] | None = None,
+                schedule: bool = True) -> dict[str, Any]:
+    """One pass of `step` over `loader`, stepping the optimizer and (unless `schedule` is False: an
+    initialisation epoch, at the constant peak rate) the schedule; `state.step` counts the steps.
     Returns the epoch's sums over every rank (loss terms weighted by batch size, correct, seen) and its time."""
     sums: dict[str, torch.Tensor] = {}
     correct, seen, started = torch.zeros((), device=device), 0, time.perf_counter()
@@ -137,7 +139,8 @@ def train_epoch(step: Step, loader: Iterable, opt: torch.optim.Optimizer, sched:
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
         opt.step()
-        sched.step()
+        if schedule:
+            sched.step()
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float() * len(labels)
         correct += (logits.detach().argmax(1) == labels).sum()
@@ -154,10 +157,12 @@ def train_epoch(step: Step, loader: Iterable, opt: torch.optim.Optimizer, sched:
     return {"sums": sums, "correct": correct, "seen": seen, "seconds": seconds}
 
 
-def epoch_record(epoch: int, lr: float, done: dict[str, Any], test_acc: float, test_loss: float) -> dict[str, Any]:
-    """The metrics.jsonl line of a finished epoch."""
+def epoch_record(epoch: int, lr: float, done: dict[str, Any], test_acc: float, test_loss: float,
+                 stage: str = "main") -> dict[str, Any]:
+    """The metrics.jsonl line of a finished epoch (an initialisation epoch's says `"stage": "init"`)."""
     seen = done["seen"]
-    return {"epoch": epoch + 1, "lr": lr, **{f"train_{k}": (v / seen).item() for k, v in done["sums"].items()},
+    return {"epoch": epoch + 1, **({"stage": stage} if stage != "main" else {}), "lr": lr,
+            **{f"train_{k}": (v / seen).item() for k, v in done["sums"].items()},
             "train_acc": 100.0 * done["correct"].item() / max(1, seen), "test_acc": test_acc, "test_loss": test_loss,
             "epoch_s": round(done["seconds"], 3), "images": seen, "images_per_s": round(seen / done["seconds"], 1)}
 
@@ -166,8 +171,12 @@ def fit(model: nn.Module, step: Step, *, params: Sequence[nn.Parameter], train_l
         optim: OptimConfig, mean: Sequence[float], std: Sequence[float], device: torch.device, out: Path,
         on_step: Callable[[int, dict[str, float]], None] | None = None,
         modules: Mapping[str, nn.Module] | None = None, world: distributed.World = distributed.World(),
-        since: float | None = None) -> dict[str, Any]:
+        since: float | None = None, init_epochs: int = 0) -> dict[str, Any]:
     """SGD + momentum with a per-step cosine schedule; evaluate each epoch; write metrics, model.pt, summary.json.
+
+    `init_epochs` come first: the step's initialisation stage (`step.set_epoch` tells it), at the constant peak
+    rate; the optimizer's momentum is cleared when the `optim.epochs` main epochs begin (RepDistiller's init()
+    has an optimizer of its own), and the cosine schedule spans the main epochs only.
 
     `step(batch) -> (named loss terms incl. 'loss', logits [B, K], labels [B])` runs the forward pass;
     `train_loader` has `set_epoch` and `__len__` (EpochBatches, ResidentReplay). After every epoch
@@ -186,29 +195,35 @@ def fit(model: nn.Module, step: Step, *, params: Sequence[nn.Parameter], train_l
         log.info("resuming %s after epoch %d of %d", out, state.epoch, optim.epochs)
     test_acc = state.records[-1]["test_acc"] if state.records else 0.0
     trace = BatchTrace(world)
-    for epoch in range(state.epoch, optim.epochs):
+    epochs = init_epochs + optim.epochs
+    for epoch in range(state.epoch, epochs):
         train_loader.set_epoch(epoch)
-        if hasattr(step, "set_epoch"):  # loss schedules (warm-up, a learned temperature's curriculum)
+        if hasattr(step, "set_epoch"):  # loss stages and schedules (warm-up, a learned temperature's curriculum)
             step.set_epoch(epoch)
+        if init_epochs and epoch == init_epochs:
+            opt.state.clear()  # the main stage's momentum starts afresh
         model.train()
         lr = sched.get_last_lr()[0]
+        stage = "init" if epoch < init_epochs else "main"
         done = train_epoch(step, train_loader, opt, sched, state, epoch=epoch, device=device, world=world,
-                           trace=trace, on_step=on_step, what=f"{out.name} epoch {epoch + 1}/{optim.epochs}")
+                           trace=trace, on_step=on_step, what=f"{out.name} epoch {epoch + 1}/{epochs}",
+                           schedule=stage == "main")
         if not world.main:
             continue
         test_acc, test_loss = evaluate(model, test_loader, mean=mean, std=std, device=device)
-        record = epoch_record(epoch, lr, done, test_acc, test_loss)
+        record = epoch_record(epoch, lr, done, test_acc, test_loss, stage)
         state.epoch, state.best = epoch + 1, max(state.best, test_acc)
         state.records.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         elapsed = state.wall_s + time.perf_counter() - started
         state.save(out / CHECKPOINT, modules, opt, sched, device, wall_s=elapsed)
-        progress.say(f"{out.name}: epoch {epoch + 1}/{optim.epochs}, loss {record['train_loss']:.4f}, train "
+        progress.say(f"{out.name}: epoch {epoch + 1}/{epochs}{' (init)' if stage == 'init' else ''}, "
+                     f"loss {record['train_loss']:.4f}, train "
                      f"{record['train_acc']:.2f}%, test {test_acc:.2f}%, {record['images_per_s']:,.0f} images/s, "
                      f"{elapsed:,.1f} s elapsed")
     trace.close()
-    return finish(model, out, state, test_acc=test_acc, epochs=optim.epochs, world=world,
+    return finish(model, out, state, test_acc=test_acc, epochs=epochs, world=world,
                   wall_s=state.wall_s + time.perf_counter() - started)
 
 

@@ -54,7 +54,7 @@ class DistillStep:
         self.mean, self.std, self.device = mean, std, device
 
     def set_epoch(self, epoch: int) -> None:
-        """Tell the loss terms the epoch (warm-up ramps, the learned temperature's schedule)."""
+        """Tell the loss terms the epoch (their stage, warm-up ramps, the learned temperature's schedule)."""
         getattr(self.criterion, "module", self.criterion).set_epoch(epoch)  # through DistributedDataParallel
 
     def __call__(self, batch: tuple) -> Result:
