@@ -365,10 +365,15 @@ def train_teacher_cmd(**kw: Any) -> None:
 @augment
 @view_options
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
-@_option("--layers", default="", callback=_names, help="comma-separated feature layers to store [default: logits only]")
+@_option("--layers", default="", callback=_names,
+         help="comma-separated feature layers to store: module names, 'embedding' (the classifier's input), "
+              "LAYER.pre_relu (LAYER's output before its final ReLU) [default: logits only]")
 @_option("--logits", default=DumpConfig.logits, metavar="FORMAT", help="fp16, bf16, fp32, topk:K or sampled:K[:TAU]")
 @_option("--targets", type=click.Choice(TARGET_KINDS), default=DumpConfig.targets,
          help="per layer: the feature map, or only its attention map (for at)")
+@_option("--teacher-head", is_flag=True,
+         help="store the teacher's classifier once in the cache, for simkd (LAYER.pre_relu layers store the "
+              "BatchNorm before their ReLU, for ofd, without asking)")
 @_option("--temperature", type=click.FloatRange(min=0, min_open=True), default=DumpConfig.temperature,
          help="sampled logits: the temperature they are drawn at")
 @_option("--stream", "streams", multiple=True, callback=_streams, metavar="NAME:KEY=VALUE,...",

@@ -74,6 +74,7 @@ class DumpConfig(ViewOptions):
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
     logits: str = "fp16"            # fp16 | bf16 | fp32 | topk:K | sampled:K[:TAU] (see softcache.targets)
     targets: str = "features"       # features | attention: what is stored per layer
+    teacher_head: bool = False      # store the teacher's classifier once in the cache (simkd reuses it)
     temperature: float = 4.0        # sampled logits only: the temperature p_T is drawn at
     format: str | None = None       # zarr | hdf5; None: hdf5 for a .h5/.hdf5 --out, else zarr
     shard_mb: float = 64.0          # target size of one shard (the unit written whole) of the largest array

@@ -28,7 +28,7 @@ from softcache.data import Source, absolute_spec, load_source
 from softcache.errors import SoftcacheError
 from softcache.locks import WriterLock, cache_lock_path
 from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head, conventions,
-                              file_sha256, is_pretrained, load_weights, spec_conventions)
+                              file_sha256, is_pretrained, load_weights, spec_conventions, teacher_params)
 from softcache.weights import check_weights_file
 from softcache.planner import image_bytes, plan
 from softcache.policies import policy_of
@@ -39,6 +39,7 @@ from softcache.store.base import ShardWriter
 from softcache.store import (MAIN, Existing, array_layout, backend_of, build_manifest, check_existing, feature_name,
                              logits_prefix, prepare_cache, stream_names, stream_prefix, swap_in, teacher_norm)
 from softcache.store import stream_augment as store_stream_augment
+from softcache.store.manifest import encode_params
 from softcache.targets import TARGET_KINDS, LogitsFormat, feature_targets
 from softcache.mixing import Mix
 from softcache.pixels import Pixels
@@ -152,7 +153,8 @@ def _unique_names(archs: Sequence[str]) -> list[str]:
 
 def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment: Augment, views: int | str,
                   layers: Sequence[str], seed: int, logits: LogitsFormat, targets: str, backend: str,
-                  shard_mb: float = 64.0, streams: Mapping[str, Augment] | None = None) -> dict[str, Any]:
+                  shard_mb: float = 64.0, streams: Mapping[str, Augment] | None = None,
+                  teacher_head: bool = False) -> dict[str, Any]:
     """The manifest (and so the cache id) of a dump, known before any teacher runs. `streams`: named view
     streams besides the main one (`augment`), of the same samples, view count, seed and view size."""
     if targets not in TARGET_KINDS:
@@ -167,7 +169,8 @@ def describe_dump(*, teachers: Sequence[dict[str, Any]], source: Source, augment
                  "ratio": list(augment.ratio), "mean": list(source.mean), "std": list(source.std),
                  **augment.to_json()},
         layers=layers, storage={"backend": backend, "logits": logits.to_json(), "targets": targets,
-                                "shard_bytes": int(shard_mb * 2**20)},
+                                "shard_bytes": int(shard_mb * 2**20),
+                                **({"teacher_head": True} if teacher_head else {})},
         streams={name: {"policy": a.policy, **a.to_json()} for name, a in (streams or {}).items()})
 
 
@@ -379,6 +382,9 @@ def run_dump(teachers: Sequence[nn.Module], source: Source, out: str | Path, man
     started = time.perf_counter() if since is None else since  # the first shard's wall time includes set-up
     if existing.action == "reuse":
         return DumpResult(where.location(out), "reuse", manifest)
+    params = teacher_params(teachers[0], manifest["layers"], manifest["storage"].get("teacher_head", False))
+    if params:  # once per cache: the BatchNorms before tapped ReLUs (OFD), the classifier (SimKD)
+        manifest = {**manifest, "teacher_params": encode_params(params)}
     aug = manifest["augment"]
     augment, dev = Augment.from_manifest(aug), torch.device(device)
     tapped = [prepare_model(Tapped(t, manifest["layers"] if k == 0 else []), dev).eval()
@@ -437,7 +443,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
                  targets: str = "features", format: str | None = None, temperature: float = 4.0,
                  shard_mb: float = 64.0, data_path: str = "auto", writer_threads: int = 0,
                  teacher_info: Sequence[Mapping[str, Any]] | Mapping[str, Any] | None = None,
-                 streams: Mapping[str, Augment] | None = None) -> DumpResult:
+                 streams: Mapping[str, Augment] | None = None, teacher_head: bool = False) -> DumpResult:
     """Run `teacher` (or several) in eval mode, no grad, over `views` views of every sample; write the cache at `out`.
 
     `views` is a count, drawn from `(seed, index)`, or 'all' to enumerate a finite policy. `layers` are
@@ -445,6 +451,8 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     `format` the backend (zarr, or hdf5; default from the suffix). `teacher_info` names the teachers
     (`name`, `arch`, `weights_sha256`); without it their weights are hashed here. `streams` adds named view
     streams (`{name: Augment}` of the same view size) beside the main one, each with its own teacher outputs.
+    `teacher_head` stores the first teacher's classifier once in the cache (SimKD reuses it); the BatchNorms before
+    tapped `LAYER.pre_relu` layers are stored with them (OFD's margins).
     """
     modules = list(teacher) if isinstance(teacher, (list, tuple)) else [teacher]
     check_layers(modules[0], layers)
@@ -461,7 +469,7 @@ def dump_teacher(teacher: nn.Module | Sequence[nn.Module], source: Source, out: 
     backend = backend_of(out, format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=layers, seed=seed,
                              logits=LogitsFormat.parse(logits, temperature), targets=targets, backend=backend,
-                             shard_mb=shard_mb, streams=streams)
+                             shard_mb=shard_mb, streams=streams, teacher_head=teacher_head)
     with (WriterLock(cache_lock_path(out), f"cache '{out}'") if not where.is_url(out) else contextlib.nullcontext()):
         existing = check_existing(out, manifest, overwrite=overwrite, backend=backend)
         return run_dump(modules, source, out, manifest, existing, batch_size=batch_size, workers=workers,
@@ -518,7 +526,8 @@ def dump_from_config(cfg: DumpConfig) -> DumpResult:
     backend = backend_of(cfg.out, cfg.format)
     manifest = describe_dump(teachers=infos, source=source, augment=augment, views=views, layers=cfg.layers,
                              seed=cfg.seed, logits=LogitsFormat.parse(cfg.logits, cfg.temperature),
-                             targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb, streams=streams)
+                             targets=cfg.targets, backend=backend, shard_mb=cfg.shard_mb, streams=streams,
+                             teacher_head=cfg.teacher_head)
     world = distributed.init(cfg.device)
     refusal = BACKENDS[backend].torchrun_refusal
     if world.size > 1 and refusal:

@@ -320,6 +320,40 @@ def pre_relu_module(model: nn.Module, layer: str) -> str:
     return f"{base}.{relus[-1]}" if relus[-1] else base
 
 
+def bn_before_relu(model: nn.Module, layer: str) -> nn.BatchNorm2d | None:
+    """The BatchNorm whose output `LAYER.pre_relu` sums before its ReLU: the last BatchNorm2d of the block that
+    holds the ReLU, outside its shortcut (`shortcut`, `downsample`): a basic block's bn2, a bottleneck's bn3
+    (mdistiller's `get_bn_before_relu`). None where the block has none."""
+    block = pre_relu_module(model, layer).rpartition(".")[0]
+    found = [m for name, m in dict(model.named_modules())[block].named_modules()
+             if isinstance(m, nn.BatchNorm2d) and not {"shortcut", "downsample"} & set(name.split("."))]
+    return found[-1] if found else None
+
+
+def teacher_params(model: nn.Module, layers: Sequence[str], head: bool = False) -> dict[str, torch.Tensor]:
+    """What a cache stores of the teacher itself, once (not per sample), by name, float32 on the CPU: for every
+    `LAYER.pre_relu` layer the affine parameters and running statistics of `bn_before_relu` (OFD's margins
+    come from them), as `bn/LAYER.pre_relu/{weight, bias, running_mean, running_var}`; with `head`, the final
+    classifier's `classifier/{weight, bias}` (SimKD reuses it)."""
+    out: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        bn = bn_before_relu(model, layer) if layer.endswith(PRE_RELU) else None
+        for key in ("weight", "bias", "running_mean", "running_var") if bn is not None else ():
+            value = getattr(bn, key)
+            if value is not None:
+                out[f"bn/{layer}/{key}"] = value.detach().float().cpu().clone()
+    if head:
+        name = classifier_name(model)
+        if name is None:
+            raise SoftcacheError(f"{type(model).__name__} has no final nn.Linear classifier to store "
+                                 "(--teacher-head); drop --teacher-head")
+        fc = dict(model.named_modules())[name]
+        out["classifier/weight"] = fc.weight.detach().float().cpu().clone()
+        out["classifier/bias"] = (fc.bias.detach().float().cpu().clone() if fc.bias is not None
+                                  else torch.zeros(fc.out_features))
+    return out
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Every tappable name: the module names, and `embedding` (the classifier's input) when there is one."""
     names = [name for name, _ in model.named_modules() if name]

@@ -24,14 +24,15 @@ from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_options, resolve_weights, route_pairs, split_pair
 from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED
-from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head, input_norm,
-                              is_pretrained, load_weights)
+from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head,
+                              classifier_name, input_norm, is_pretrained, load_weights, teacher_params)
 from softcache.weights import check_weights_file
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
 from softcache.runs import run_folder
 from softcache.training.loop import fit
 from softcache.training.steps import CEStep, DistillStep
 from softcache.store import MAIN, CacheReader, feature_name, open_cache, stream_augment, stream_prefix
+from softcache.store.manifest import stored_params
 from softcache.streaming import StreamingTargets
 from softcache.views import Augment
 
@@ -157,6 +158,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     routes, channels, kinds = plan_pairs(tapped, reader, weights, pairs,
                                          image_size or manifest["augment"]["image_size"], stream=target_stream)
     augment = Augment.from_manifest(stream_augment(manifest, stream), image_size)
+    settings = {**(settings or {}), "teacher_params": stored_params(manifest)}  # what the cache holds once
 
     def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
         loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, temperature=temperature,
@@ -414,6 +416,9 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     tapped = Tapped(student, sorted({split_pair(key)[1] for key, _ in pairs}))
     routes, channels, kinds = plan_pairs(tapped, {t: tuple(f.shape[1:]) for t, f in probe.items()}, weights, pairs,
                                          augment.image_size)
+    # what a cache would hold of the teacher once, taken from the teacher itself
+    settings = {**(settings or {}), "teacher_params": teacher_params(teacher, teacher_layers,
+                                                                     head=classifier_name(teacher) is not None)}
 
     def batches(dev: torch.device, layers: list[str]) -> tuple[Any, Targets]:
         if views_from is not None:

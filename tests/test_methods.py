@@ -2,6 +2,7 @@
 schedules, and what they refuse."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -206,6 +207,8 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
              "features": ["--loss", "ce,vid,gram,fsp,kdsvd,cc", "--pair", "layer2=layer2", "--pair", "layer3=layer3",
                           "--pair", "embedding=embedding", "--loss-option", "vid.init_var=3",
                           "--loss-option", "fsp.init_epochs=0"],
+             "ofd": ["--loss", "ce,ofd", "--pair", "ofd:layer2.pre_relu=layer2.pre_relu", "--pair",
+                     "ofd:layer3.pre_relu=layer3.pre_relu"],
              "staged": ["--loss", "ce,ab,ft", "--pair", "ab:layer2.pre_relu=layer2.pre_relu", "--pair",
                         "ab:layer3.pre_relu=layer3.pre_relu", "--pair", "ft:layer3=layer3",
                         "--loss-option", "ab.init_epochs=1", "--loss-option", "ft.init_epochs=1"],
@@ -545,3 +548,75 @@ def test_ft_matches_the_factor_l1_written_out():
     assert ft(s, t).item() == pytest.approx(np.mean(np.abs(factor(f_s) - factor(f_t))), rel=1e-5)
     rec = _np(ft.decoder(ft.encoder(t)))
     assert ft.init_loss(s, t).item() == pytest.approx(np.mean((rec - _np(t)) ** 2), rel=1e-5)
+
+
+# --- what the cache stores of the teacher once: BatchNorms for OFD, the classifier for SimKD
+
+def test_the_cache_stores_the_teachers_batchnorms_and_head_once_covered_by_its_integrity(tmp_path, teacher_weights):
+    from conftest import load_teacher
+    from softcache.data import load_source
+    from softcache.dump import dump_teacher
+    from softcache.store import open_cache
+    from softcache.store.manifest import stored_params
+    from softcache.views import Augment
+    teacher = load_teacher(teacher_weights)
+    common = dict(augment=Augment("cifar", image_size=32), views=2, workers=0, batch_size=32)
+    dump_teacher(teacher, load_source("synthetic:20", "train"), tmp_path / "c", layers=["layer3.pre_relu"],
+                 teacher_head=True, **common)
+    cache = open_cache(tmp_path / "c")
+    params = stored_params(cache.manifest)
+    bn = teacher.layer3[0].bn2                                   # resnet8: one block a stage; not its shortcut BN
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        assert torch.equal(torch.from_numpy(params[f"bn/layer3.pre_relu/{key}"]), getattr(bn, key).detach())
+    assert torch.equal(torch.from_numpy(params["classifier/weight"]), teacher.fc.weight.detach())
+    assert not any(name.startswith("teacher") for name in cache.names())    # not a per-sample array
+    dump_teacher(teacher, load_source("synthetic:20", "train"), tmp_path / "plain", layers=["layer3.pre_relu"],
+                 **common)
+    plain = open_cache(tmp_path / "plain").manifest
+    assert plain["id"] != cache.manifest["id"] and "classifier/weight" not in stored_params(plain)
+    meta = json.loads((tmp_path / "c" / "zarr.json").read_text())     # a changed parameter is found
+    entry = meta["attributes"]["softcache"]["teacher_params"]["classifier/bias"]
+    entry["data"] = entry["data"][::-1]
+    (tmp_path / "c" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(SoftcacheError, match="its manifest was changed after the dump"):
+        open_cache(tmp_path / "c")
+
+
+def test_ofd_margin_and_partial_l2_match_the_formulas_written_out():
+    import numpy as np
+
+    from softcache.losses.stages import OFDLoss, ofd_margin
+    gamma, beta = torch.tensor([1.0, 0.5, -2.0, 0.1]), torch.tensor([0.0, 1.0, -1.0, 5.0])
+    expected = []
+    for g, b in zip(gamma.tolist(), beta.tolist()):
+        s = abs(g)
+        cdf = 0.5 * math.erfc(b / s / math.sqrt(2))                  # Phi(-b / s)
+        pdf = math.exp(-(b / s) ** 2 / 2) / math.sqrt(2 * math.pi)
+        expected.append(b - s * pdf / cdf if cdf > 0.001 else -3 * s)
+    assert ofd_margin(gamma, beta).tolist() == pytest.approx(expected, rel=1e-6)
+    assert expected[0] == pytest.approx(-math.sqrt(2 / math.pi), rel=1e-6) and expected[3] == pytest.approx(-0.3)
+    g = torch.Generator().manual_seed(14)
+    student = [torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 2, 2, 2, generator=g)]
+    teacher = [torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 2, 2, generator=g)]
+    margins = [ofd_margin(gamma, beta), ofd_margin(gamma, beta)]
+    ofd = OFDLoss([(4, 4), (2, 4)], margins).eval()                   # the connectors' BN at running statistics
+    total = 0.0
+    for k, (s, t) in enumerate(zip(student, teacher)):
+        with torch.no_grad():
+            s = _np(ofd.connectors[k](s))
+        h = s.shape[-1]
+        t = _np(t).reshape(3, 4, h, t.shape[-1] // h, h, t.shape[-1] // h).mean((3, 5))
+        m = np.array(expected)[None, :, None, None]
+        d = ((s - m) ** 2 * ((s > m) & (t <= m)) + (s - t) ** 2 * ((s > t) & (t > m) & (t <= 0))
+             + (s - t) ** 2 * (t > 0))
+        total += d.mean(0).sum() / 2 ** (1 - k)
+    assert ofd(student, teacher).item() == pytest.approx(total, rel=1e-5)
+
+
+def test_ofd_needs_the_teachers_pre_relu_layers():
+    with pytest.raises(SoftcacheError, match=r"ofd needs the teacher's BatchNorm before the ReLU of 'layer3', which "
+                                             r"this cache does not hold: pair the teacher's LAYER\.pre_relu layers"):
+        DistillLoss({"ofd": 0.001}, routes={"ofd": [("a", "layer2.pre_relu"), ("b", "layer3")]},
+                    channels={("a", "layer2.pre_relu"): (4, 4), ("b", "layer3"): (4, 4)},
+                    teacher_params={"bn/layer2.pre_relu/weight": torch.ones(4),
+                                    "bn/layer2.pre_relu/bias": torch.ones(4)})

@@ -112,6 +112,7 @@ _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt",
              (("ce", "vid", "gram", "fsp", "kdsvd"), {"options": {"fsp": {"init_epochs": 0}}}),
              (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
              (("ce", "ab", "ft"), {"options": {"ab": {"init_epochs": 1}, "ft": {"init_epochs": 1}}}),
+             (("ce", "ofd"), {}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -129,6 +130,8 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
     if "reviewkd" in losses:  # the student's stages against the teacher's before their ReLU, then the embedding
         cache, pairs = embedding_cache, {"layer2": "layer2.pre_relu", "layer3": "layer3.pre_relu",
                                          "embedding": "embedding"}
+    if "ofd" in losses:  # pre-ReLU stages; the margins from the cached BatchNorms, online from the teacher's
+        cache, pairs = embedding_cache, {"layer2.pre_relu": "layer2.pre_relu", "layer3.pre_relu": "layer3.pre_relu"}
     if "ab" in losses:  # pre-ReLU stages for ab, the last stage for ft; one initialisation epoch first
         cache, pairs = embedding_cache, {"ab:layer2.pre_relu": "layer2.pre_relu",
                                          "ab:layer3.pre_relu": "layer3.pre_relu", "ft:layer3": "layer3"}

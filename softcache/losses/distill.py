@@ -11,6 +11,7 @@ from softcache.errors import SoftcacheError
 from softcache.losses.contrastive import CRDLoss
 from softcache.losses.features import FitNetsLoss, TokenFitNetsLoss
 from softcache.losses.logit import LearnedTemperature, standardize, teacher_logits
+from softcache.losses.stages import ofd_margin
 from softcache.losses.registry import DISTILL_HEAD_LOSSES, REGISTRY, STANDARDIZED, VECTOR_LOSSES
 from softcache.models import DIST_LOGITS, class_token
 from softcache.losses.response import CELoss, KDLoss
@@ -44,11 +45,13 @@ class DistillLoss(nn.Module):
                  labels: Sequence[int] | None = None, seed: int = 0,
                  kinds: Mapping[tuple[str, str], str] | None = None,
                  options: Mapping[str, Mapping[str, float]] | None = None, standardize: bool = False,
-                 learn_temperature: bool = False, label_smoothing: float = 0.0):
+                 learn_temperature: bool = False, label_smoothing: float = 0.0,
+                 teacher_params: Mapping[str, torch.Tensor] | None = None):
         super().__init__()
         if reduce not in PAIR_REDUCTIONS:
             raise SoftcacheError(f"unknown pair reduction '{reduce}'; valid: {', '.join(PAIR_REDUCTIONS)}")
         self.weights, self.reduce, self.temperature = dict(weights), reduce, temperature
+        self.teacher_params = {k: torch.as_tensor(v) for k, v in (teacher_params or {}).items()}
         # every active term's settings: its registry defaults, then --loss-option; `warmup` is the schedule's
         self.options = {t: {**REGISTRY[t].options, **(options or {}).get(t, {})} for t in self.weights}
         self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
@@ -65,7 +68,8 @@ class DistillLoss(nn.Module):
                             f"{term} compares channel by channel, and --pair {s}={t} pairs {channels[(s, t)][0]} "
                             f"student channels with {channels[(s, t)][1]} teacher channels; pair layers of equal width")
         # the untrained pair terms and the joint ones (one module each); per-pair trained heads below
-        self.terms = nn.ModuleDict({t: self._build_pair_term(t, [channels[p] for p in pairs] if channels else [])
+        self.terms = nn.ModuleDict({t: self._build_pair_term(t, [channels[p] for p in pairs] if channels else [],
+                                                             [t_layer for _, t_layer in pairs])
                                     for t, pairs in self.routes.items()
                                     if REGISTRY[t].joint or not REGISTRY[t].trained})
         # the initialisation stage: the terms that train alone first (RepDistiller's init(), FitNets' stage 1)
@@ -96,10 +100,21 @@ class DistillLoss(nn.Module):
             kwargs["temperature"] = self.temperature
         return cls(**kwargs)
 
-    def _build_pair_term(self, term: str, channels: list[tuple[int, int]]) -> nn.Module:
+    def _build_pair_term(self, term: str, channels: list[tuple[int, int]],
+                         teacher_layers: Sequence[str] = ()) -> nn.Module:
         """A pair term's module with its options: a trained one from its pair's `(student C, teacher C)` (a joint
-        trained one from every pair's), an untrained one from its options alone."""
+        trained one from every pair's), an untrained one from its options alone; ofd with the margins of its
+        teacher layers' BatchNorms (`teacher_params`)."""
         spec, kwargs = REGISTRY[term], {k: v for k, v in self.options[term].items() if k not in SCHEDULE_KEYS}
+        if spec.teacher_params == "bn":
+            missing = [t for t in teacher_layers if f"bn/{t}/weight" not in self.teacher_params]
+            if missing:
+                raise SoftcacheError(
+                    f"{term} needs the teacher's BatchNorm before the ReLU of '{missing[0]}', which this cache does "
+                    "not hold: pair the teacher's LAYER.pre_relu layers (dump-teacher stores their BatchNorm with "
+                    f"them), e.g. --pair {term}:layer3.pre_relu=layer3.pre_relu")
+            kwargs["margins"] = [ofd_margin(self.teacher_params[f"bn/{t}/weight"], self.teacher_params[f"bn/{t}/bias"])
+                                 for t in teacher_layers]
         if not spec.trained:
             return LOSSES[term](**kwargs)
         return LOSSES[term](channels, **kwargs) if spec.joint else LOSSES[term](*channels[0], **kwargs)

@@ -33,6 +33,8 @@ class LossSpec:
                                       # `init_epochs`: epochs it trains alone before the main ones (softcache.train)
     full_logits: bool = False         # reads the teacher's whole logit vector: refused with a topk or sampled cache
     joint: bool = False               # takes all its pairs at once, shallow to deep, relating consecutive stages
+    teacher_params: Literal["bn", "classifier"] | None = None  # reads what the cache stores of the teacher once
+                                      # (models.teacher_params): the BatchNorms before tapped ReLUs, the classifier
     equal_channels: bool = False      # its student and teacher maps must have the same channel counts
 
     @property
@@ -100,6 +102,9 @@ REGISTRY: dict[str, LossSpec] = {
     "ft": LossSpec(f"{_PKG}.features:FTLoss", ("map",), 200.0,
                    "factor transfer: L1 of translated student and paraphrased teacher factors",
                    trained=True, options={"rate": 0.5, "init_epochs": 30}),
+    "ofd": LossSpec(f"{_PKG}.stages:OFDLoss", ("map",), 0.001,
+                    "overhaul of feature distillation: partial L2 to pre-ReLU stages above the teacher's BN margin",
+                    trained=True, joint=True, teacher_params="bn"),
     "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }

@@ -1,9 +1,11 @@
-"""Terms over a network's consecutive stages (`LossSpec.joint`): each takes all of its `--pair`s at once, in the
-order given, shallow to deep, and relates stage k to stage k + 1 in each network: FSP, KDSVD.
+"""Terms over a network's stages (`LossSpec.joint`): each takes all of its `--pair`s at once, in the order given,
+shallow to deep: FSP and KDSVD relate stage k to stage k + 1 in each network; ReviewKD fuses them deep to shallow;
+AB and OFD weight the deeper stages more.
 `forward(student_features [s_1, ..., s_n], teacher_features [t_1, ..., t_n]) -> []`.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -193,4 +195,53 @@ class ABLoss(nn.Module):
         for k, (connector, s, t) in enumerate(zip(self.connectors, student, teacher)):
             s, t = match_spatial(connector(s).float(), t.float())
             total = total + 2.0 ** (k - n + 1) * self.boundary(s, t) / len(s) * 3 / 1000
+        return total
+
+
+def ofd_margin(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """OFD's margin per channel `[C]`: the mean of the negative responses of a Gaussian N(β, γ²) (the BatchNorm
+    before the ReLU, γ its weight, β its bias), `β − |γ| φ(β / |γ|) / Φ(−β / |γ|)`, or −3|γ| where Φ(−β / |γ|)
+    ≤ 0.001 (mdistiller's rule)."""
+    out = []
+    for g, b in zip(weight.double().tolist(), bias.double().tolist()):
+        s = abs(g)
+        cdf = 0.5 * (1 + math.erf(-b / s / math.sqrt(2))) if s > 0 else 0.0
+        out.append(b - s * math.exp(-(b / s) ** 2 / 2) / math.sqrt(2 * math.pi) / cdf if cdf > 0.001 else -3 * s)
+    return torch.tensor(out, dtype=torch.float32)
+
+
+class OFDLoss(nn.Module):
+    """Heo et al., "A Comprehensive Overhaul of Feature Distillation" (ICCV 2019), as mdistiller runs it.
+
+    On pre-ReLU stages (`LAYER.pre_relu` on both sides, shallow to deep), a connector per stage (1x1 conv + BN
+    to the teacher's width, conv weights N(0, 2 / Ct)) and the partial L2 with the teacher's margin m per channel
+    (`ofd_margin` of the BatchNorm before the teacher's ReLU, stored once in the cache with the layer):
+        d = (s − m)² · [s > m and t ≤ m] + (s − t)² · [s > t and m < t ≤ 0] + (s − t)² · [t > 0]
+    averaged over the batch and summed over channels and positions, the teacher map average-pooled to the
+    student's size, stage k of n weighted 1 / 2^(n − 1 − k). mdistiller's CIFAR-100 weight: 0.001 beside CE 1.
+    (mdistiller leaves its teacher in train mode during OFD; the cache holds the eval-mode teacher's maps.)
+    """
+
+    def __init__(self, channels: Sequence[tuple[int, int]], margins: Sequence[torch.Tensor]):
+        super().__init__()
+        self.connectors = nn.ModuleList()
+        for cs, ct in channels:
+            conv = nn.Conv2d(cs, ct, 1, bias=False)
+            nn.init.normal_(conv.weight, 0, math.sqrt(2.0 / ct))
+            self.connectors.append(nn.Sequential(conv, nn.BatchNorm2d(ct)))
+        for k, margin in enumerate(margins):
+            self.register_buffer(f"margin{k}", margin.float().view(1, -1, 1, 1))
+
+    @staticmethod
+    def partial_l2(s: torch.Tensor, t: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        d = ((s - m).pow(2) * ((s > m) & (t <= m)) + (s - t).pow(2) * ((s > t) & (t > m) & (t <= 0))
+             + (s - t).pow(2) * (t > 0))
+        return d.abs().mean(0).sum()
+
+    def forward(self, student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor]) -> torch.Tensor:
+        n, total = len(student), 0.0
+        for k, (connector, s, t) in enumerate(zip(self.connectors, student, teacher)):
+            s = connector(s).float()
+            t = F.adaptive_avg_pool2d(t.float(), s.shape[-2:]).detach()
+            total = total + self.partial_l2(s, t, getattr(self, f"margin{k}")) / 2 ** (n - 1 - k)
         return total

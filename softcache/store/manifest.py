@@ -10,6 +10,7 @@ same id hold the same targets, so a second one is not run.
 """
 from __future__ import annotations
 
+import base64
 import datetime as _dt
 import hashlib
 import json
@@ -131,3 +132,24 @@ def teacher_norm(manifest: dict[str, Any], index: int = 0) -> tuple[list[float],
     Face teacher's, recorded as `teachers[k].input`), else the dataset's (`augment.mean`, `augment.std`)."""
     found = manifest["teachers"][index].get("input")
     return (found["mean"], found["std"]) if found else (manifest["augment"]["mean"], manifest["augment"]["std"])
+
+
+def encode_params(params: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Teacher parameters stored once per cache (`models.teacher_params`: name -> float32 tensor or array) as the
+    manifest's `teacher_params`: shape, dtype and the little-endian bytes in base64. The manifest's hash in the
+    integrity record covers them; the cache id does through the teacher's weights hash, its layers and
+    `storage.teacher_head`, which determine them."""
+    import numpy as np  # here: reading a manifest needs no numpy
+    out = {}
+    for name, value in params.items():
+        array = np.ascontiguousarray(np.asarray(value, dtype="<f4"))
+        out[name] = {"shape": list(array.shape), "dtype": "float32",
+                     "data": base64.b64encode(array.tobytes()).decode("ascii")}
+    return out
+
+
+def stored_params(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's teacher parameters as float32 arrays, by name (empty for a cache without any)."""
+    import numpy as np
+    return {name: np.frombuffer(base64.b64decode(entry["data"]), dtype="<f4").reshape(entry["shape"]).copy()
+            for name, entry in manifest.get("teacher_params", {}).items()}
