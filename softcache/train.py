@@ -24,6 +24,7 @@ from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_options, resolve_weights, route_pairs, split_pair
 from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED
+from softcache.losses.simkd import PROJECTOR, SimKDStudent
 from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head,
                               classifier_name, input_norm, is_pretrained, load_weights, teacher_params)
 from softcache.weights import check_weights_file
@@ -151,6 +152,9 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     check_full_logits(weights, settings or {}, manifest["storage"]["logits"]["format"])
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
+    student, pairs = reuse_teacher_head(student, weights, pairs, stored_params(manifest),
+                                        lambda t: reader.shape(feature_name(manifest, t, target_stream))[2:],
+                                        image_size or manifest["augment"]["image_size"])
     student = sync_batchnorm(student, optim.sync_bn, world, device)
     distillation_head(student, weights, manifest["storage"]["logits"]["format"])
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
@@ -171,6 +175,39 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                    augment=augment, weights=weights, temperature=temperature, routes=routes, channels=channels,
                    kinds=kinds, pair_reduce=pair_reduce, optim=optim, device=device, seed=seed, data_path=data_path,
                    on_step=on_step, world=world, since=since, settings=settings)
+
+
+def reuse_teacher_head(student: nn.Module, weights: Mapping[str, float], pairs: list[tuple[str, str]],
+                       params: Mapping[str, Any], teacher_shape: Callable[[str], tuple[int, ...]],
+                       image_size: int) -> tuple[nn.Module, list[tuple[str, str]]]:
+    """With simkd: the student wrapped with SimKD's projector and the teacher's stored classifier
+    (`SimKDStudent`), and its pair rewritten to read the projector; otherwise both unchanged."""
+    if "simkd" not in weights:
+        return student, pairs
+    mine = [(k, t) for k, t in pairs if split_pair(k)[0] == "simkd"] or \
+        [(k, t) for k, t in pairs if split_pair(k)[0] is None]
+    if len(mine) != 1:
+        raise SoftcacheError(f"simkd reads one --pair, the student's last map and the teacher's (e.g. --pair "
+                             f"simkd:layer3=layer3); it has {len(mine)}")
+    if "classifier/weight" not in params:
+        raise SoftcacheError("simkd reuses the teacher's classifier, which this cache does not store; "
+                             "dump with --teacher-head")
+    (key, t_layer), s_layer = mine[0], split_pair(mine[0][0])[1]
+    check_layers(student, [s_layer])
+    seen: dict[str, torch.Tensor] = {}
+    hook = dict(student.named_modules())[s_layer].register_forward_hook(lambda _m, _i, out: seen.update(out=out))
+    with torch.no_grad():
+        was = student.training
+        student.eval()(torch.zeros(2, 3, image_size, image_size, device=next(student.parameters()).device))
+        student.train(was)
+    hook.remove()
+    shape = tuple(teacher_shape(t_layer))
+    if seen["out"].dim() != 4 or len(shape) != 3:
+        raise SoftcacheError(f"simkd pairs feature maps [C, H, W]; --pair {key}={t_layer} pairs "
+                             f"{list(seen['out'].shape[1:])} with {list(shape)}")
+    wrapped = SimKDStudent(student, s_layer, seen["out"].shape[1], shape[0], shape[1:],
+                           torch.as_tensor(params["classifier/weight"]), torch.as_tensor(params["classifier/bias"]))
+    return wrapped, [(f"simkd:{PROJECTOR}", t) if (k, t) == (key, t_layer) else (k, t) for k, t in pairs]
 
 
 def check_full_logits(weights: Mapping[str, float], settings: Mapping[str, Any], logits: str) -> None:
@@ -411,6 +448,9 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     online = OnlineTargets(teacher, teacher_layers, mean=t_mean, std=t_std, device=dev)
     with torch.no_grad():  # one sample's output shape per teacher layer, for the pairs and the regressors
         _, probe = online(torch.zeros(1, 3, augment.image_size, augment.image_size, dtype=torch.uint8), None, None)
+    student, pairs = reuse_teacher_head(student, weights, pairs,
+                                        teacher_params(teacher, [], head=classifier_name(teacher) is not None),
+                                        lambda t: tuple(probe[t].shape[1:]), augment.image_size)
     student = sync_batchnorm(student, optim.sync_bn, world, device)
     distillation_head(student, weights)
     tapped = Tapped(student, sorted({split_pair(key)[1] for key, _ in pairs}))

@@ -339,7 +339,8 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
         assert spec.help and "\n" not in spec.help, name
         assert spec.takes == ("logits",) or set(spec.takes) <= set(_PAIR_INPUTS), name
     assert sorted(FEATURE_LOSSES) == sorted(n for n, s in REGISTRY.items() if s.paired)
-    assert TRAINED_HEADS == ("fitnets", "cc", "vid", "reviewkd", "ab", "ft", "crd") and "ce" not in DEFAULT_WEIGHTS
+    assert TRAINED_HEADS == ("fitnets", "cc", "vid", "reviewkd", "ab", "ft", "ofd", "crd")
+    assert "ce" not in DEFAULT_WEIGHTS
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
@@ -363,8 +364,9 @@ def test_each_term_takes_what_its_registry_entry_declares(name):
                 t_feat[t], channels[(s, t)] = torch.randn(6, 4, 2, 2), (4, 4)
         if kind is not None:
             routes = route_pairs([name], pairs, dict.fromkeys(pairs, kind))
+        stored = {f"bn/{t}/{key}": torch.rand(6) for _, t in pairs for key in ("weight", "bias")}  # ofd's margins
         criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist(),
-                                kinds=dict.fromkeys(pairs, kind))
+                                kinds=dict.fromkeys(pairs, kind), teacher_params=stored)
         out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index)
         assert set(out) == {name, "loss"} and out[name].dim() == 0 and torch.isfinite(out[name]), (name, kind)
         assert any(True for _ in criterion.parameters()) == spec.trained, (name, kind)

@@ -209,6 +209,7 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
                           "--loss-option", "fsp.init_epochs=0"],
              "ofd": ["--loss", "ce,ofd", "--pair", "ofd:layer2.pre_relu=layer2.pre_relu", "--pair",
                      "ofd:layer3.pre_relu=layer3.pre_relu"],
+             "simkd": ["--loss", "simkd", "--pair", "layer3=layer3"],
              "staged": ["--loss", "ce,ab,ft", "--pair", "ab:layer2.pre_relu=layer2.pre_relu", "--pair",
                         "ab:layer3.pre_relu=layer3.pre_relu", "--pair", "ft:layer3=layer3",
                         "--loss-option", "ab.init_epochs=1", "--loss-option", "ft.init_epochs=1"],
@@ -219,7 +220,8 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
 
 @pytest.fixture(scope="module")
 def stages_cache(tmp_path_factory, teacher_weights):
-    """synthetic:20, 3 views: logits, layer2 and layer3 (after and before their ReLU), the embedding."""
+    """synthetic:20, 3 views: logits, layer2 and layer3 (after and before their ReLU), the embedding; the teacher's
+    classifier once."""
     from conftest import load_teacher
     from softcache.data import load_source
     from softcache.dump import dump_teacher
@@ -228,7 +230,8 @@ def stages_cache(tmp_path_factory, teacher_weights):
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
                  augment=Augment("cifar", image_size=32), views=3,
                  layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=1,
-                 batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
+                 batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"},
+                 teacher_head=True)
     return out
 
 
@@ -620,3 +623,36 @@ def test_ofd_needs_the_teachers_pre_relu_layers():
                     channels={("a", "layer2.pre_relu"): (4, 4), ("b", "layer3"): (4, 4)},
                     teacher_params={"bn/layer2.pre_relu/weight": torch.ones(4),
                                     "bn/layer2.pre_relu/bias": torch.ones(4)})
+
+
+def test_simkd_classifies_the_projected_student_map_with_the_teachers_frozen_head():
+    from softcache.losses.simkd import PROJECTOR, SimKDStudent
+    from softcache.models import Tapped, build_model
+    torch.manual_seed(0)
+    student = build_model("resnet8", 10)
+    keys = set(student.state_dict())
+    weight, bias = torch.randn(10, 32), torch.randn(10)
+    model = SimKDStudent(student, "layer3", 64, 32, (4, 4), weight, bias).eval()
+    assert keys < set(model.state_dict()) and "simkd_head.weight" in model.state_dict()   # the student's names kept
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["simkd_head.weight", "simkd_head.bias"]
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        _, f = Tapped(student, ["layer3"])(x)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(f["layer3"], 4)        # 8x8 student map, 4x4 teacher's
+        expected = (model.simkd_projector(pooled).mean((2, 3)) @ weight.t() + bias)
+        logits, feats = Tapped(model, [PROJECTOR])(x)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert feats[PROJECTOR].shape == (2, 32, 4, 4)
+
+
+def test_simkd_needs_the_teachers_head_and_one_pair(tmp_path, small_cache):
+    from helpers import invoke
+    result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "1", "--workers", "0",
+                    "--batch-size", "8", "--out", tmp_path / "r", "--loss", "simkd", "--pair", "layer3=layer3")
+    assert result.exit_code == 1 and "simkd reuses the teacher's classifier, which this cache does not store; " \
+        "dump with --teacher-head" in result.stderr
+    result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "1", "--workers", "0",
+                    "--batch-size", "8", "--out", tmp_path / "r", "--loss", "simkd", "--pair", "layer3=layer3",
+                    "--pair", "layer2=layer2")
+    assert result.exit_code == 1 and "simkd reads one --pair" in result.stderr
+    assert not (tmp_path / "r").exists()

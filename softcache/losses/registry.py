@@ -105,6 +105,9 @@ REGISTRY: dict[str, LossSpec] = {
     "ofd": LossSpec(f"{_PKG}.stages:OFDLoss", ("map",), 0.001,
                     "overhaul of feature distillation: partial L2 to pre-ReLU stages above the teacher's BN margin",
                     trained=True, joint=True, teacher_params="bn"),
+    "simkd": LossSpec(f"{_PKG}.simkd:SimKDLoss", ("map",), 1.0,
+                      "SimKD: the student's last map projected to the teacher's, classified by the teacher's head "
+                      "(one pair; the cache needs --teacher-head)", teacher_params="classifier", equal_channels=True),
     "crd": LossSpec(f"{_PKG}.contrastive:CRDLoss", ("vector", "tokens"), 0.8,
                     "contrastive representation distillation: NCE with trained heads and memories", trained=True),
 }
