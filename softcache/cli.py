@@ -476,12 +476,15 @@ def train_online_cmd(**kw: Any) -> None:
 @_option("--set", "sets", multiple=True, metavar="KEY=VALUE",
          help="a value (TOML: 3, 0.1, true, or text) for KEY in every stage that has it, over the recipe's, e.g. "
               "--set epochs=1 --set data=imagefolder:data/cifar10-jpeg; repeatable")
-def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None, sets: tuple[str, ...]) -> None:
+@_option("--download", is_flag=True, help="let torchvision download cifar10/cifar100 (--set download=true)")
+def run_cmd(pipeline: str, root: str | None, device: str | None, seed: int | None, sets: tuple[str, ...],
+            download: bool) -> None:
     """Run a TOML pipeline: train-teacher, dump-teacher, train-student stages; finished stages are skipped.
     Ends with the accuracy and cost tables, and writes ROOT/report.md and ROOT/report.png."""
     from softcache.pipeline import format_table, load_pipeline, run_pipeline
     from softcache.report import cost_table, write_report
-    recipe = load_pipeline(pipeline, root=root, device=device, seed=seed, sets=_settings(sets))
+    recipe = load_pipeline(pipeline, root=root, device=device, seed=seed,
+                           sets={**_settings(sets), **({"download": True} if download else {})})
     main_rank = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 reports for all
     rows = run_pipeline(recipe, echo=click.echo if main_rank else lambda line: None)
     if not main_rank:

@@ -2,7 +2,8 @@
 
     [defaults]          keys shared by every stage that has them (data, device, seed, workers, batch_size ...)
     root = "runs/x"     where relative `out` paths land (relative to the working directory)
-    [teacher]           a TeacherConfig: model, augment, epochs ... (out defaults to "teacher")
+    [teacher]           a TeacherConfig: model, augment, epochs ... (out defaults to "teacher"); or
+    [[teacher]]         several, each with a `name` (out teachers/NAME), which a dump's `teacher` names
     [dump]              a DumpConfig: augment, views, layers ... (teacher, weights default to [teacher]'s)
     [[student]]         a StudentConfig each, with a `name`: student, loss, pairs = {s = "t"}, epochs ...
 
@@ -32,11 +33,16 @@ _OPTIM_KEYS = {f.name for f in fields(OptimConfig)}
 class Pipeline:
     """The stages of one recipe, in order."""
 
-    teacher: TeacherConfig | None
+    teachers: tuple[tuple[str, TeacherConfig], ...]
     dumps: tuple[tuple[str, DumpConfig], ...]
     students: tuple[tuple[str, StudentConfig | OnlineConfig], ...]
     born_again: BornAgain | None = None
     root: str = "runs"   # where the stages' outputs land (what `softcache report` reads)
+
+    @property
+    def teacher(self) -> TeacherConfig | None:
+        """The first (often the only) train-teacher stage."""
+        return self.teachers[0][1] if self.teachers else None
 
     @property
     def dump(self) -> DumpConfig | None:
@@ -45,7 +51,7 @@ class Pipeline:
 
     def stages(self) -> list[TeacherConfig | DumpConfig | StudentConfig | OnlineConfig]:
         """Every stage's configuration, in the order they run."""
-        out = ([self.teacher] if self.teacher else []) + [d for _, d in self.dumps] + [s for _, s in self.students]
+        out = [t for _, t in self.teachers] + [d for _, d in self.dumps] + [s for _, s in self.students]
         if self.born_again is not None:
             out += [self.born_again.first] + [cfg for step in self.born_again.steps for cfg in step]
         return out
@@ -170,13 +176,33 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     key of every stage that has it (e.g. {"epochs": 1, "data": "synthetic:200"})."""
     doc = _read_recipe(path)
     merge = _merge_from(doc, root=root, device=device, seed=seed, sets=sets)
-    teacher = None
-    if "teacher" in doc:
-        teacher = _build(TeacherConfig, merge.fill(TeacherConfig, {"out": "teacher", **doc["teacher"]}), "teacher")
-    dumps = _dumps(doc, merge, teacher)
+    teachers = _teachers(doc, merge)
+    dumps = _dumps(doc, merge, teachers)
     students = [(name, _student(entry, name, dumps, merge)) for entry, name in _student_entries(doc, seed)]
     born_again = _born_again(dict(doc["born_again"]), merge) if "born_again" in doc else None
-    return Pipeline(teacher, tuple(dumps), tuple(students), born_again, root=str(merge.base))
+    return Pipeline(tuple(teachers), tuple(dumps), tuple(students), born_again, root=str(merge.base))
+
+
+def _teacher_tables(doc: dict[str, Any]) -> tuple[list[Any], bool]:
+    """The recipe's teacher tables, and whether it has one [teacher] (else [[teacher]] tables, which have names)."""
+    tables = doc.get("teacher", [])
+    return ([tables] if isinstance(tables, dict) else tables), isinstance(tables, dict)
+
+
+def _teachers(doc: dict[str, Any], merge: _Merge) -> list[tuple[str, TeacherConfig]]:
+    """The train-teacher stages by name: a lone [teacher] is `teacher` (out "teacher"), [[teacher]] tables
+    their `name` (out teachers/NAME)."""
+    tables, one = _teacher_tables(doc)
+    out: list[tuple[str, TeacherConfig]] = []
+    for k, table in enumerate(tables):
+        table = dict(table)
+        name = "teacher" if one else str(table.pop("name", f"teacher{k}"))
+        if any(name == other for other, _ in out):
+            raise SoftcacheError(f"two [[teacher]] tables are named '{name}'; give each its own name")
+        section = "teacher" if one else f"teacher {name}"
+        out.append((name, _build(TeacherConfig, merge.fill(TeacherConfig, {"out": "teacher" if one else
+                                                                           f"teachers/{name}", **table}), section)))
+    return out
 
 
 def _read_recipe(path: str | Path) -> dict[str, Any]:
@@ -210,8 +236,10 @@ def _dump_tables(doc: dict[str, Any]) -> tuple[list[Any], bool]:
 def _check_sections(doc: dict[str, Any]) -> None:
     """Each section's values of the TOML type its stage takes, before anything is built from them."""
     _check_defaults(doc.get("defaults", {}))
-    if "teacher" in doc:
-        _check_types(doc["teacher"], "teacher", (TeacherConfig,))
+    teachers, one_teacher = _teacher_tables(doc)
+    for k, table in enumerate(teachers):
+        name = table.get("name", k) if isinstance(table, dict) else k
+        _check_types(table, "teacher" if one_teacher else f"teacher {name}", (TeacherConfig,))
     tables, one_dump = _dump_tables(doc)
     for k, table in enumerate(tables):
         name = table.get("name", k) if isinstance(table, dict) else k
@@ -262,18 +290,31 @@ def _merge_from(doc: dict[str, Any], *, root: str | None, device: str | None, se
     return _Merge(defaults, sets, overrides, base)
 
 
-def _dumps(doc: dict[str, Any], merge: _Merge, teacher: TeacherConfig | None) -> list[tuple[str, DumpConfig]]:
+def _dumps(doc: dict[str, Any], merge: _Merge,
+           teachers: list[tuple[str, TeacherConfig]]) -> list[tuple[str, DumpConfig]]:
     """The dump stages by name: a lone [dump] is `cache` (out "cache"), [[dump]] tables are their `name` or
-    cacheK (out caches/NAME)."""
+    cacheK (out caches/NAME). A dump's teacher is the recipe's train-teacher stage (the one there is, or the one
+    its `teacher` names among several [[teacher]] tables), else the model its `teacher` names."""
     tables, one_dump = _dump_tables(doc)
+    stages = dict(teachers)
     dumps: list[tuple[str, DumpConfig]] = []
     for k, table in enumerate(tables):
         table = dict(table)
         name = str(table.pop("name", "cache" if len(tables) == 1 else f"cache{k}"))
+        section = "dump" if one_dump else f"dump {name}"
         table.setdefault("out", "cache" if len(tables) == 1 and name == "cache" else f"caches/{name}")
         if any(name == other for other, _ in dumps):
             raise SoftcacheError(f"two [[dump]] tables are named '{name}'; give each its own name")
-        dumps.append((name, _build_dump(merge, table, "dump" if one_dump else f"dump {name}", teacher)))
+        named = table.get("teacher")
+        if isinstance(named, str) and named in stages:
+            teacher = stages[table.pop("teacher")]
+        elif len(teachers) > 1 and named is None:
+            raise SoftcacheError(f"[{section}] names no teacher, and the recipe has several [[teacher]] tables: "
+                                 f"give teacher = one of {', '.join(stages)}")
+        else:
+            one = teachers[0][1] if len(teachers) == 1 else None
+            teacher = one if one is not None and named in (None, one.model) else None
+        dumps.append((name, _build_dump(merge, table, section, teacher)))
     return dumps
 
 
@@ -430,9 +471,8 @@ def run_pipeline(pipeline: Pipeline, echo=print) -> list[dict[str, Any]]:
 
     for stage in pipeline.stages():  # every stage's values, before the first stage spends any time
         (check_dump if isinstance(stage, DumpConfig) else check_training)(stage)
-    rows = []
-    if pipeline.teacher is not None:
-        rows.append(_teacher_stage(pipeline.teacher, "teacher", echo))
+    rows = [_teacher_stage(cfg, name if name == "teacher" else f"teacher {name}", echo)
+            for name, cfg in pipeline.teachers]
     for name, cfg in pipeline.dumps:
         _dump_stage(cfg, "dump" if len(pipeline.dumps) == 1 else f"dump {name}", echo)
     for name, cfg in pipeline.students:

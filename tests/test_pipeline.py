@@ -12,6 +12,7 @@ from softcache.cli import cli
 from softcache.errors import SoftcacheError
 from softcache.pipeline import load_pipeline
 from softcache.store import open_cache
+from softcache.store.manifest import stored_params
 
 RECIPE = """
 [defaults]
@@ -97,6 +98,7 @@ def test_set_seeds_and_online_students(tmp_path):
 def test_shipped_recipes_load():
     from pathlib import Path
     recipes = sorted((Path(__file__).resolve().parents[1] / "pipelines").glob("*.toml"))
+    recipes.remove(recipes[0].parent / "cifar100_table.toml")  # run tiny below
     assert [r.name for r in recipes] == ["cifar10_function_matching.toml", "cifar10_resnet50_to_deit.toml",
                                          "cifar10_resnet56_resnet20.toml", "cifar10_vit_to_resnet18.toml",
                                          "quickstart.toml", "seed_resnet34_resnet18.toml"]
@@ -400,3 +402,26 @@ def test_the_vit_to_cnn_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_su
     metrics = (tmp_path / "runs" / "students" / "vit_tiny_fitnets" / "metrics.jsonl").read_text()
     fitnets = json.loads(metrics.splitlines()[-1])
     assert math.isfinite(fitnets["train_fitnets"])
+
+
+@pytest.mark.slow
+def test_the_cifar100_table_recipe_runs_end_to_end_on_real_images(tmp_path, cifar_subset):
+    """pipelines/cifar100_table.toml on the CIFAR-10 subset (the recipe is class-count blind), 1 epoch a stage
+    and 1 initialisation epoch, 2 views a cache, one seed, with the teachers' widths kept (ResNet-8x4 for 32x4,
+    ResNet-8 for 56): every method of the table trains from its cache, for both pairs."""
+    result = _run_tiny_recipe("cifar100_table.toml", tmp_path, cifar_subset, {
+        'data = "cifar100:data/cifar100"': f'data = "imagefolder:{cifar_subset}"', "resnet32x4": "resnet8x4",
+        "resnet56": "resnet8", 'views = "all"': "views = 2", "seeds = [0, 1, 2]": "seeds = [0]",
+        "init_epochs = 30": "init_epochs = 1"})
+    rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
+    methods = ["ce", "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "kdsvd",
+               "ofd", "reviewkd", "simkd", "dkd", "dist", "kd_ls", "ctkd"]
+    assert rows == ["teacher", "teacher"] + [f"{pair}_{m}_s0" for pair in ("r32x4", "r56") for m in methods]
+    students = tmp_path / "runs" / "students"
+    for run, terms in {"r32x4_reviewkd": {"train_ce", "train_reviewkd"}, "r56_ofd": {"train_ofd"},
+                       "r32x4_simkd": {"train_simkd"}, "r56_dkd": {"train_dkd"}, "r32x4_fsp": {"train_ce"}}.items():
+        records = [json.loads(line) for line in (students / f"{run}_s0" / "metrics.jsonl").read_text().splitlines()]
+        assert terms <= set(records[-1]) and all(math.isfinite(r["train_loss"]) for r in records), run
+    ab = [json.loads(line) for line in (students / "r56_ab_s0" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("stage", "main") for r in ab] == ["init", "main"] and "train_ab" in ab[0]
+    assert "classifier/weight" in stored_params(open_cache(tmp_path / "runs" / "caches" / "stages_r32x4").manifest)
