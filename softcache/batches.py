@@ -308,3 +308,24 @@ def replay_batches(reader: CacheReader, source: Source, augment: Augment, *, ord
                                          num_workers=workers, persistent_workers=workers > 0,
                                          pin_memory=device.type == "cuda")
     return EpochBatches(loader, followers)
+
+
+class PairedBatches:
+    """Two replays of one cache in lockstep: at every step the same samples and view slots of two view streams
+    (a weak and a strong view of each sample, for `mlkd`), each stream's batch as `student_data` gives it, the
+    second appended as the last item of the first: `(views, labels, index, view[, partner, lam], second_batch)`.
+    `targets` are the teacher targets of the second stream's views."""
+
+    def __init__(self, first: Any, second: Any, targets: Targets):
+        self.first, self.second, self.targets = first, second, targets
+
+    def set_epoch(self, epoch: int) -> None:
+        self.first.set_epoch(epoch)
+        self.second.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def __iter__(self):
+        for a, b in zip(self.first, self.second, strict=True):
+            yield (*a, b)

@@ -430,6 +430,9 @@ def dump_teacher_cmd(**kw: Any) -> None:
          help="the cache's view stream the student replays (dump-teacher --stream)")
 @_option("--target-stream", default=None, metavar="NAME",
          help="the stream whose teacher outputs are the targets [default: --stream]")
+@_option("--strong-stream", default=None, metavar="NAME",
+         help="mlkd: the stream of each sample's strong view, replayed beside --stream's (the weak one), the "
+              "student and the cached teacher on both [default: none]")
 @_option("--image-size", type=click.IntRange(min=1), default=None, help="student input side [default: the teacher's]")
 @_option("--data-path", type=click.Choice(DATA_PATHS), default=StudentConfig.data_path,
          help="resident: images and targets in memory, views replayed on the device; loader: a DataLoader replays "

@@ -112,6 +112,7 @@ class StudentConfig:
     teachers: str = "mean"          # several cached teachers: 'mean' of their probabilities, or one name
     stream: str = "main"            # the cache's view stream the student replays
     target_stream: str | None = None  # the stream whose teacher outputs are the targets; None: `stream`
+    strong_stream: str | None = None  # mlkd: the stream of each sample's strong view (beside `stream`'s weak one)
     data_path: str = "auto"         # resident | loader | stream | auto (see softcache.planner)
     image_size: int | None = None   # student input side; None: the size the teacher saw
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -16,14 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import nn
 from softcache import distributed
-from softcache.batches import OnlineTargets, Targets, augmented_batches, eval_batches, student_data
+from softcache.batches import (OnlineTargets, PairedBatches, Targets, augmented_batches, eval_batches,
+                               student_data)
 from softcache.config import OnlineConfig, OptimConfig, StudentConfig, TeacherConfig, ViewOptions, to_json
 from softcache.data import Source, check_data_matches, load_source, recorded_source
 from softcache.device import check_device, prepare_model
 from softcache.dump import resolve_image_size
 from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_options, resolve_weights, route_pairs, split_pair
-from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED
+from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED, TWO_VIEW_LOSSES
 from softcache.losses.simkd import PROJECTOR, SimKDStudent
 from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head,
                               classifier_name, input_norm, is_pretrained, load_weights, teacher_params)
@@ -119,7 +120,7 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
                   teachers: str = "mean", data_path: str = "auto", stream: str = MAIN, target_stream: str | None = None,
                   on_step: Callable[[int, dict[str, float]], None] | None = None,
                   world: distributed.World = distributed.World(), since: float | None = None,
-                  settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  settings: Mapping[str, Any] | None = None, strong_stream: str | None = None) -> dict[str, Any]:
     """Train `student` on the cache's stored views with the cached teacher targets. No teacher is involved.
     The student replays view stream `stream`; the targets are the teacher's outputs on `target_stream`'s views
     of the same (sample, slot) (default: the same stream).
@@ -135,7 +136,8 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     reader = cache if isinstance(cache, CacheReader) else open_cache(cache)
     manifest = reader.manifest
     target_stream = stream if target_stream is None else target_stream
-    for name in (stream, target_stream):
+    check_two_views(weights, strong_stream)
+    for name in (stream, target_stream, *([strong_stream] if strong_stream else [])):
         stream_prefix(manifest, name)  # refuses a stream the cache does not have, naming those it has
     pairs = list(pairs.items()) if isinstance(pairs, Mapping) else list(pairs or [])
     check_data_matches(reader, train_source)
@@ -165,10 +167,14 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     settings = {**(settings or {}), "teacher_params": stored_params(manifest)}  # what the cache holds once
 
     def batches(dev: torch.device, teacher_layers: list[str]) -> tuple[Any, Targets]:
-        loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, temperature=temperature,
-                                        teachers=teachers, image_size=augment.image_size, batch_size=optim.batch_size,
-                                        seed=seed, workers=optim.workers, device=dev, data_path=data_path,
-                                        targets=targets, world=world, stream=stream, target_stream=target_stream)
+        common = dict(temperature=temperature, teachers=teachers, image_size=augment.image_size,
+                      batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev, data_path=data_path,
+                      targets=targets, world=world)
+        loader, found, _ = student_data(reader, train_source, teacher_layers=teacher_layers, stream=stream,
+                                        target_stream=target_stream, **common)
+        if strong_stream is not None:  # the same samples and slots in the strong stream, with its own targets
+            second, strong, _ = student_data(reader, train_source, teacher_layers=[], stream=strong_stream, **common)
+            loader = PairedBatches(loader, second, strong)
         return loader, found
 
     return distill(student, tapped, batches, train_source, test_source, out, config=config, overwrite=overwrite,
@@ -208,6 +214,17 @@ def reuse_teacher_head(student: nn.Module, weights: Mapping[str, float], pairs: 
     wrapped = SimKDStudent(student, s_layer, seen["out"].shape[1], shape[0], shape[1:],
                            torch.as_tensor(params["classifier/weight"]), torch.as_tensor(params["classifier/bias"]))
     return wrapped, [(f"simkd:{PROJECTOR}", t) if (k, t) == (key, t_layer) else (k, t) for k, t in pairs]
+
+
+def check_two_views(weights: Mapping[str, float], strong_stream: str | None) -> None:
+    """A two-view term (mlkd) needs the strong view stream, and the strong stream a term that reads it."""
+    needs = [t for t in TWO_VIEW_LOSSES if t in weights]
+    if needs and strong_stream is None:
+        raise SoftcacheError(f"{needs[0]} learns from a weak and a strong view of every sample: dump with a strong "
+                             "stream (e.g. --stream strong:aa=rand-m9-n2,reprob=0.25) and give --strong-stream strong")
+    if strong_stream is not None and not needs:
+        raise SoftcacheError(f"--strong-stream {strong_stream} feeds {', '.join(TWO_VIEW_LOSSES)}, which --loss does "
+                             f"not have ({', '.join(weights)}); add mlkd or drop --strong-stream")
 
 
 def check_full_logits(weights: Mapping[str, float], settings: Mapping[str, Any], logits: str) -> None:
@@ -262,12 +279,13 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
         dev = torch.device(device)
         tapped = prepare_model(tapped, dev)
         train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
+        strong = train_loader.targets if isinstance(train_loader, PairedBatches) else None
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
                                 reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds,
                                 **(settings or {})).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
         step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
-                           device=dev)
+                           device=dev, strong_targets=strong)
         try:
             return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
@@ -279,8 +297,9 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
                        optim=optim, mean=mean, std=std, device=dev, out=run, on_step=on_step, world=world, since=since,
                        init_epochs=criterion_init_epochs(criterion))
         finally:
-            if isinstance(targets, StreamingTargets):  # its reader runs ahead into the next epoch: stop it
-                targets.close()
+            for found in (targets, strong):  # a streaming reader runs ahead into the next epoch: stop it
+                if isinstance(found, StreamingTargets):
+                    found.close()
 
 
 def criterion_init_epochs(criterion: nn.Module) -> int:
@@ -417,7 +436,8 @@ def train_student_from_config(cfg: StudentConfig) -> dict[str, Any]:
                          pair_reduce=cfg.pair_reduce, world=world, optim=cfg.optim,
                          device=distributed.local_device(cfg.device, world), seed=cfg.seed, overwrite=cfg.overwrite,
                          config=to_json(cfg), teachers=cfg.teachers, data_path=cfg.data_path, stream=cfg.stream,
-                         target_stream=cfg.target_stream, since=since, settings=loss_settings(cfg, weights))
+                         target_stream=cfg.target_stream, since=since, settings=loss_settings(cfg, weights),
+                         strong_stream=cfg.strong_stream)
 
 
 def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, test_source: Source, out: str | Path, *,
@@ -427,7 +447,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
                  config: Mapping[str, Any] | None = None, data_path: str = "auto",
                  on_step: Callable[[int, dict[str, float]], None] | None = None,
                  world: distributed.World = distributed.World(), since: float | None = None,
-                 settings: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                 settings: Mapping[str, Any] | None = None, strong_stream: str | None = None) -> dict[str, Any]:
     """Train `student` with `teacher` run on every batch (online KD): the baseline the cache replaces, with
     train-student's losses and outputs. Views are fresh each epoch (`augmented_batches`), or with `views_from`
     the stored views of that cache replayed exactly as train-student replays them (same batches, same loss
@@ -439,6 +459,9 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
                              f"(now: {', '.join(weights)})")
     if views_from is not None:
         check_data_matches(views_from, train_source)
+    check_two_views(weights, strong_stream)
+    if strong_stream is not None and views_from is None:
+        raise SoftcacheError("train-online replays a strong view stream from --views-from CACHE only; give the cache")
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     teacher_layers = sorted({t for _, t in pairs})
@@ -462,10 +485,13 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
 
     def batches(dev: torch.device, layers: list[str]) -> tuple[Any, Targets]:
         if views_from is not None:
-            loader, _, _ = student_data(views_from, train_source, teacher_layers=layers, temperature=temperature,
-                                        teachers="mean", image_size=augment.image_size, batch_size=optim.batch_size,
-                                        seed=seed, workers=optim.workers, device=dev, data_path=data_path,
-                                        targets=online, world=world)
+            common = dict(temperature=temperature, teachers="mean", image_size=augment.image_size,
+                          batch_size=optim.batch_size, seed=seed, workers=optim.workers, device=dev,
+                          data_path=data_path, targets=online, world=world)
+            loader, _, _ = student_data(views_from, train_source, teacher_layers=layers, **common)
+            if strong_stream is not None:
+                second, _, _ = student_data(views_from, train_source, teacher_layers=[], stream=strong_stream, **common)
+                loader = PairedBatches(loader, second, online)
         else:
             loader = augmented_batches(train_source, augment, batch_size=optim.batch_size, seed=seed,
                                        workers=optim.workers, device=dev,

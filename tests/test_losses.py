@@ -344,7 +344,7 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
-                       "fitnets": 3.0, "dkd": 1.0, "dist": 2.0}
+                       "fitnets": 3.0, "dkd": 1.0, "dist": 2.0, "mlkd": 0.25}
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -367,7 +367,8 @@ def test_each_term_takes_what_its_registry_entry_declares(name):
         stored = {f"bn/{t}/{key}": torch.rand(6) for _, t in pairs for key in ("weight", "bias")}  # ofd's margins
         criterion = DistillLoss({name: 1.0}, routes=routes, channels=channels, labels=(torch.arange(12) % 3).tolist(),
                                 kinds=dict.fromkeys(pairs, kind), teacher_params=stored)
-        out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index)
+        strong = (torch.randn(6, 10), torch.randn(6, 10)) if name == "mlkd" else None  # its second view
+        out = criterion(logits, labels, s_feat, torch.randn(6, 10), t_feat, index=index, strong=strong)
         assert set(out) == {name, "loss"} and out[name].dim() == 0 and torch.isfinite(out[name]), (name, kind)
         assert any(True for _ in criterion.parameters()) == spec.trained, (name, kind)
     for kind in set(_PAIR_INPUTS) - set(spec.takes) if spec.paired else ():

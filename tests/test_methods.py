@@ -656,3 +656,88 @@ def test_simkd_needs_the_teachers_head_and_one_pair(tmp_path, small_cache):
                     "--pair", "layer2=layer2")
     assert result.exit_code == 1 and "simkd reads one --pair" in result.stderr
     assert not (tmp_path / "r").exists()
+
+
+# --- MLKD: a weak and a strong view of every sample, two streams of one cache replayed in lockstep
+
+def test_mlkd_matches_the_reference_codes_sum_written_out():
+    import numpy as np
+
+    from softcache.losses.logit import MLKDLoss
+    g = torch.Generator().manual_seed(15)
+    s_w, t_w, s_s, t_s = (torch.randn(6, 5, generator=g, dtype=torch.float64) * 2 for _ in range(4))
+
+    def softmax(z, t):
+        e = np.exp(z / t - (z / t).max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+    def kd(a, b, t):
+        p, q = softmax(a, t), softmax(b, t)
+        return (q * (np.log(q) - np.log(p))).sum(1).mean() * t * t
+
+    def gram(a, b, t, classes):
+        pa, pb = softmax(a, t), softmax(b, t)
+        ga, gb = (pa.T @ pa, pb.T @ pb) if classes else (pa @ pa.T, pb @ pb.T)
+        return ((gb - ga) ** 2).sum() / (a.shape[1] if classes else a.shape[0])
+
+    a, b, c, d = map(_np, (s_w, t_w, s_s, t_s))
+    p = softmax(b, 1.0)
+    conf, per_class = p.max(1), p.sum(0)
+    m = np.mean(conf <= np.percentile(conf, 50))
+    m_c = np.mean(per_class <= np.percentile(per_class, 50))
+    temps = [4.0, 3.0, 5.0, 2.0, 6.0]
+    expected = sum(m * kd(a, b, t) + m_c * gram(a, b, t, True) + m * gram(a, b, t, False) for t in temps)
+    expected += sum(kd(c, d, t) for t in temps[:3]) + sum(kd(a, b, t) for t in temps[3:])
+    got = MLKDLoss(4.0)(*(x.float() for x in (s_w, t_w, s_s, t_s))).item()
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert 0.4 <= m <= 0.6 and 0.4 <= m_c <= 0.6          # the masks keep about half
+
+
+@pytest.fixture(scope="module")
+def strong_cache(tmp_path_factory, teacher_weights):
+    """synthetic:20, 3 views in the main (weak: crops) stream and a strong stream (RandAugment + erasing)."""
+    from conftest import load_teacher
+    from softcache.data import load_source
+    from softcache.dump import dump_teacher, stream_augments
+    from softcache.views import Augment
+    out = tmp_path_factory.mktemp("strong") / "cache"
+    weak = Augment("cifar", image_size=32)
+    dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out, augment=weak, views=3,
+                 seed=2, batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"},
+                 streams=stream_augments([("strong", "aa=rand-m9-n2,reprob=0.25")], weak, 3))
+    return out
+
+
+def test_paired_batches_visit_the_same_samples_and_slots_in_both_streams(strong_cache):
+    from softcache.batches import PairedBatches, student_data
+    from softcache.data import load_source
+    from softcache.store import open_cache
+    reader, source = open_cache(strong_cache), load_source("synthetic:20", "train")
+    common = dict(teacher_layers=[], temperature=4.0, teachers="mean", image_size=32, batch_size=8, seed=5,
+                  workers=0, device=torch.device("cpu"))
+    weak, _, _ = student_data(reader, source, **common)
+    strong, targets, _ = student_data(reader, source, stream="strong", **common)
+    paired = PairedBatches(weak, strong, targets)
+    for epoch in (0, 1):
+        paired.set_epoch(epoch)
+        batches = list(paired)
+        assert len(batches) == len(paired) == 2
+        for batch in batches:
+            w, s = batch[:4], batch[-1]
+            assert torch.equal(w[2], s[2]) and torch.equal(w[3], s[3]) and torch.equal(w[1], s[1])
+            assert not torch.equal(w[0], s[0])                 # other pixels: the strong stream's
+
+
+def test_mlkd_trains_from_two_streams_and_refuses_one(tmp_path, strong_cache, small_cache):
+    from helpers import invoke
+    args = ["train-student", "--student", "resnet8", "--epochs", "1", "--workers", "0", "--batch-size", "8",
+            "--loss", "mlkd"]
+    result = invoke(*args, "--cache", strong_cache, "--out", tmp_path / "m", "--strong-stream", "strong")
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "m" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"train_ce", "train_mlkd"} <= set(record) and math.isfinite(record["train_mlkd"])
+    result = invoke(*args, "--cache", small_cache, "--out", tmp_path / "one")
+    assert result.exit_code == 1 and "mlkd learns from a weak and a strong view of every sample" in result.stderr
+    result = invoke(*args, "--cache", small_cache, "--out", tmp_path / "one", "--strong-stream", "strong")
+    assert result.exit_code == 1 and "stream 'strong'" in result.stderr
+    assert not (tmp_path / "one").exists()

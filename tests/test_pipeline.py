@@ -415,7 +415,7 @@ def test_the_cifar100_table_recipe_runs_end_to_end_on_real_images(tmp_path, cifa
         "init_epochs = 30": "init_epochs = 1"})
     rows = [line.split()[0] for line in accuracy_table(result.stdout).splitlines()[2:]]
     methods = ["ce", "kd", "fitnets", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "crd", "kdsvd",
-               "ofd", "reviewkd", "simkd", "dkd", "dist", "kd_ls", "ctkd"]
+               "ofd", "reviewkd", "simkd", "dkd", "dist", "kd_ls", "ctkd", "mlkd"]
     assert rows == ["teacher", "teacher"] + [f"{pair}_{m}_s0" for pair in ("r32x4", "r56") for m in methods]
     students = tmp_path / "runs" / "students"
     for run, terms in {"r32x4_reviewkd": {"train_ce", "train_reviewkd"}, "r56_ofd": {"train_ofd"},

@@ -11,7 +11,7 @@ from torchvision.transforms import v2 as T
 from conftest import load_teacher
 from softcache.data import load_source
 from softcache.device import normalize, teacher_outputs
-from softcache.dump import dump_teacher
+from softcache.dump import dump_teacher, stream_augments
 from softcache.losses import FEATURE_LOSSES, ATLoss, resolve_weights
 from softcache.models import Tapped, build_model
 from softcache.store import open_cache
@@ -78,7 +78,7 @@ def test_views_all_stores_every_cifar_view_once_per_sample(tmp_path, teacher_wei
         assert (boxes[i, :, 2:] == 32).all()
 
 
-def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, settings=None):
+def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, settings=None, strong=None):
     """The loss terms of each step of a 2-epoch train-student run from `cache`, or of the train-online run that
     replays the same views with `online_teacher` in the loop."""
     recorded = []
@@ -86,7 +86,7 @@ def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, 
     student = build_model("resnet8", num_classes=10)
     weights = resolve_weights(losses, alpha=0.9, beta=1000.0, hint_weight=100.0)
     options = dict(weights=weights, pairs=list(pairs.items()), optim=OptimConfig(epochs=2, batch_size=8, workers=0),
-                   seed=3, on_step=lambda step, terms: recorded.append(terms), settings=settings)
+                   seed=3, on_step=lambda step, terms: recorded.append(terms), settings=settings, strong_stream=strong)
     if online_teacher is None:
         train_student(student, cache, source, test_source, out, **options)
     else:
@@ -98,12 +98,13 @@ def _steps(cache, source, test_source, out, pairs, losses, online_teacher=None, 
 @pytest.fixture(scope="module")
 def embedding_cache(tmp_path_factory, teacher_weights):
     """synthetic:20, 5 views, layer2 and layer3 features, before their ReLU too, and the embedding (the classifier's
-    input)."""
+    input), the teacher's classifier; a strong view stream (RandAugment, erasing) beside the crops."""
     out = tmp_path_factory.mktemp("emb") / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
                  augment=Augment("cifar", image_size=32), views=5,
                  layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=7,
-                 teacher_head=True,
+                 teacher_head=True, streams=stream_augments([("strong", "aa=rand-m9-n2,reprob=0.25")],
+                                                            Augment("cifar", image_size=32), 5),
                  batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
     return out
 
@@ -113,7 +114,7 @@ _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt",
              (("ce", "vid", "gram", "fsp", "kdsvd"), {"options": {"fsp": {"init_epochs": 0}}}),
              (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
              (("ce", "ab", "ft"), {"options": {"ab": {"init_epochs": 1}, "ft": {"init_epochs": 1}}}),
-             (("ce", "ofd"), {}), (("simkd",), {}),
+             (("ce", "ofd"), {}), (("simkd",), {}), (("mlkd",), {}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -138,9 +139,12 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
     if "ab" in losses:  # pre-ReLU stages for ab, the last stage for ft; one initialisation epoch first
         cache, pairs = embedding_cache, {"ab:layer2.pre_relu": "layer2.pre_relu",
                                          "ab:layer3.pre_relu": "layer3.pre_relu", "ft:layer3": "layer3"}
-    cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses, settings=settings)
+    strong = None
+    if "mlkd" in losses:  # the weak (main) and the strong stream's views of the same samples, in lockstep
+        cache, strong = embedding_cache, "strong"
+    cached = _steps(cache, source, test_source, tmp_path / "cached", pairs, losses, settings=settings, strong=strong)
     live = _steps(cache, source, test_source, tmp_path / "online", pairs, losses, load_teacher(teacher_weights),
-                  settings=settings)
+                  settings=settings, strong=strong)
     init = max((o.get("init_epochs", 0) for o in (settings or {}).get("options", {}).values()), default=0)
     assert len(cached) == len(live) == 2 * (2 + init)  # (init +) 2 epochs x (20 // 8) steps
     assert set(losses) <= {term for a in cached for term in a}

@@ -12,7 +12,7 @@ from softcache.losses.contrastive import CRDLoss
 from softcache.losses.features import FitNetsLoss, TokenFitNetsLoss
 from softcache.losses.logit import LearnedTemperature, standardize, teacher_logits
 from softcache.losses.stages import ofd_margin
-from softcache.losses.registry import DISTILL_HEAD_LOSSES, REGISTRY, STANDARDIZED, VECTOR_LOSSES
+from softcache.losses.registry import DISTILL_HEAD_LOSSES, REGISTRY, STANDARDIZED, TWO_VIEW_LOSSES, VECTOR_LOSSES
 from softcache.models import DIST_LOGITS, class_token
 from softcache.losses.response import CELoss, KDLoss
 from softcache.losses.routing import PAIR_REDUCTIONS
@@ -162,7 +162,9 @@ class DistillLoss(nn.Module):
         return min((self.epoch + 1) / warmup, 1.0) if warmup > 0 else 1.0
 
     def _logit_terms(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
-                     teacher: torch.Tensor | Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+                     teacher: torch.Tensor | Mapping[str, torch.Tensor] | None,
+                     strong: tuple[torch.Tensor, torch.Tensor | Mapping[str, torch.Tensor]] | None = None
+                     ) -> dict[str, torch.Tensor]:
         """kd and the other logit terms, unweighted. Standardization and the learned temperature change kd and
         dkd (`STANDARDIZED`); those and the `full_logits` terms read the teacher's logit vector."""
         terms: dict[str, torch.Tensor] = {}
@@ -180,6 +182,9 @@ class DistillLoss(nn.Module):
                 terms[name] = term(student_features[DIST_LOGITS], teacher)
             elif name in STANDARDIZED:
                 terms[name] = term(s_z, t_z, labels, temperature=t)
+            elif name in TWO_VIEW_LOSSES:
+                assert strong is not None, f"{name} needs the strong views (PairedBatches)"
+                terms[name] = term(logits, full, strong[0], teacher_logits(strong[1], self.temperature))
             else:
                 terms[name] = term(logits, full, labels)
         return terms
@@ -201,15 +206,20 @@ class DistillLoss(nn.Module):
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, student_features: Mapping[str, torch.Tensor],
                 teacher: Mapping[str, torch.Tensor] | None, teacher_features: Mapping[str, torch.Tensor],
                 index: torch.Tensor | None = None,
-                mixed: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+                mixed: tuple[torch.Tensor, torch.Tensor] | None = None,
+                strong: tuple[torch.Tensor, torch.Tensor | Mapping[str, torch.Tensor]] | None = None
+                ) -> dict[str, torch.Tensor]:
         """`index [B]`: the batch's sample indices (crd's positives and memory rows); `mixed`: the partner labels
-        and λ of mixed views, for the ce term (`CELoss`)."""
+        and λ of mixed views, for the ce term (`CELoss`); `strong`: the student's logits and the teacher's target
+        on a second (strong) view of the same samples (mlkd; ce then adds the strong view's CE, as MLKD does)."""
         if self.stage == "init":
             return self._init_stage(student_features, teacher_features)
         terms: dict[str, torch.Tensor] = {}
         if "ce" in self.weights:
             terms["ce"] = self.ce(logits, labels, mixed)
-        terms.update(self._logit_terms(logits, labels, student_features, teacher))
+            if strong is not None:
+                terms["ce"] = terms["ce"] + self.ce(strong[0], labels, mixed)
+        terms.update(self._logit_terms(logits, labels, student_features, teacher, strong))
         for term, pairs in self.routes.items():
             if self.stops_after_init(term):
                 continue

@@ -140,3 +140,64 @@ class LearnedTemperature(nn.Module):
 
     def forward(self) -> torch.Tensor:
         return self.t_min + self.t_range * torch.sigmoid(_ReverseGradient.apply(self.theta, self.lam))
+
+
+def _softmax_gram(logits: torch.Tensor, t: float, classes: bool) -> torch.Tensor:
+    """`PᵀP` `[K, K]` (class level) or `PPᵀ` `[B, B]` (batch level) of P = softmax(z / t)."""
+    p = F.softmax(logits.float() / t, dim=1)
+    return p.t() @ p if classes else p @ p.t()
+
+
+class MLKDLoss(nn.Module):
+    """Jin et al., "Multi-Level Logit Distillation" (CVPR 2023), as its reference code computes it.
+
+    Each sample comes as a weak and a strong view (two view streams of one cache, `--strong-stream`): the student
+    and the cached teacher logits of both. With the temperatures 𝒯 = {T, 3, 5, 2, 6} (T the KD temperature, 4):
+        instance  kd_τ(a, b) = τ² · mean_i KL(softmax(b_i / τ) ‖ softmax(a_i / τ))
+        class     cc_τ(a, b) = ‖G_t − G_s‖²_F / K,  G = PᵀP of P = softmax(z / τ)   [K, K]
+        batch     bc_τ(a, b) = ‖G_t − G_s‖²_F / B,  G = PPᵀ                        [B, B]
+    and the reference's confidence masks (samples whose teacher confidence on the weak view is at most the
+    batch median; classes whose summed probability is at most their median), which multiply terms already
+    averaged and so act as their kept fractions m and m_c (about 1/2):
+        loss = sum_τ [m kd_τ(s_w, t_w) + m_c cc_τ(s_w, t_w) + m bc_τ(s_w, t_w)]
+               + sum_{τ in T, 3, 5} kd_τ(s_s, t_s) + sum_{τ in 2, 6} kd_τ(s_w, t_w)
+    (the reference's strong-view sum takes the weak views at τ = 2 and 6, and leaves its strong-view class and
+    batch terms out of the loss; both kept here, so the numbers are the published code's). The term is weighted
+    alpha (0.9, its KD weight) beside ce weight 1 − alpha on both views, CE(s_w, y) + CE(s_s, y).
+    `forward(s_w [B, K], t_w [B, K], s_s [B, K], t_s [B, K]) -> []`.
+    """
+
+    TEMPERATURES = (3.0, 5.0, 2.0, 6.0)  # besides T, in the reference's order
+
+    def __init__(self, temperature: float = 4.0):
+        super().__init__()
+        self.temperature = temperature
+
+    @staticmethod
+    def kd(a: torch.Tensor, b: torch.Tensor, t: float) -> torch.Tensor:
+        log_p = F.log_softmax(a.float() / t, dim=1)
+        q = F.softmax(b.float() / t, dim=1)
+        return F.kl_div(log_p, q, reduction="none").sum(1).mean() * t * t
+
+    @staticmethod
+    def gram_distance(a: torch.Tensor, b: torch.Tensor, t: float, classes: bool) -> torch.Tensor:
+        diff = _softmax_gram(b, t, classes).detach() - _softmax_gram(a, t, classes)
+        return diff.pow(2).sum() / (a.shape[1] if classes else a.shape[0])
+
+    @staticmethod
+    def masks(teacher_weak: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept fractions of samples and of classes (the reference's `np.percentile(·, 50)` thresholds,
+        `torch.quantile`'s linear interpolation being the same)."""
+        p = F.softmax(teacher_weak.float(), dim=1)
+        confidence, per_class = p.max(1).values, p.sum(0)
+        return ((confidence <= torch.quantile(confidence, 0.5)).float().mean(),
+                (per_class <= torch.quantile(per_class, 0.5)).float().mean())
+
+    def forward(self, s_w: torch.Tensor, t_w: torch.Tensor, s_s: torch.Tensor, t_s: torch.Tensor) -> torch.Tensor:
+        temps = (self.temperature, *self.TEMPERATURES)
+        t_w, t_s = t_w.detach(), t_s.detach()
+        m, m_c = self.masks(t_w)
+        total = sum(m * self.kd(s_w, t_w, t) + m_c * self.gram_distance(s_w, t_w, t, True)
+                    + m * self.gram_distance(s_w, t_w, t, False) for t in temps)
+        total = total + sum(self.kd(s_s, t_s, t) for t in temps[:3]) + sum(self.kd(s_w, t_w, t) for t in temps[3:])
+        return total

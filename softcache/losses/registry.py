@@ -64,6 +64,9 @@ REGISTRY: dict[str, LossSpec] = {
     "dist": LossSpec(f"{_PKG}.logit:DISTLoss", ("logits",), 2.0,
                      "DIST: Pearson distances of the predictions per sample and per class (ce weight 1 beside it)",
                      options={"tau": 4.0, "beta": 1.0, "gamma": 1.0}, full_logits=True),
+    "mlkd": LossSpec(f"{_PKG}.logit:MLKDLoss", ("logits",), "alpha",
+                     "multi-level logit distillation: instance, class and batch terms at five temperatures on a weak "
+                     "and a strong view (--strong-stream)", full_logits=True),
     "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map", "tokens"), "hint_weight",
                         "FitNets hints: MSE after a trained regressor (1x1 conv + BN; linear + LayerNorm on tokens)",
                         trained=True, options={"init_epochs": 0}),
@@ -124,3 +127,4 @@ DISTILL_HEAD_LOSSES = ("deit", "deit-soft")  # on a DeiT student's distillation 
 FULL_LOGIT_LOSSES = tuple(n for n, s in REGISTRY.items() if s.full_logits)
 JOINT_LOSSES = tuple(n for n, s in REGISTRY.items() if s.joint)                # all their pairs at once
 STANDARDIZED = ("kd", "dkd")   # the terms --kd-standardize and --learn-temperature change
+TWO_VIEW_LOSSES = ("mlkd",)    # read a second (strong) view of every sample, --strong-stream

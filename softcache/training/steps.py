@@ -49,20 +49,28 @@ class DistillStep:
     the loss terms (`DistillLoss`: each term weighted, and their sum as 'loss'; ce on the mixed labels)."""
 
     def __init__(self, tapped: nn.Module, criterion: nn.Module, targets: Targets, *, mean: Sequence[float],
-                 std: Sequence[float], device: torch.device):
+                 std: Sequence[float], device: torch.device, strong_targets: Targets | None = None):
         self.tapped, self.criterion, self.targets = tapped, criterion, targets
         self.mean, self.std, self.device = mean, std, device
+        self.strong_targets = strong_targets  # a second view of each sample (PairedBatches): mlkd
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the loss terms the epoch (their stage, warm-up ramps, the learned temperature's schedule)."""
         getattr(self.criterion, "module", self.criterion).set_epoch(epoch)  # through DistributedDataParallel
 
     def __call__(self, batch: tuple) -> Result:
+        second = None
+        if self.strong_targets is not None:  # the second stream's batch of the same samples and slots, last
+            batch, second = batch[:-1], batch[-1]
         views, labels, index, view = batch[:4]
         x, labels = model_inputs(views, self.mean, self.std, self.device), labels.to(self.device, non_blocking=True)
         teacher, teacher_features = self.targets(views, index, view)
         with autocast(self.device, torch.bfloat16):
             logits, features = self.tapped(x)
+            strong = None
+            if second is not None:  # the student on the strong views too, in a forward of its own (its BN batch)
+                strong_logits, _ = self.tapped(model_inputs(second[0], self.mean, self.std, self.device))
+                strong = (strong_logits.float(), self.strong_targets(second[0], second[2], second[3])[0])
             terms = self.criterion(logits.float(), labels, features, teacher, teacher_features, index=index,
-                                   mixed=mixed_labels(batch, self.device))
+                                   mixed=mixed_labels(batch, self.device), strong=strong)
         return terms, logits, labels
