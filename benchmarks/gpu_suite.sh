@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU figures in one command: `softcache bench`, then benchmarks/gpu_suite.toml (ResNet-56 teacher, a
-# cache, ResNet-20 students CE / KD / KD online / KD+AT / FitNets / SP / RKD / PKT / CRD, two seeds each),
+# cache, ResNet-20 students CE / KD / KD online / KD+AT / FitNets / SP / RKD / PKT / CRD / DKD / DIST / OFD, two seeds each),
 # then OUT/suite.md (the bench table, the accuracy and cost tables) and OUT/runs/report.png, ready for
 # BENCHMARKS.md.
 #

@@ -439,7 +439,7 @@ def dump_teacher_cmd(**kw: Any) -> None:
               "views, targets in memory; stream: targets streamed from the store [default auto: the first that fits]")
 @training_options
 def train_student_cmd(**kw: Any) -> None:
-    """Train a student from a cache (KD, FitNets, AT). No teacher is built or loaded."""
+    """Train a student from a cache (KD, FitNets, AT, ... every --loss term). No teacher is built or loaded."""
     cfg = StudentConfig(optim=_optim(kw), **kw)
     _check_run_first(cfg)
     from softcache.train import train_student_from_config

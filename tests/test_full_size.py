@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from softcache.store import committed_samples, open_cache
+from softcache.store.manifest import stored_params
 
 SCRIPT = shutil.which("softcache")
 TESTS = Path(__file__).resolve().parent
@@ -42,18 +43,20 @@ VIT_STUDENT = "timm:vit_tiny_patch16_224,img_size=32,patch_size=4,embed_dim=64,d
 
 @pytest.fixture(scope="module")
 def flow(cifar_full, tmp_path_factory) -> dict[str, Path]:
-    """train-teacher (1 epoch), dump-teacher (2 views + layer3), train-student (1 epoch, KD+AT; and a timm ViT
-    student with KD) on the full set."""
+    """train-teacher (1 epoch), dump-teacher (2 views + layer3, after and before its ReLU, and the teacher's
+    head), train-student (1 epoch, KD+AT; a timm ViT student with KD; DKD+OFD) on the full set."""
     assert SCRIPT, "the softcache console script is not installed: pip install -e '.[dev]'"
     work = tmp_path_factory.mktemp("full")
     data = f"imagefolder:{cifar_full}"
     softcache("train-teacher", "--model", "tinynet:tiny", "--data", data, "--epochs", "1", "--out", "teacher", cwd=work)
     softcache("dump-teacher", "--teacher", "tinynet:tiny", "--weights", "teacher/model.pt", "--data", data,
-              "--views", "2", "--layers", "layer3", "--out", "cache", cwd=work)
+              "--views", "2", "--layers", "layer3,layer3.pre_relu", "--teacher-head", "--out", "cache", cwd=work)
     softcache("train-student", "--cache", "cache", "--student", "tinynet:tiny", "--loss", "kd,at", "--pair",
               "layer3=layer3", "--epochs", "1", "--out", "student", cwd=work)
     softcache("train-student", "--cache", "cache", "--student", VIT_STUDENT, "--loss", "kd", "--epochs", "1",
               "--out", "vit_student", cwd=work)
+    softcache("train-student", "--cache", "cache", "--student", "tinynet:tiny", "--loss", "ce,dkd,ofd", "--pair",
+              "ofd:layer3.pre_relu=layer3.pre_relu", "--epochs", "1", "--out", "dkd_ofd_student", cwd=work)
     return {"work": work, "data": data}
 
 
@@ -61,12 +64,15 @@ def flow(cifar_full, tmp_path_factory) -> dict[str, Path]:
 def test_full_cifar10_flow_in_an_ordinary_shell(flow):
     work = flow["work"]
     for run, terms in (("teacher", {"train_loss"}), ("student", {"train_kd", "train_at", "train_ce"}),
-                       ("vit_student", {"train_kd", "train_ce"})):
+                       ("vit_student", {"train_kd", "train_ce"}),
+                       ("dkd_ofd_student", {"train_ce", "train_dkd", "train_ofd"})):
         metrics = [json.loads(line) for line in (work / run / "metrics.jsonl").read_text().splitlines()]
         assert len(metrics) == 1 and terms <= set(metrics[0]) and 10.0 < metrics[0]["test_acc"] <= 100.0, (run, metrics)
         assert metrics[0]["images_per_s"] > 0 and (work / run / "model.pt").is_file()
     cache = open_cache(work / "cache")
     assert cache.shape("logits") == (50000, 2, 10) and cache.shape("features/layer3") == (50000, 2, 32, 8, 8)
+    assert cache.shape("features/layer3.pre_relu") == (50000, 2, 32, 8, 8)
+    assert {"bn/layer3.pre_relu/weight", "classifier/weight"} <= set(stored_params(cache.manifest))
     assert cache.shard_samples() <= 50000 // 16  # the dump committed many times
     labels = cache.read("labels")
     assert np.bincount(labels).tolist() == [5000] * 10

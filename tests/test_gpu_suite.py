@@ -12,7 +12,7 @@ import pytest
 from softcache.pipeline import load_pipeline
 
 REPO = Path(__file__).resolve().parents[1]
-STUDENTS = ["ce", "kd", "kd_online", "kd_at", "fitnets", "sp", "rkd", "pkt", "crd"]
+STUDENTS = ["ce", "kd", "kd_online", "kd_at", "fitnets", "sp", "rkd", "pkt", "crd", "dkd", "dist", "ofd"]
 
 
 def test_the_suite_recipe_is_the_documented_one():

@@ -1,10 +1,11 @@
 """Distillation losses as small modules with explicit tensor contracts, one module per family:
 
     registry.py     the one table of terms (LossSpec: what each takes, its default weight, its implementation)
-    response.py     ce, kd (and KD from cached top-K or samples)      features.py   fitnets, at, nst
-    logit.py        dkd, dist; logit standardization, CTKD's learned temperature
-    relations.py    rkd, pkt, sp                                       contrastive.py  crd
-    routing.py      resolve_weights, which --pair feeds which term     distill.py    DistillLoss, the weighted sum
+    response.py     ce, kd (and KD from cached top-K or samples), deit  features.py   fitnets, at, nst, vid, ft, gram
+    logit.py        dkd, dist, mlkd; standardization, CTKD's temperature
+    relations.py    rkd, pkt, sp, cc                                   contrastive.py  crd
+    stages.py       fsp, kdsvd, reviewkd, ab, ofd (all their pairs)    simkd.py      simkd
+    routing.py      resolve_weights, resolve_options, --pair routing   distill.py    DistillLoss, the weighted sum
 
 Each term returns an unweighted scalar; `DistillLoss` applies the weights and returns every weighted term by
 name plus their sum under 'loss', so logs show each term.

@@ -36,6 +36,7 @@ class LossSpec:
     teacher_params: Literal["bn", "classifier"] | None = None  # reads what the cache stores of the teacher once
                                       # (models.teacher_params): the BatchNorms before tapped ReLUs, the classifier
     equal_channels: bool = False      # its student and teacher maps must have the same channel counts
+    min_pairs: int = 1                # pairs it needs (2: it relates consecutive stages)
 
     @property
     def paired(self) -> bool:
@@ -91,10 +92,10 @@ REGISTRY: dict[str, LossSpec] = {
                      equal_channels=True),
     "fsp": LossSpec(f"{_PKG}.stages:FSPLoss", ("map",), 1.0,
                     "flow of solution procedure: Gram matrices between consecutive stages (two or more pairs)",
-                    joint=True, equal_channels=True, options={"init_epochs": 30}),
+                    joint=True, equal_channels=True, options={"init_epochs": 30}, min_pairs=2),
     "kdsvd": LossSpec(f"{_PKG}.stages:KDSVDLoss", ("map",), 1.0,
                       "KD with SVD: RBF relations of consecutive stages' singular vectors (two or more pairs)",
-                      joint=True, equal_channels=True, options={"k": 1}),
+                      joint=True, equal_channels=True, options={"k": 1}, min_pairs=2),
     "reviewkd": LossSpec(f"{_PKG}.stages:ReviewKDLoss", ("map", "vector"), 1.0,
                          "knowledge review: fused student stages, deep to shallow, against the teacher's pre-ReLU "
                          "stages and embedding (pairs shallow to deep, the embedding last)",

@@ -105,7 +105,7 @@ def route_pairs(terms: Sequence[str], pairs: Sequence[tuple[str, str]],
         for t in users:
             routes[t].append((student, teacher))
     for term, used in routes.items():
-        if REGISTRY[term].joint and len(used) == 1:
+        if len(used) == 1 < REGISTRY[term].min_pairs:
             raise SoftcacheError(f"{term} relates consecutive stages, and has one --pair ({used[0][0]}={used[0][1]}); "
                                  f"give it two or more, shallow to deep (e.g. --pair {term}:layer1=layer1 "
                                  f"--pair {term}:layer2=layer2 --pair {term}:layer3=layer3)")
