@@ -367,7 +367,8 @@ def train_teacher_cmd(**kw: Any) -> None:
 @_option("--views", default="1", help="views per sample, or 'all' (finite policies: cifar has 162)")
 @_option("--layers", default="", callback=_names,
          help="comma-separated feature layers to store: module names, 'embedding' (the classifier's input), "
-              "LAYER.pre_relu (LAYER's output before its final ReLU) [default: logits only]")
+              "LAYER.pre_relu (LAYER's output before its final ReLU), 'input_gradient' (the input-gradient "
+              "attention map of the teacher's top class, for gat) [default: logits only]")
 @_option("--logits", default=DumpConfig.logits, metavar="FORMAT", help="fp16, bf16, fp32, topk:K or sampled:K[:TAU]")
 @_option("--targets", type=click.Choice(TARGET_KINDS), default=DumpConfig.targets,
          help="per layer: the feature map, or only its attention map (for at)")

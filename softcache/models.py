@@ -14,6 +14,7 @@ it the model is freshly initialised and `--weights` loads a checkpoint (`softcac
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import math
 from collections.abc import Callable, Sequence
@@ -21,6 +22,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -305,6 +307,14 @@ def classifier_name(model: nn.Module) -> str | None:
 
 
 PRE_RELU = ".pre_relu"  # LAYER.pre_relu: LAYER's output before its final ReLU (OFD, ReviewKD, AB use these)
+INPUT_GRADIENT = "input_gradient"  # the input-gradient attention map of the model's top class (gat)
+
+
+def input_gradient_map(gradient: torch.Tensor) -> torch.Tensor:
+    """Gradient-based attention (Zagoruyko & Komodakis 2017, sec. 3.2): `|∂z/∂x|` summed over the colour channels
+    and L2-normalised over positions, `[B, 3, H, W] -> [B, H, W]` float32."""
+    b, _, h, w = gradient.shape
+    return F.normalize(gradient.float().abs().sum(1).flatten(1), dim=1).view(b, h, w)
 
 
 def pre_relu_module(model: nn.Module, layer: str) -> str:
@@ -365,7 +375,7 @@ def check_layers(model: nn.Module, layers: Sequence[str], what: str = "layer") -
     if EMBEDDING in layers and classifier_name(model) is None:
         raise SoftcacheError(f"{type(model).__name__} has no final nn.Linear classifier, so it has no '{EMBEDDING}' "
                              "(the classifier's input); tap a named layer instead")
-    names = layer_names(model)
+    names = layer_names(model) + [INPUT_GRADIENT]
     unknown = [layer for layer in layers
                if (layer[:-len(PRE_RELU)] if layer.endswith(PRE_RELU) else layer) not in names]
     if unknown:
@@ -398,11 +408,13 @@ class Tapped(nn.Module):
 
     Features are what the module outputs: maps `[B, C, H, W]` of CNNs, tokens `[B, N, D]` of ViT blocks (the
     first tensor of a block that returns a tuple); `LAYER.pre_relu` is LAYER's output before its final ReLU (the
-    input of its last `nn.ReLU`, `pre_relu_module`). The layer `embedding` is the input of the final classifier
-    (`classifier_name`), flattened: `[B, D]`, e.g. the 64 pooled channels of a CIFAR ResNet-56, the 512 of a
-    torchvision ResNet-18, timm's `forward_head(pre_logits=True)`. A DeiT student training its distillation head
-    (timm's `set_distilled_training`) returns two logits: the class head's are `logits`, the distillation
-    head's `features[DIST_LOGITS]`.
+    input of its last `nn.ReLU`, `pre_relu_module`); `input_gradient` the input-gradient attention map of the
+    model's top class (`input_gradient_map`, a backward pass through the model; its outputs are then detached:
+    a teacher's pseudo-layer, for `dump-teacher --layers input_gradient`). The layer `embedding` is the input of
+    the final classifier (`classifier_name`), flattened: `[B, D]`, e.g. the 64 pooled channels of a CIFAR
+    ResNet-56, the 512 of a torchvision ResNet-18, timm's `forward_head(pre_logits=True)`. A DeiT student
+    training its distillation head (timm's `set_distilled_training`) returns two logits: the class head's are
+    `logits`, the distillation head's `features[DIST_LOGITS]`.
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str]):
@@ -412,7 +424,7 @@ class Tapped(nn.Module):
         self._features: dict[str, torch.Tensor] = {}
         modules = dict(model.named_modules())
         self._hooks = [modules[classifier_name(model)].register_forward_pre_hook(self._embedding_hook())
-                       if name == EMBEDDING else
+                       if name == EMBEDDING else None if name == INPUT_GRADIENT else
                        modules[pre_relu_module(model, name)].register_forward_pre_hook(self._pre_relu_hook(name))
                        if name.endswith(PRE_RELU) else modules[name].register_forward_hook(self._hook(name))
                        for name in self.layers]
@@ -434,7 +446,16 @@ class Tapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         self._features = {}
-        logits = self.model(x)
+        gradient = INPUT_GRADIENT in self.layers
+        with torch.enable_grad() if gradient else contextlib.nullcontext():  # a teacher's map, under no_grad too
+            if gradient:
+                x = x.detach().requires_grad_(True)
+            logits = self.model(x)
+            if gradient:  # each sample's top logit (samples are independent: the sum's gradient is each one's)
+                top = (logits[0] if isinstance(logits, tuple) else logits).float().max(1).values.sum()
+                (grad,) = torch.autograd.grad(top, x)
+                self._features[INPUT_GRADIENT] = input_gradient_map(grad)
+                logits = tuple(z.detach() for z in logits) if isinstance(logits, tuple) else logits.detach()
         features, self._features = self._features, {}
         if isinstance(logits, tuple):  # DeiT's (class head, distillation head) while training distillation
             logits, features[DIST_LOGITS] = logits

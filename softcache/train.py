@@ -26,7 +26,7 @@ from softcache.errors import SoftcacheError
 from softcache.losses import FEATURE_LOSSES, DistillLoss, resolve_options, resolve_weights, route_pairs, split_pair
 from softcache.losses.registry import DISTILL_HEAD_LOSSES, FULL_LOGIT_LOSSES, STANDARDIZED, TWO_VIEW_LOSSES
 from softcache.losses.simkd import PROJECTOR, SimKDStudent
-from softcache.models import (Tapped, build_model, check_classes, check_layers, check_published_head,
+from softcache.models import (INPUT_GRADIENT, Tapped, build_model, check_classes, check_layers, check_published_head,
                               classifier_name, input_norm, is_pretrained, load_weights, teacher_params)
 from softcache.weights import check_weights_file
 from softcache.planner import DATA_PATHS, IMAGE_PATHS
@@ -152,6 +152,9 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
         raise SoftcacheError("fitnets needs feature maps, but this cache stores attention maps only "
                              "(--targets attention); use at, or dump with --targets features")
     check_full_logits(weights, settings or {}, manifest["storage"]["logits"]["format"])
+    if "gat" in weights and INPUT_GRADIENT not in manifest["layers"]:
+        raise SoftcacheError("gat needs the teacher's input-gradient maps, which this cache does not hold; dump with "
+                             "--layers input_gradient (beside any others)")
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
     student, pairs = reuse_teacher_head(student, weights, pairs, stored_params(manifest),
@@ -278,7 +281,9 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
         torch.manual_seed(seed)
         dev = torch.device(device)
         tapped = prepare_model(tapped, dev)
-        train_loader, targets = batches(dev, sorted({t for used in routes.values() for _, t in used}))
+        teacher_layers = {t for used in routes.values() for _, t in used} | ({INPUT_GRADIENT} if "gat" in weights
+                                                                             else set())
+        train_loader, targets = batches(dev, sorted(teacher_layers))
         strong = train_loader.targets if isinstance(train_loader, PairedBatches) else None
         criterion = DistillLoss(weights, temperature=temperature, routes=routes, channels=channels,
                                 reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds,
@@ -464,7 +469,7 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
         raise SoftcacheError("train-online replays a strong view stream from --views-from CACHE only; give the cache")
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
-    teacher_layers = sorted({t for _, t in pairs})
+    teacher_layers = sorted({t for _, t in pairs} | ({INPUT_GRADIENT} if "gat" in weights else set()))
     check_layers(teacher, teacher_layers)
     dev = torch.device(device)
     t_mean, t_std = input_norm(teacher, train_source)

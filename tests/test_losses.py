@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from softcache.errors import SoftcacheError
-from softcache.models import DIST_LOGITS
+from softcache.models import DIST_LOGITS, INPUT_GRADIENT
 from softcache.losses import (ATLoss, CRDLoss, DistillLoss, FitNetsLoss, KDLoss, NSTLoss, PKTLoss, RKDLoss, SPLoss,
                               attention_map, resolve_weights, route_pairs)
 from softcache.losses.registry import DEFAULT_WEIGHTS, FEATURE_LOSSES, REGISTRY, TRAINED_HEADS
@@ -337,14 +337,14 @@ def test_the_registry_names_the_implementations_and_the_cli_offers_its_names():
         assert isinstance(cls, type) and issubclass(cls, nn.Module), name
         assert LOSSES[name] is cls and spec.impl == f"{cls.__module__}:{cls.__name__}", name
         assert spec.help and "\n" not in spec.help, name
-        assert spec.takes == ("logits",) or set(spec.takes) <= set(_PAIR_INPUTS), name
+        assert spec.takes in (("logits",), ("input",)) or set(spec.takes) <= set(_PAIR_INPUTS), name
     assert sorted(FEATURE_LOSSES) == sorted(n for n, s in REGISTRY.items() if s.paired)
     assert TRAINED_HEADS == ("fitnets", "cc", "vid", "reviewkd", "ab", "ft", "ofd", "crd")
     assert "ce" not in DEFAULT_WEIGHTS
     # every declared default weight resolves: a constant, or one of resolve_weights's options
     weights = resolve_weights(list(REGISTRY), alpha=0.25, beta=7.0, hint_weight=3.0)
     assert weights == {**DEFAULT_WEIGHTS, "ce": 0.75, "kd": 0.25, "deit": 0.25, "deit-soft": 0.25, "at": 7.0,
-                       "fitnets": 3.0, "dkd": 1.0, "dist": 2.0, "mlkd": 0.25}
+                       "fitnets": 3.0, "dkd": 1.0, "dist": 2.0, "mlkd": 0.25, "gat": 7.0}
 
 
 @pytest.mark.parametrize("name", list(REGISTRY))
@@ -355,8 +355,10 @@ def test_each_term_takes_what_its_registry_entry_declares(name):
     torch.manual_seed(0)
     logits, index = torch.randn(6, 10), torch.arange(6)
     labels = index % 3                                      # the training set's labels are arange(12) % 3
-    for kind in [k for k in spec.takes if k != "logits"] or [None]:
+    for kind in [k for k in spec.takes if k not in ("logits", "input")] or [None]:
         routes, s_feat, t_feat, channels = {}, {DIST_LOGITS: torch.randn(6, 10)}, {}, {}
+        if spec.takes == ("input",):  # gat: the input-gradient maps, no pair
+            s_feat[INPUT_GRADIENT], t_feat[INPUT_GRADIENT] = torch.rand(6, 8, 8), torch.rand(6, 8, 8)
         pairs = [("s", "t"), ("s2", "t2")] if spec.joint else [("s", "t")]  # joint terms relate two stages or more
         for s, t in pairs if kind is not None else ():
             s_feat[s], t_feat[t], channels[(s, t)] = _PAIR_INPUTS[kind]

@@ -210,6 +210,7 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
              "ofd": ["--loss", "ce,ofd", "--pair", "ofd:layer2.pre_relu=layer2.pre_relu", "--pair",
                      "ofd:layer3.pre_relu=layer3.pre_relu"],
              "simkd": ["--loss", "simkd", "--pair", "layer3=layer3"],
+             "gat": ["--loss", "ce,gat", "--beta", "100"],
              "staged": ["--loss", "ce,ab,ft", "--pair", "ab:layer2.pre_relu=layer2.pre_relu", "--pair",
                         "ab:layer3.pre_relu=layer3.pre_relu", "--pair", "ft:layer3=layer3",
                         "--loss-option", "ab.init_epochs=1", "--loss-option", "ft.init_epochs=1"],
@@ -220,8 +221,8 @@ _CLI_RUNS = {"dkd+dist": ["--loss", "ce,dkd,dist", "--label-smoothing", "0.1", "
 
 @pytest.fixture(scope="module")
 def stages_cache(tmp_path_factory, teacher_weights):
-    """synthetic:20, 3 views: logits, layer2 and layer3 (after and before their ReLU), the embedding; the teacher's
-    classifier once."""
+    """synthetic:20, 3 views: logits, layer2 and layer3 (after and before their ReLU), the embedding, the
+    input-gradient maps; the teacher's classifier once."""
     from conftest import load_teacher
     from softcache.data import load_source
     from softcache.dump import dump_teacher
@@ -229,8 +230,8 @@ def stages_cache(tmp_path_factory, teacher_weights):
     out = tmp_path_factory.mktemp("stages") / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
                  augment=Augment("cifar", image_size=32), views=3,
-                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=1,
-                 batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"},
+                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding", "input_gradient"],
+                 seed=1, batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"},
                  teacher_head=True)
     return out
 
@@ -645,8 +646,12 @@ def test_simkd_classifies_the_projected_student_map_with_the_teachers_frozen_hea
     assert feats[PROJECTOR].shape == (2, 32, 4, 4)
 
 
-def test_simkd_needs_the_teachers_head_and_one_pair(tmp_path, small_cache):
+def test_simkd_needs_the_teachers_head_and_one_pair_and_gat_its_maps(tmp_path, small_cache):
     from helpers import invoke
+    result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "1", "--workers", "0",
+                    "--batch-size", "8", "--out", tmp_path / "r", "--loss", "ce,gat")
+    assert result.exit_code == 1 and "gat needs the teacher's input-gradient maps, which this cache does not hold; " \
+        "dump with --layers input_gradient" in result.stderr
     result = invoke("train-student", "--cache", small_cache, "--student", "resnet8", "--epochs", "1", "--workers", "0",
                     "--batch-size", "8", "--out", tmp_path / "r", "--loss", "simkd", "--pair", "layer3=layer3")
     assert result.exit_code == 1 and "simkd reuses the teacher's classifier, which this cache does not store; " \
@@ -741,3 +746,46 @@ def test_mlkd_trains_from_two_streams_and_refuses_one(tmp_path, strong_cache, sm
     result = invoke(*args, "--cache", small_cache, "--out", tmp_path / "one", "--strong-stream", "strong")
     assert result.exit_code == 1 and "stream 'strong'" in result.stderr
     assert not (tmp_path / "one").exists()
+
+
+# --- gradient-based attention: the teacher's input-gradient maps cached, the student's by double backprop
+
+def test_the_input_gradient_map_is_the_top_class_score_gradient_written_out():
+    import numpy as np
+
+    from softcache.models import INPUT_GRADIENT, Tapped
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
+    x = torch.randn(2, 3, 4, 4)
+    with torch.no_grad():                                    # as the dump runs a teacher
+        logits, features = Tapped(model, [INPUT_GRADIENT])(x)
+    w = _np(model[1].weight)
+    for b in range(2):
+        top = int(np.argmax(_np(logits)[b]))
+        a = np.abs(w[top].reshape(3, 4, 4)).sum(0).ravel()      # d z_top / d x of a linear model: its row
+        assert _np(features[INPUT_GRADIENT][b]).ravel() == pytest.approx(a / np.linalg.norm(a), rel=1e-5)
+    assert not logits.requires_grad
+
+
+def test_gat_matches_its_formula_and_trains_through_the_students_input_gradient():
+    import numpy as np
+
+    from softcache.losses.features import GradientATLoss
+    from softcache.models import INPUT_GRADIENT, Tapped, build_model, input_gradient_map
+    g = torch.Generator().manual_seed(16)
+    s, t = torch.rand(3, 4, 4, generator=g), torch.rand(3, 4, 4, generator=g)
+    a, b = _np(s).reshape(3, -1), _np(t).reshape(3, -1)
+    a, b = a / np.linalg.norm(a, axis=1, keepdims=True), b / np.linalg.norm(b, axis=1, keepdims=True)
+    assert GradientATLoss()(s, t).item() == pytest.approx(np.mean((a - b) ** 2), rel=1e-5)
+    torch.manual_seed(0)
+    student = Tapped(build_model("resnet8", 10), [])
+    x = torch.randn(4, 3, 32, 32)
+    x[1] = x[0]                                               # a repeated sample
+    x.requires_grad_(True)
+    logits, _ = student(x)
+    (grad,) = torch.autograd.grad(logits[:, 3].sum(), x, create_graph=True)
+    loss = GradientATLoss()(input_gradient_map(grad), torch.rand(4, 32, 32))
+    loss.backward()                                           # double backpropagation reaches the weights
+    weight = student.model.conv1[0].weight.grad
+    assert torch.isfinite(weight).all() and weight.abs().sum() > 0
+    assert INPUT_GRADIENT == "input_gradient"

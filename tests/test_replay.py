@@ -102,7 +102,8 @@ def embedding_cache(tmp_path_factory, teacher_weights):
     out = tmp_path_factory.mktemp("emb") / "cache"
     dump_teacher(load_teacher(teacher_weights), load_source("synthetic:20", "train"), out,
                  augment=Augment("cifar", image_size=32), views=5,
-                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding"], seed=7,
+                 layers=["layer2", "layer3", "layer2.pre_relu", "layer3.pre_relu", "embedding", "input_gradient"],
+                 seed=7,
                  teacher_head=True, streams=stream_augments([("strong", "aa=rand-m9-n2,reprob=0.25")],
                                                             Augment("cifar", image_size=32), 5),
                  batch_size=32, workers=0, teacher_info={"arch": "resnet8", "weights_sha256": "test"})
@@ -114,7 +115,7 @@ _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt",
              (("ce", "vid", "gram", "fsp", "kdsvd"), {"options": {"fsp": {"init_epochs": 0}}}),
              (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
              (("ce", "ab", "ft"), {"options": {"ab": {"init_epochs": 1}, "ft": {"init_epochs": 1}}}),
-             (("ce", "ofd"), {}), (("simkd",), {}), (("mlkd",), {}),
+             (("ce", "ofd"), {}), (("simkd",), {}), (("mlkd",), {}), (("ce", "gat"), {}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -134,6 +135,8 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
                                          "embedding": "embedding"}
     if "ofd" in losses:  # pre-ReLU stages; the margins from the cached BatchNorms, online from the teacher's
         cache, pairs = embedding_cache, {"layer2.pre_relu": "layer2.pre_relu", "layer3.pre_relu": "layer3.pre_relu"}
+    if "gat" in losses:  # the teacher's input-gradient maps: cached, or computed by the online teacher
+        cache = embedding_cache
     if "simkd" in losses:  # the teacher's head from the cache, online from the teacher
         cache, pairs = embedding_cache, {"layer3": "layer3"}
     if "ab" in losses:  # pre-ReLU stages for ab, the last stage for ft; one initialisation epoch first

@@ -9,11 +9,11 @@ from torch import nn
 
 from softcache.errors import SoftcacheError
 from softcache.losses.contrastive import CRDLoss
-from softcache.losses.features import FitNetsLoss, TokenFitNetsLoss
+from softcache.losses.features import FitNetsLoss, GradientATLoss, TokenFitNetsLoss
 from softcache.losses.logit import LearnedTemperature, standardize, teacher_logits
 from softcache.losses.stages import ofd_margin
 from softcache.losses.registry import DISTILL_HEAD_LOSSES, REGISTRY, STANDARDIZED, TWO_VIEW_LOSSES, VECTOR_LOSSES
-from softcache.models import DIST_LOGITS, class_token
+from softcache.models import DIST_LOGITS, INPUT_GRADIENT, class_token
 from softcache.losses.response import CELoss, KDLoss
 from softcache.losses.routing import PAIR_REDUCTIONS
 
@@ -56,6 +56,8 @@ class DistillLoss(nn.Module):
         self.options = {t: {**REGISTRY[t].options, **(options or {}).get(t, {})} for t in self.weights}
         self.routes = {term: list(pairs) for term, pairs in (routes or {}).items()}
         self.ce, self.kd = CELoss(label_smoothing), KDLoss(temperature)
+        self.gat = GradientATLoss() if "gat" in self.weights else None
+        self.input_gradient = self.gat is not None  # DistillStep then computes the student's input-gradient map
         self.standardize = standardize
         self.temperature_module = LearnedTemperature() if learn_temperature else None
         self.logit_terms = nn.ModuleDict({t: self._build(t) for t in self.weights
@@ -220,6 +222,8 @@ class DistillLoss(nn.Module):
             if strong is not None:
                 terms["ce"] = terms["ce"] + self.ce(strong[0], labels, mixed)
         terms.update(self._logit_terms(logits, labels, student_features, teacher, strong))
+        if self.gat is not None:
+            terms["gat"] = self.gat(student_features[INPUT_GRADIENT], teacher_features[INPUT_GRADIENT])
         for term, pairs in self.routes.items():
             if self.stops_after_init(term):
                 continue

@@ -215,3 +215,19 @@ class FTLoss(nn.Module):
             f_t = self.encoder(teacher.to(student.dtype))
         f_s, f_t = match_spatial(self.translator(student), f_t)
         return (self.factor(f_s) - self.factor(f_t)).abs().mean()
+
+
+class GradientATLoss(nn.Module):
+    """Gradient-based attention transfer (Zagoruyko & Komodakis, ICLR 2017, sec. 3.2), the seed's variant: where
+    each network's top-class score is sensitive to the input. The teacher's map (`models.input_gradient_map` of
+    `∂z_c/∂x`, c its top class, cached once per view: `dump-teacher --layers input_gradient`) against the
+    student's map of its own score for the same class c (double backpropagation: the loss's gradient flows
+    through the student's input gradient): `mean((a_s − a_t)²)` over the batch and positions, the larger map
+    average-pooled (and renormalised) to the smaller, as `at` does. Weight `--beta`, as `at`.
+    `forward(student_map [B, H, W], teacher_map [B, H', W']) -> []`.
+    """
+
+    def forward(self, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        s, t = match_spatial(student.float()[:, None], teacher.float()[:, None])
+        s, t = F.normalize(s.flatten(1), dim=1), F.normalize(t.flatten(1), dim=1)
+        return (s - t).pow(2).mean()

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-Takes = Literal["logits", "map", "attention", "vector", "tokens"]
+Takes = Literal["logits", "map", "attention", "vector", "tokens", "input"]
 WeightOption = Literal["alpha", "beta", "hint_weight"]
 
 
@@ -23,7 +23,8 @@ class LossSpec:
     impl: str                         # "package.module:Class", imported by `load` (so this module needs no torch)
     takes: tuple[Takes, ...]          # ("logits",): the student's logits [B, K]; otherwise the --pair kinds it fits:
                                       # "map" [B, C, H, W], "attention" (a cached AT map [B, H, W]), "vector" [B, D],
-                                      # "tokens" [B, N, D] (a ViT block's; the vector terms take the class token)
+                                      # "tokens" [B, N, D] (a ViT block's; the vector terms take the class token);
+                                      # ("input",): the input-gradient maps (gat), no pair
     weight: float | WeightOption      # default weight, or the resolve_weights option that sets it (--alpha, ...)
     help: str                         # one line for --help and error messages
     trained: bool = False             # owns parameters that train with the student, one module per pair
@@ -40,8 +41,9 @@ class LossSpec:
 
     @property
     def paired(self) -> bool:
-        """Whether the term reads a `--pair` of student and teacher tensors (every term but the logit ones)."""
-        return "logits" not in self.takes
+        """Whether the term reads a `--pair` of student and teacher tensors (every term but the logit ones and
+        the input-gradient one)."""
+        return not {"logits", "input"} & set(self.takes)
 
     def load(self) -> type:
         """The implementing class (imports torch)."""
@@ -68,6 +70,9 @@ REGISTRY: dict[str, LossSpec] = {
     "mlkd": LossSpec(f"{_PKG}.logit:MLKDLoss", ("logits",), "alpha",
                      "multi-level logit distillation: instance, class and batch terms at five temperatures on a weak "
                      "and a strong view (--strong-stream)", full_logits=True),
+    "gat": LossSpec(f"{_PKG}.features:GradientATLoss", ("input",), "beta",
+                    "gradient-based attention: the student's input-gradient map of the teacher's top class against "
+                    "the teacher's (the cache needs --layers input_gradient)"),
     "fitnets": LossSpec(f"{_PKG}.features:FitNetsLoss", ("map", "tokens"), "hint_weight",
                         "FitNets hints: MSE after a trained regressor (1x1 conv + BN; linear + LayerNorm on tokens)",
                         trained=True, options={"init_epochs": 0}),

@@ -14,7 +14,8 @@ from torch import nn
 
 from softcache.batches import Targets
 from softcache.device import autocast, model_inputs
-from softcache.losses.response import CELoss
+from softcache.losses.response import CELoss, teacher_argmax
+from softcache.models import INPUT_GRADIENT, input_gradient_map
 
 Result = tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]
 
@@ -65,8 +66,15 @@ class DistillStep:
         views, labels, index, view = batch[:4]
         x, labels = model_inputs(views, self.mean, self.std, self.device), labels.to(self.device, non_blocking=True)
         teacher, teacher_features = self.targets(views, index, view)
+        gradient = getattr(getattr(self.criterion, "module", self.criterion), "input_gradient", False)
+        if gradient:
+            x.requires_grad_(True)
         with autocast(self.device, torch.bfloat16):
             logits, features = self.tapped(x)
+            if gradient:  # gat: the student's input-gradient map of the teacher's top class, kept in the graph
+                score = logits.float().gather(1, teacher_argmax(teacher).to(logits.device)[:, None]).sum()
+                (grad,) = torch.autograd.grad(score, x, create_graph=True)
+                features = {**features, INPUT_GRADIENT: input_gradient_map(grad)}
             strong = None
             if second is not None:  # the student on the strong views too, in a forward of its own (its BN batch)
                 strong_logits, _ = self.tapped(model_inputs(second[0], self.mean, self.std, self.device))
