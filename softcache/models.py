@@ -454,6 +454,8 @@ class Tapped(nn.Module):
             if gradient:  # each sample's top logit (samples are independent: the sum's gradient is each one's)
                 top = (logits[0] if isinstance(logits, tuple) else logits).float().max(1).values.sum()
                 (grad,) = torch.autograd.grad(top, x)
+                # a teacher's outputs, all of them detached: the graph that made the map is spent
+                self._features = {k: v.detach() for k, v in self._features.items()}
                 self._features[INPUT_GRADIENT] = input_gradient_map(grad)
                 logits = tuple(z.detach() for z in logits) if isinstance(logits, tuple) else logits.detach()
         features, self._features = self._features, {}

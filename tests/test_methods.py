@@ -758,7 +758,8 @@ def test_the_input_gradient_map_is_the_top_class_score_gradient_written_out():
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 5)).eval()
     x = torch.randn(2, 3, 4, 4)
     with torch.no_grad():                                    # as the dump runs a teacher
-        logits, features = Tapped(model, [INPUT_GRADIENT])(x)
+        logits, features = Tapped(model, [INPUT_GRADIENT, "0"])(x)
+    assert not features["0"].requires_grad                   # the other taps carry no spent graph
     w = _np(model[1].weight)
     for b in range(2):
         top = int(np.argmax(_np(logits)[b]))

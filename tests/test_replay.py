@@ -115,7 +115,7 @@ _REPLAYED = [(("kd",), {}), (("kd", "at", "fitnets"), {}), (("kd", "rkd", "pkt",
              (("ce", "vid", "gram", "fsp", "kdsvd"), {"options": {"fsp": {"init_epochs": 0}}}),
              (("ce", "reviewkd"), {"options": {"reviewkd": {"warmup": 0}}}),
              (("ce", "ab", "ft"), {"options": {"ab": {"init_epochs": 1}, "ft": {"init_epochs": 1}}}),
-             (("ce", "ofd"), {}), (("simkd",), {}), (("mlkd",), {}), (("ce", "gat"), {}),
+             (("ce", "ofd"), {}), (("simkd",), {}), (("mlkd",), {}), (("ce", "gat", "at"), {}),
              (("ce", "dkd", "dist"), {"options": {"dkd": {"warmup": 0}}, "label_smoothing": 0.1}),
              (("kd", "dkd"), {"standardize": True, "learn_temperature": True})]
 
@@ -135,8 +135,8 @@ def test_train_online_on_the_cached_views_gives_the_cached_loss_values(small_cac
                                          "embedding": "embedding"}
     if "ofd" in losses:  # pre-ReLU stages; the margins from the cached BatchNorms, online from the teacher's
         cache, pairs = embedding_cache, {"layer2.pre_relu": "layer2.pre_relu", "layer3.pre_relu": "layer3.pre_relu"}
-    if "gat" in losses:  # the teacher's input-gradient maps: cached, or computed by the online teacher
-        cache = embedding_cache
+    if "gat" in losses:  # the teacher's input-gradient maps (cached, or computed by the online teacher) and maps
+        cache, pairs = embedding_cache, {"layer3": "layer3"}
     if "simkd" in losses:  # the teacher's head from the cache, online from the teacher
         cache, pairs = embedding_cache, {"layer3": "layer3"}
     if "ab" in losses:  # pre-ReLU stages for ab, the last stage for ft; one initialisation epoch first
