@@ -459,6 +459,8 @@ def train_student_cmd(**kw: Any) -> None:
 @_option("--views-from", default=None, type=click.Path(), metavar="CACHE",
          help="replay this cache's stored views as train-student would, targets computed online [default: fresh "
               "views of --augment each epoch]")
+@_option("--strong-stream", default=None, metavar="NAME",
+         help="mlkd, with --views-from: that cache's stream of each sample's strong view [default: none]")
 @loss_options
 @_option("--data-path", type=click.Choice(IMAGE_PATHS), default=OnlineConfig.data_path,
          help="resident: images decoded once, views gathered on the device; loader: DataLoader workers")

@@ -138,6 +138,7 @@ class OnlineConfig(ViewOptions):
     augment: str = "cifar"          # crop policy or package.module:callable pipeline (fresh views)
     image_size: int | None = None   # view side in pixels; None: 224 for imagenet, else the source size
     views_from: str | None = None   # a cache whose stored views are replayed instead of fresh ones
+    strong_stream: str | None = None  # mlkd: with views_from, its stream of each sample's strong view
     losses: tuple[str, ...] = ("kd",)
     pairs: tuple[tuple[str, str], ...] = ()
     pair_reduce: str = "sum"

@@ -40,16 +40,19 @@ from softcache.views import Augment
 
 log = logging.getLogger(__name__)
 
-def wrap(module: nn.Module, world: distributed.World, device: torch.device) -> nn.Module:
+def wrap(module: nn.Module, world: distributed.World, device: torch.device, unused: bool = False) -> nn.Module:
     """`module` in DistributedDataParallel under torchrun (gradients averaged over the ranks in backward),
     else itself. Buffers are not broadcast: BatchNorm statistics are each rank's own (or global, with
-    --sync-bn), and loss state such as CRD's memories stays what each rank computed."""
+    --sync-bn), and loss state such as CRD's memories stays what each rank computed. `unused`: some steps leave
+    parameters without a gradient (an initialisation stage, ft's frozen paraphraser, simkd's unused student
+    head), which DDP must then look for."""
     if world.size <= 1 or not any(p.requires_grad for p in module.parameters()):
         return module
     ids = [device.index] if device.type == "cuda" else None
     with warnings.catch_warnings():  # torch asks rank-local buffers to keep broadcast_buffers=False for now
         warnings.simplefilter("ignore", FutureWarning)
-        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
+                                                   find_unused_parameters=unused)
 
 
 def sync_batchnorm(model: nn.Module, sync_bn: bool, world: distributed.World, device: str) -> nn.Module:
@@ -155,14 +158,20 @@ def train_student(student: nn.Module, cache: str | Path | CacheReader, train_sou
     if "gat" in weights and INPUT_GRADIENT not in manifest["layers"]:
         raise SoftcacheError("gat needs the teacher's input-gradient maps, which this cache does not hold; dump with "
                              "--layers input_gradient (beside any others)")
+    if "gat" in weights and len(manifest["teachers"]) > 1 and teachers != manifest["teachers"][0]["name"]:
+        raise SoftcacheError(f"gat's cached maps are the first teacher's, of its top class; give --teachers "
+                             f"{manifest['teachers'][0]['name']} (not the ensemble's {teachers})")
     check_batch_fits(train_source, optim.batch_size)
     distributed.check_global_batch(optim.batch_size, world)
+    student = sync_batchnorm(student, optim.sync_bn, world, device)  # before simkd's wrapper borrows its modules
     student, pairs = reuse_teacher_head(student, weights, pairs, stored_params(manifest),
                                         lambda t: reader.shape(feature_name(manifest, t, target_stream))[2:],
                                         image_size or manifest["augment"]["image_size"])
-    student = sync_batchnorm(student, optim.sync_bn, world, device)
+    if isinstance(student, SimKDStudent):
+        student.simkd_projector = sync_batchnorm(student.simkd_projector, optim.sync_bn, world, device)
     distillation_head(student, weights, manifest["storage"]["logits"]["format"])
     student_layers = sorted({split_pair(key)[1] for key, _ in pairs})
+    refuse_input_gradient_pair(student_layers)
     tapped = Tapped(student, student_layers)  # refuses an unknown student layer before anything is written
     routes, channels, kinds = plan_pairs(tapped, reader, weights, pairs,
                                          image_size or manifest["augment"]["image_size"], stream=target_stream)
@@ -219,6 +228,13 @@ def reuse_teacher_head(student: nn.Module, weights: Mapping[str, float], pairs: 
     return wrapped, [(f"simkd:{PROJECTOR}", t) if (k, t) == (key, t_layer) else (k, t) for k, t in pairs]
 
 
+def refuse_input_gradient_pair(student_layers: Sequence[str]) -> None:
+    """`input_gradient` is a teacher's pseudo-layer; the student's map is gat's own, not a pair's."""
+    if INPUT_GRADIENT in student_layers:
+        raise SoftcacheError(f"'{INPUT_GRADIENT}' is a teacher's cached map, not a student layer: --loss gat takes "
+                             "the student's input-gradient map itself, with no --pair")
+
+
 def check_two_views(weights: Mapping[str, float], strong_stream: str | None) -> None:
     """A two-view term (mlkd) needs the strong view stream, and the strong stream a term that reads it."""
     needs = [t for t in TWO_VIEW_LOSSES if t in weights]
@@ -238,6 +254,8 @@ def check_full_logits(weights: Mapping[str, float], settings: Mapping[str, Any],
     why = {"dkd": "its non-target distribution needs every class's logit",
            "dist": "its Pearson correlations run over every class's probability"}
     needs = [(t, why.get(t, "it reads every class's logit")) for t in weights if t in FULL_LOGIT_LOSSES]
+    if "gat" in weights and logits == "sampled":
+        needs.append(("gat", "the student's map is of the teacher's top class, which a sampled cache does not hold"))
     changed = [t for t in STANDARDIZED if t in weights]
     if settings.get("standardize") and changed:
         needs.append(("--kd-standardize", "the mean and std of the logits need every class's logit"))
@@ -289,8 +307,9 @@ def distill(student: nn.Module, tapped: Tapped, batches: Callable[[torch.device,
                                 reduce=pair_reduce, labels=labels, seed=seed, kinds=kinds,
                                 **(settings or {})).to(dev)
         criterion = sync_batchnorm(criterion, optim.sync_bn, world, device)  # FitNets regressors hold BatchNorm too
-        step = DistillStep(wrap(tapped, world, dev), wrap(criterion, world, dev), targets, mean=mean, std=std,
-                           device=dev, strong_targets=strong)
+        unused = criterion.init_epochs > 0 or any(t in weights for t in ("ft", "simkd"))
+        step = DistillStep(wrap(tapped, world, dev, unused), wrap(criterion, world, dev, unused), targets, mean=mean,
+                           std=std, device=dev, strong_targets=strong)
         try:
             return fit(student, step, params=list(tapped.parameters()) + list(criterion.parameters()),
                        modules={"model": student, "criterion": criterion},
@@ -476,11 +495,14 @@ def train_online(student: nn.Module, teacher: nn.Module, train_source: Source, t
     online = OnlineTargets(teacher, teacher_layers, mean=t_mean, std=t_std, device=dev)
     with torch.no_grad():  # one sample's output shape per teacher layer, for the pairs and the regressors
         _, probe = online(torch.zeros(1, 3, augment.image_size, augment.image_size, dtype=torch.uint8), None, None)
+    student = sync_batchnorm(student, optim.sync_bn, world, device)
     student, pairs = reuse_teacher_head(student, weights, pairs,
                                         teacher_params(teacher, [], head=classifier_name(teacher) is not None),
                                         lambda t: tuple(probe[t].shape[1:]), augment.image_size)
-    student = sync_batchnorm(student, optim.sync_bn, world, device)
+    if isinstance(student, SimKDStudent):
+        student.simkd_projector = sync_batchnorm(student.simkd_projector, optim.sync_bn, world, device)
     distillation_head(student, weights)
+    refuse_input_gradient_pair([split_pair(key)[1] for key, _ in pairs])
     tapped = Tapped(student, sorted({split_pair(key)[1] for key, _ in pairs}))
     routes, channels, kinds = plan_pairs(tapped, {t: tuple(f.shape[1:]) for t, f in probe.items()}, weights, pairs,
                                          augment.image_size)
@@ -553,4 +575,4 @@ def train_online_from_config(cfg: OnlineConfig) -> dict[str, Any]:
                         temperature=cfg.temperature, pairs=list(cfg.pairs), pair_reduce=cfg.pair_reduce,
                         views_from=reader, optim=cfg.optim, device=distributed.local_device(cfg.device, world),
                         seed=cfg.seed, overwrite=cfg.overwrite, config=to_json(cfg), data_path=cfg.data_path,
-                        world=world, since=since, settings=loss_settings(cfg, weights))
+                        world=world, since=since, settings=loss_settings(cfg, weights), strong_stream=cfg.strong_stream)

@@ -252,7 +252,7 @@ def test_every_new_term_trains_from_one_cache_through_the_cli(tmp_path, stages_c
     config = json.loads((tmp_path / run / "config.json").read_text())
     assert config["loss_options"] == [[a.partition("=")[0], float(a.partition("=")[2])]
                                       for a, b in zip(args[1:], args) if b == "--loss-option"]
-    if "--learn-temperature" in args:  # the learned temperature is saved with the run's criterion
+    if "--learn-temperature" in args:  # the run records both settings
         assert config["learn_temperature"] and config["kd_standardize"]
 
 
@@ -790,3 +790,31 @@ def test_gat_matches_its_formula_and_trains_through_the_students_input_gradient(
     weight = student.model.conv1[0].weight.grad
     assert torch.isfinite(weight).all() and weight.abs().sum() > 0
     assert INPUT_GRADIENT == "input_gradient"
+
+
+def test_a_learned_temperature_gets_dkds_gradient_through_both_sides(logits):
+    s, t, y = logits[0].float(), logits[1].float(), logits[2]
+    temperature = torch.tensor(3.0, requires_grad=True)
+    DKDLoss()(s, t, y, temperature=temperature).backward()
+    h = 1e-3
+    with torch.no_grad():
+        numeric = (DKDLoss()(s.double(), t.double(), y, temperature=3.0 + h)
+                   - DKDLoss()(s.double(), t.double(), y, temperature=3.0 - h)) / (2 * h)
+    assert torch.isfinite(temperature.grad) and temperature.grad.item() == pytest.approx(numeric.item(), rel=1e-3)
+
+
+def test_counting_settings_gat_with_samples_and_a_student_input_gradient_are_refused(tmp_path, stages_cache):
+    from helpers import invoke
+    from softcache.train import check_full_logits
+    for option, least in (("fsp.init_epochs=1.5", 0), ("kdsvd.k=0", 1), ("dkd.warmup=-1", 0)):
+        term, key = option.split("=")[0].split(".")
+        with pytest.raises(SoftcacheError, match=f"{key} must be a whole number >= {least}"):
+            resolve_options({term: 1.0}, [(option.split("=")[0], float(option.split("=")[1]))])
+    with pytest.raises(SoftcacheError, match="gat needs the teacher's full logits, and this cache stores sampled"):
+        check_full_logits({"ce": 1.0, "gat": 1000.0}, {}, "sampled")
+    check_full_logits({"ce": 1.0, "gat": 1000.0}, {}, "topk")               # top-K holds the top class
+    result = invoke("train-student", "--cache", stages_cache, "--student", "resnet8", "--epochs", "1", "--workers",
+                    "0", "--batch-size", "8", "--out", tmp_path / "g", "--loss", "ce,gat,at", "--pair",
+                    "input_gradient=input_gradient")
+    assert result.exit_code == 1 and "'input_gradient' is a teacher's cached map, not a student layer" in \
+        result.stderr and not (tmp_path / "g").exists()

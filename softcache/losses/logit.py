@@ -63,17 +63,23 @@ class DKDLoss(nn.Module):
         return torch.cat([log_py, log_rest], dim=1), hat
 
     @staticmethod
-    def kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-        """`sum p (log p − log q)` per row, 0 where p is 0 (the removed target class)."""
-        return torch.where(torch.isfinite(log_p), log_p.exp() * (log_p - log_q), torch.zeros_like(log_p)).sum(1)
+    def kl(log_p: torch.Tensor, log_q: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """`sum p (log p − log q)` per row over the entries `keep` (all; p̂: all but the removed target class),
+        the others set to 0 before any arithmetic, so no gradient meets their −inf."""
+        if keep is not None:
+            log_p, log_q = log_p.masked_fill(~keep, 0.0), log_q.masked_fill(~keep, 0.0)
+        terms = log_p.exp() * (log_p - log_q)
+        return (terms if keep is None else terms * keep).sum(1)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
                 temperature: float | torch.Tensor | None = None) -> torch.Tensor:
+        """`temperature`: a learned one (CTKD) reaches the loss through both sides, as in CTKD's DKD; the
+        teacher's logits themselves are constants."""
         t = self.temperature if temperature is None else temperature
         b_s, hat_s = self.split(student_logits.float(), labels, t)
-        with torch.no_grad():
-            b_t, hat_t = self.split(teacher_logits.float(), labels, t)
-        tckd, nckd = self.kl(b_t, b_s).mean(), self.kl(hat_t, hat_s).mean()
+        b_t, hat_t = self.split(teacher_logits.float().detach(), labels, t)
+        others = ~F.one_hot(labels, student_logits.shape[1]).bool()
+        tckd, nckd = self.kl(b_t, b_s).mean(), self.kl(hat_t, hat_s, others).mean()
         return (self.alpha * tckd + self.beta * nckd) * t * t
 
 

@@ -106,7 +106,7 @@ REGISTRY: dict[str, LossSpec] = {
                          "stages and embedding (pairs shallow to deep, the embedding last)",
                          trained=True, joint=True, options={"warmup": 20, "max_mid": 512}),
     "ab": LossSpec(f"{_PKG}.stages:ABLoss", ("map",), 1.0,
-                   "activation boundaries: margin L2 on pre-ReLU stages, deepest weighted most (two or more pairs)",
+                   "activation boundaries: margin L2 on pre-ReLU stages, the deepest weighted most",
                    trained=True, joint=True, options={"margin": 1.0, "init_epochs": 30}),
     "ft": LossSpec(f"{_PKG}.features:FTLoss", ("map",), 200.0,
                    "factor transfer: L1 of translated student and paraphrased teacher factors",

@@ -44,6 +44,9 @@ def resolve_weights(terms: Sequence[str], *, alpha: float, beta: float, hint_wei
     return weights
 
 
+WHOLE_OPTIONS = {"warmup": 0, "init_epochs": 0, "k": 1}  # settings that count something: their least value
+
+
 def resolve_options(weights: Mapping[str, float], items: Sequence[tuple[str, float]]) -> dict[str, dict[str, float]]:
     """`--loss-option TERM.KEY=VALUE` entries -> `{term: {key: value}}`, each naming an active term and one of the
     settings its registry entry declares (`LossSpec.options`)."""
@@ -58,8 +61,9 @@ def resolve_options(weights: Mapping[str, float], items: Sequence[tuple[str, flo
             offered = ", ".join(f"{term}.{k} (default {v:g})" for k, v in known.items()) or "none"
             raise SoftcacheError(f"--loss-option {name}={value:g}: {term} has no setting '{key}'; its settings: "
                                  f"{offered}")
-        if key == "warmup" and (value < 0 or value != int(value)):
-            raise SoftcacheError(f"--loss-option {name}={value:g}: warm-up epochs must be a whole number >= 0")
+        if key in WHOLE_OPTIONS and (value < WHOLE_OPTIONS[key] or value != int(value)):
+            raise SoftcacheError(f"--loss-option {name}={value:g}: {key} must be a whole number >= "
+                                 f"{WHOLE_OPTIONS[key]}")
         out.setdefault(term, {})[key] = float(value)
     return out
 

@@ -192,7 +192,7 @@ def fit(model: nn.Module, step: Step, *, params: Sequence[nn.Parameter], train_l
     state = Checkpoint.resume(out / CHECKPOINT, modules, opt, sched, device)
     if state.epoch and world.main:
         _write_metrics(out / "metrics.jsonl", state.records)  # drops a line written after the last checkpoint
-        log.info("resuming %s after epoch %d of %d", out, state.epoch, optim.epochs)
+        log.info("resuming %s after epoch %d of %d", out, state.epoch, init_epochs + optim.epochs)
     test_acc = state.records[-1]["test_acc"] if state.records else 0.0
     trace = BatchTrace(world)
     epochs = init_epochs + optim.epochs
