@@ -77,6 +77,9 @@ class DistillLoss(nn.Module):
         # the initialisation stage: the terms that train alone first (RepDistiller's init(), FitNets' stage 1)
         self.init_terms = [t for t in self.routes if self.options[t].get("init_epochs", 0) > 0]
         self.init_epochs = int(max((self.options[t]["init_epochs"] for t in self.init_terms), default=0))
+        # those the main stage leaves out (ab, fsp, two-stage FitNets), as RepDistiller's and the seed's stage 2
+        # train on the task loss; ft goes on with its paraphraser frozen
+        self.init_only = {t for t in self.init_terms if not getattr(LOSSES[t], "continues_after_init", False)}
         self.set_epoch(0)
         # The trained terms' modules, keyed by the student layer; the attribute names are the checkpoints' keys.
         self.hints = nn.ModuleDict()     # fitnets: one regressor per pair
@@ -129,34 +132,29 @@ class DistillLoss(nn.Module):
         if self.temperature_module is not None:
             self.temperature_module.set_epoch(self.epoch)
 
-    def stops_after_init(self, term: str) -> bool:
-        """A term of the initialisation stage that the main stage leaves out (ab, fsp, two-stage FitNets), as
-        RepDistiller's and the seed's stage 2 train on the task loss; ft goes on with its paraphraser frozen."""
-        module = dict(self.heads.items()).get(term) or dict(self.terms.items()).get(term)  # ModuleDict has no get
-        first = next(iter(module.values())) if isinstance(module, nn.ModuleDict) else module
-        return term in self.init_terms and not getattr(first, "continues_after_init", False)
-
     def _init_stage(self, student_features: Mapping[str, torch.Tensor],
                     teacher_features: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The initialisation stage's terms, each unweighted (RepDistiller's init() sums them as they are): a
         term's `init_loss` where it has one (ft: the paraphraser's reconstruction), else the term itself."""
-        terms: dict[str, torch.Tensor] = {}
-        for term in self.init_terms:
-            pairs = self.routes[term]
-            if REGISTRY[term].joint:
-                terms[term] = self.terms[term]([student_features[s] for s, _ in pairs],
-                                               [teacher_features[t] for _, t in pairs])
-                continue
-            values = []
-            for s, t in pairs:
-                module = self.heads[term][_key(s)] if term in self.heads else None
-                if module is not None and hasattr(module, "init_loss"):
-                    values.append(module.init_loss(student_features[s], teacher_features[t]))
-                else:
-                    values.append(self._pair_loss(term, student_features[s], teacher_features[t], s, None, None))
-            terms[term] = sum(values)
+        terms = {term: self._term(term, student_features, teacher_features, None, None, init=True)
+                 for term in self.init_terms}
         terms["loss"] = sum(terms.values())
         return terms
+
+    def _term(self, term: str, student_features: Mapping[str, torch.Tensor],
+              teacher_features: Mapping[str, torch.Tensor], index: torch.Tensor | None, labels: torch.Tensor | None,
+              init: bool = False) -> torch.Tensor:
+        """A pair term, unweighted: a joint term over all its pairs (shallow to deep), else over each pair, summed
+        or averaged (`reduce`); `init`: a trained head's `init_loss` where it has one."""
+        pairs = self.routes[term]
+        if REGISTRY[term].joint:
+            return self.terms[term]([student_features[s] for s, _ in pairs], [teacher_features[t] for _, t in pairs])
+        values = []
+        for s, t in pairs:
+            head = self.heads[term][_key(s)] if init and term in self.heads else None
+            values.append(head.init_loss(student_features[s], teacher_features[t]) if hasattr(head, "init_loss")
+                          else self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels))
+        return sum(values) / (len(values) if self.reduce == "mean" else 1)
 
     def ramp(self, term: str) -> float:
         """A term's warm-up factor `min((epoch + 1) / warmup, 1)` (mdistiller's, its epochs counted from 1)."""
@@ -224,16 +222,9 @@ class DistillLoss(nn.Module):
         terms.update(self._logit_terms(logits, labels, student_features, teacher, strong))
         if self.gat is not None:
             terms["gat"] = self.gat(student_features[INPUT_GRADIENT], teacher_features[INPUT_GRADIENT])
-        for term, pairs in self.routes.items():
-            if self.stops_after_init(term):
-                continue
-            if REGISTRY[term].joint:  # consecutive stages, shallow to deep
-                terms[term] = self.terms[term]([student_features[s] for s, _ in pairs],
-                                               [teacher_features[t] for _, t in pairs])
-                continue
-            values = [self._pair_loss(term, student_features[s], teacher_features[t], s, index, labels)
-                      for s, t in pairs]
-            terms[term] = sum(values) / (len(values) if self.reduce == "mean" else 1)
+        for term in self.routes:
+            if term not in self.init_only:
+                terms[term] = self._term(term, student_features, teacher_features, index, labels)
         out = {name: self.weights[name] * self.ramp(name) * value for name, value in terms.items()}
         out["loss"] = sum(out.values())
         return out

@@ -54,6 +54,8 @@ class DistillStep:
         self.tapped, self.criterion, self.targets = tapped, criterion, targets
         self.mean, self.std, self.device = mean, std, device
         self.strong_targets = strong_targets  # a second view of each sample (PairedBatches): mlkd
+        # gat: the student's input-gradient map is taken here (through DistributedDataParallel's wrapper)
+        self.input_gradient = getattr(getattr(criterion, "module", criterion), "input_gradient", False)
 
     def set_epoch(self, epoch: int) -> None:
         """Tell the loss terms the epoch (their stage, warm-up ramps, the learned temperature's schedule)."""
@@ -66,7 +68,7 @@ class DistillStep:
         views, labels, index, view = batch[:4]
         x, labels = model_inputs(views, self.mean, self.std, self.device), labels.to(self.device, non_blocking=True)
         teacher, teacher_features = self.targets(views, index, view)
-        gradient = getattr(getattr(self.criterion, "module", self.criterion), "input_gradient", False)
+        gradient = self.input_gradient
         if gradient:
             x.requires_grad_(True)
         with autocast(self.device, torch.bfloat16):
