@@ -183,16 +183,10 @@ def load_pipeline(path: str | Path, *, root: str | None = None, device: str | No
     return Pipeline(tuple(teachers), tuple(dumps), tuple(students), born_again, root=str(merge.base))
 
 
-def _teacher_tables(doc: dict[str, Any]) -> tuple[list[Any], bool]:
-    """The recipe's teacher tables, and whether it has one [teacher] (else [[teacher]] tables, which have names)."""
-    tables = doc.get("teacher", [])
-    return ([tables] if isinstance(tables, dict) else tables), isinstance(tables, dict)
-
-
 def _teachers(doc: dict[str, Any], merge: _Merge) -> list[tuple[str, TeacherConfig]]:
     """The train-teacher stages by name: a lone [teacher] is `teacher` (out "teacher"), [[teacher]] tables
     their `name` (out teachers/NAME)."""
-    tables, one = _teacher_tables(doc)
+    tables, one = _tables(doc, "teacher")
     out: list[tuple[str, TeacherConfig]] = []
     for k, table in enumerate(tables):
         table = dict(table)
@@ -226,21 +220,22 @@ def _read_recipe(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def _dump_tables(doc: dict[str, Any]) -> tuple[list[Any], bool]:
-    """The recipe's dump tables, and whether it has one [dump] (else [[dump]] tables, which have names)."""
-    tables = doc.get("dump", [])
-    one_dump = isinstance(tables, dict)
-    return ([tables] if one_dump else tables), one_dump
+def _tables(doc: dict[str, Any], section: str) -> tuple[list[Any], bool]:
+    """The recipe's tables of a section (teacher, dump), and whether it has one [section] (else [[section]]
+    tables, which have names)."""
+    tables = doc.get(section, [])
+    one = isinstance(tables, dict)
+    return ([tables] if one else tables), one
 
 
 def _check_sections(doc: dict[str, Any]) -> None:
     """Each section's values of the TOML type its stage takes, before anything is built from them."""
     _check_defaults(doc.get("defaults", {}))
-    teachers, one_teacher = _teacher_tables(doc)
+    teachers, one_teacher = _tables(doc, "teacher")
     for k, table in enumerate(teachers):
         name = table.get("name", k) if isinstance(table, dict) else k
         _check_types(table, "teacher" if one_teacher else f"teacher {name}", (TeacherConfig,))
-    tables, one_dump = _dump_tables(doc)
+    tables, one_dump = _tables(doc, "dump")
     for k, table in enumerate(tables):
         name = table.get("name", k) if isinstance(table, dict) else k
         _check_types(table, "dump" if one_dump else f"dump {name}", (DumpConfig,))
@@ -295,7 +290,7 @@ def _dumps(doc: dict[str, Any], merge: _Merge,
     """The dump stages by name: a lone [dump] is `cache` (out "cache"), [[dump]] tables are their `name` or
     cacheK (out caches/NAME). A dump's teacher is the recipe's train-teacher stage (the one there is, or the one
     its `teacher` names among several [[teacher]] tables), else the model its `teacher` names."""
-    tables, one_dump = _dump_tables(doc)
+    tables, one_dump = _tables(doc, "dump")
     stages = dict(teachers)
     dumps: list[tuple[str, DumpConfig]] = []
     for k, table in enumerate(tables):
